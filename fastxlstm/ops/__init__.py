@@ -1,0 +1,155 @@
+"""Pure tensor ops for xLSTM cells. No nn.Module, no config objects, no torch.distributed.
+
+NOTATION (one layout everywhere; checked at the op boundary)
+-----------------------------------------------------------
+B batch, T time, H heads, Dqk query/key head dim, Dv value head dim.
+
+mLSTM inputs
+    q, k        (B, T, H, Dqk)   any float dtype; q is scaled by Dqk**-0.5 inside the op
+    v           (B, T, H, Dv)
+    i, f        (B, T, H)        gate pre-activations: log input gate = i (exponential gate),
+                                 log forget gate = logsigmoid(f)
+mLSTM state     MLSTMState(c (B, H, Dqk, Dv), n (B, H, Dqk), m (B, H)), float32
+                (float64 for float64 inputs), stabilised: true memory = c * exp(m).
+Output h        (B, T, H, Dv) in the dtype of q.
+
+Update equations (the recurrent form; every backend computes the same function and follows the
+same stabiliser trajectory m_t, so they agree to rounding):
+    l_t = logsigmoid(f_t)
+    m_t = max(l_t + m_{t-1}, i_t)                     m_0 = 0
+    c_t = exp(l_t + m_{t-1} - m_t) c_{t-1} + exp(i_t - m_t) k_t v_t^T
+    n_t = exp(l_t + m_{t-1} - m_t) n_{t-1} + exp(i_t - m_t) k_t
+    h_t = (q~_t^T c_t) / (max(|q~_t . n_t|, exp(-m_t)) + eps)        q~ = q / sqrt(Dqk)
+
+Layouts never change between backends; weights never depend on the backend.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+
+import torch
+
+from .state import MLSTMState, SLSTMState
+
+__all__ = ["Backend", "resolve_backend", "available_backends", "mlstm", "mlstm_step",
+           "MLSTMState", "SLSTMState"]
+
+log = logging.getLogger("fastxlstm")
+
+
+class Backend(str, enum.Enum):
+    """Which implementation runs the cell ops (a closed set; JSON and CLI friendly)."""
+
+    AUTO = "auto"
+    REFERENCE = "reference"
+    NATIVE = "native"
+    TRITON = "triton"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def resolve_backend(backend: Backend | str, device: torch.device | str | None = None) -> Backend:
+    """Turn AUTO into a concrete backend for ``device``; check that an explicit choice can run.
+
+    AUTO picks Triton on CUDA when Triton imports and its kernels are registered, native
+    otherwise. A named backend that cannot run raises with the reason; there is never a silent
+    fallback.
+    """
+    backend = Backend(backend)
+    device = torch.device(device if device is not None else "cpu")
+    from . import mlstm as mlstm_impls
+
+    if backend is Backend.AUTO:
+        if device.type == "cuda" and Backend.TRITON in mlstm_impls.available() and triton_available():
+            return Backend.TRITON
+        return Backend.NATIVE
+    if backend is Backend.TRITON:
+        if Backend.TRITON not in mlstm_impls.available():
+            raise RuntimeError("backend 'triton' is not part of this build of fastxlstm")
+        if not triton_available():
+            raise RuntimeError("backend 'triton' needs Triton: pip install 'fastxlstm[triton]'")
+    return backend
+
+
+def available_backends() -> list[Backend]:
+    """Concrete backends usable on this machine (Triton on the CPU only via TRITON_INTERPRET=1)."""
+    from . import mlstm as mlstm_impls
+
+    return [b for b in mlstm_impls.available() if b is not Backend.TRITON or triton_available()]
+
+
+def mlstm(q, k, v, i, f, state: MLSTMState | None = None, *, backend: Backend | str = Backend.NATIVE,
+          chunk_size: int = 64, eps: float = 1e-6) -> tuple[torch.Tensor, MLSTMState]:
+    """Run the mLSTM cell over a sequence.
+
+    Args:
+        q, k: (B, T, H, Dqk); v: (B, T, H, Dv); i, f: (B, T, H) gate pre-activations.
+        state: initial MLSTMState or None for zeros. Never modified.
+        backend: a concrete Backend (AUTO is resolved for the inputs' device).
+        chunk_size: chunk length for chunkwise backends (any T is accepted).
+        eps: added to the denominator after the max.
+    Returns:
+        h: (B, T, H, Dv) in q's dtype; the final MLSTMState (float32, float64 for float64 inputs).
+    """
+    from . import mlstm as mlstm_impls
+
+    check_mlstm_inputs(q, k, v, i, f, state, chunk_size=chunk_size)
+    backend = resolve_backend(backend, q.device)
+    return mlstm_impls.get(backend).mlstm(q, k, v, i, f, state, chunk_size=chunk_size, eps=eps)
+
+
+def mlstm_step(q, k, v, i, f, state: MLSTMState | None = None, *,
+               backend: Backend | str = Backend.NATIVE, eps: float = 1e-6) -> tuple[torch.Tensor, MLSTMState]:
+    """One recurrent step.
+
+    Args:
+        q, k: (B, H, Dqk); v: (B, H, Dv); i, f: (B, H); state: MLSTMState or None for zeros.
+    Returns:
+        h: (B, H, Dv) in q's dtype and the new MLSTMState (new tensors; the input is untouched).
+    """
+    from . import mlstm as mlstm_impls
+
+    check_mlstm_inputs(q.unsqueeze(1), k.unsqueeze(1), v.unsqueeze(1), i.unsqueeze(1), f.unsqueeze(1), state)
+    backend = resolve_backend(backend, q.device)
+    return mlstm_impls.get(backend).mlstm_step(q, k, v, i, f, state, eps=eps)
+
+
+def check_mlstm_inputs(q, k, v, i, f, state, *, chunk_size: int = 64) -> None:
+    """Raise ValueError naming the offending argument when shapes or dtypes do not fit NOTATION."""
+    for name, t in (("q", q), ("k", k), ("v", v), ("i", i), ("f", f)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if not t.is_floating_point():
+            raise ValueError(f"{name} must be floating point, got {t.dtype}")
+    if q.dim() != 4:
+        raise ValueError(f"q must be (B, T, H, Dqk), got shape {tuple(q.shape)}")
+    B, T, H, Dqk = q.shape
+    if tuple(k.shape) != (B, T, H, Dqk):
+        raise ValueError(f"k must have q's shape {tuple(q.shape)}, got {tuple(k.shape)}")
+    if v.dim() != 4 or tuple(v.shape[:3]) != (B, T, H):
+        raise ValueError(f"v must be (B, T, H, Dv) = ({B}, {T}, {H}, Dv), got {tuple(v.shape)}")
+    for name, g in (("i", i), ("f", f)):
+        if tuple(g.shape) != (B, T, H):
+            raise ValueError(f"{name} must be (B, T, H) = {(B, T, H)}, got {tuple(g.shape)}")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    if state is not None:
+        Dv = v.shape[-1]
+        expected = {"c": (B, H, Dqk, Dv), "n": (B, H, Dqk), "m": (B, H)}
+        for name, shape in expected.items():
+            t = getattr(state, name)
+            if tuple(t.shape) != shape:
+                raise ValueError(f"state.{name} must have shape {shape} for these inputs, got {tuple(t.shape)}")
+            if not t.is_floating_point():
+                raise ValueError(f"state.{name} must be floating point, got {t.dtype}")

@@ -1,0 +1,28 @@
+"""mLSTM implementations. Each backend module exposes ``mlstm`` and ``mlstm_step`` with the
+signatures of ``reference``; registering a backend is one line in IMPLS (tests pick it up)."""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+from types import ModuleType
+
+from .. import Backend
+
+IMPLS: dict[Backend, str] = {
+    Backend.REFERENCE: "reference",
+    Backend.NATIVE: "native",
+    Backend.TRITON: "triton",
+}
+
+
+def available() -> list[Backend]:
+    """Backends whose module is part of this installation (Triton may still fail to import)."""
+    return [b for b, name in IMPLS.items() if importlib.util.find_spec(f"{__name__}.{name}") is not None]
+
+
+def get(backend: Backend) -> ModuleType:
+    """Import a backend module lazily, so ``import fastxlstm`` never imports Triton."""
+    if backend not in IMPLS:
+        raise ValueError(f"backend {backend!r} has no mLSTM implementation; choose from {list(IMPLS)}")
+    return importlib.import_module(f"{__name__}.{IMPLS[backend]}")
