@@ -51,6 +51,11 @@ class Backend(str, enum.Enum):
         return self.value
 
 
+# The subpackage ops/mlstm/ and the function ops.mlstm() share a name: import the package first under
+# another name, so the function defined below is what ``fastxlstm.ops.mlstm`` means.
+from . import mlstm as mlstm_impls  # noqa: E402
+
+
 def triton_available() -> bool:
     try:
         import triton  # noqa: F401
@@ -68,8 +73,6 @@ def resolve_backend(backend: Backend | str, device: torch.device | str | None = 
     """
     backend = Backend(backend)
     device = torch.device(device if device is not None else "cpu")
-    from . import mlstm as mlstm_impls
-
     if backend is Backend.AUTO:
         if device.type == "cuda" and Backend.TRITON in mlstm_impls.available() and triton_available():
             return Backend.TRITON
@@ -84,8 +87,6 @@ def resolve_backend(backend: Backend | str, device: torch.device | str | None = 
 
 def available_backends() -> list[Backend]:
     """Concrete backends usable on this machine (Triton on the CPU only via TRITON_INTERPRET=1)."""
-    from . import mlstm as mlstm_impls
-
     return [b for b in mlstm_impls.available() if b is not Backend.TRITON or triton_available()]
 
 
@@ -102,8 +103,6 @@ def mlstm(q, k, v, i, f, state: MLSTMState | None = None, *, backend: Backend | 
     Returns:
         h: (B, T, H, Dv) in q's dtype; the final MLSTMState (float32, float64 for float64 inputs).
     """
-    from . import mlstm as mlstm_impls
-
     check_mlstm_inputs(q, k, v, i, f, state, chunk_size=chunk_size)
     backend = resolve_backend(backend, q.device)
     return mlstm_impls.get(backend).mlstm(q, k, v, i, f, state, chunk_size=chunk_size, eps=eps)
@@ -118,8 +117,6 @@ def mlstm_step(q, k, v, i, f, state: MLSTMState | None = None, *,
     Returns:
         h: (B, H, Dv) in q's dtype and the new MLSTMState (new tensors; the input is untouched).
     """
-    from . import mlstm as mlstm_impls
-
     check_mlstm_inputs(q.unsqueeze(1), k.unsqueeze(1), v.unsqueeze(1), i.unsqueeze(1), f.unsqueeze(1), state)
     backend = resolve_backend(backend, q.device)
     return mlstm_impls.get(backend).mlstm_step(q, k, v, i, f, state, eps=eps)
