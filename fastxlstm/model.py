@@ -83,7 +83,8 @@ class XLSTMLarge(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, state: list[MLSTMState] | None = None
                 ) -> tuple[torch.Tensor, list[MLSTMState]]:
-        """input_ids (B, T) integer -> logits (B, T, vocab) float32 and the state after the last token."""
+        """input_ids (B, T) integer -> logits (B, T, vocab) (float32, or float64 for a float64 model) and
+        the state after the last token."""
         self._check_inputs(input_ids, state)
         backend = self.backend_for(input_ids.device)
         x = self.embedding(input_ids)
@@ -92,7 +93,9 @@ class XLSTMLarge(nn.Module):
         for block, s in zip(self.backbone.blocks, states):
             x, s = block(x, s, backend=backend)
             new_states.append(s)
-        logits = self.lm_head(self.backbone.out_norm(x)).float()
+        logits = self.lm_head(self.backbone.out_norm(x))
+        if logits.dtype in (torch.float16, torch.bfloat16):
+            logits = logits.float()                      # the cap and the softmax need the range
         return soft_cap(logits, self.cfg.output_logit_soft_cap), new_states
 
     def init_state(self, batch_size: int, device=None) -> list[MLSTMState]:
