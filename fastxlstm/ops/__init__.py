@@ -150,3 +150,7 @@ def check_mlstm_inputs(q, k, v, i, f, state, *, chunk_size: int = 64) -> None:
                 raise ValueError(f"state.{name} must have shape {shape} for these inputs, got {tuple(t.shape)}")
             if not t.is_floating_point():
                 raise ValueError(f"state.{name} must be floating point, got {t.dtype}")
+
+
+from .slstm import slstm, slstm_step  # noqa: E402  sLSTM layout and equations: ops/slstm/__init__.py
+__all__ += ["slstm", "slstm_step"]
