@@ -205,4 +205,6 @@ def test_load_holds_one_copy_of_the_weights(tmp_path):
     save(XLSTMLarge(cfg), tmp_path)
     ratio = float(subprocess.run([sys.executable, "-c", LOAD_PEAK, str(tmp_path)], capture_output=True,
                                  text=True, check=True).stdout)
-    assert ratio < 1.5, f"peak anonymous memory during load was {ratio:.2f}x the weights"
+    # safetensors maps the file, so a meta-built load stays well under one anonymous copy (0.3x here);
+    # building the model first and then copying the weights in measures 1.3x.
+    assert ratio < 1.0, f"peak anonymous memory during load was {ratio:.2f}x the weights"
