@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -87,3 +88,64 @@ def small_init_(weight: torch.Tensor, dim: int) -> torch.Tensor:
 def wang_init_(weight: torch.Tensor, dim: int, num_blocks: int) -> torch.Tensor:
     """Normal with std 2 / (num_blocks sqrt(dim)) (Wang 2021, GPT-J) for residual output projections."""
     return nn.init.normal_(weight, mean=0.0, std=2 / (num_blocks * math.sqrt(dim)))
+
+
+class LayerState(NamedTuple):
+    """State of a layer with a causal conv in front of its cell: the conv's last K-1 inputs
+    (B, K-1, C), or None without a conv, and the cell state (MLSTMState or SLSTMState)."""
+
+    conv: torch.Tensor | None
+    cell: tuple
+
+
+class CausalConv1d(nn.Module):
+    """Depthwise causal conv over time: y_t = bias + sum_k weight[:, k] * x_{t-K+1+k}.
+
+    One code path for every length: the conv state (the last K-1 inputs, zeros at the start) is
+    prepended, so a full forward equals any split of it, down to single steps.
+    """
+
+    def __init__(self, channels: int, kernel_size: int):
+        super().__init__()
+        if kernel_size < 1:
+            raise ValueError(f"kernel_size must be >= 1, got {kernel_size}")
+        self.channels, self.kernel_size = channels, kernel_size
+        self.weight = nn.Parameter(torch.empty(channels, kernel_size))
+        self.bias = nn.Parameter(torch.empty(channels))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        # PyTorch's Conv1d default for a depthwise conv: fan_in = kernel_size
+        bound = 1 / math.sqrt(self.kernel_size)
+        nn.init.uniform_(self.weight, -bound, bound)
+        nn.init.uniform_(self.bias, -bound, bound)
+
+    def forward(self, x: torch.Tensor, state: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: (B, T, C); state: (B, K-1, C) or None for zeros. Returns y (B, T, C) and the new state."""
+        B, T, C = x.shape
+        K = self.kernel_size
+        if state is None:
+            state = x.new_zeros(B, K - 1, C)
+        elif tuple(state.shape) != (B, K - 1, C):
+            raise ValueError(f"conv state must be (B, K-1, C) = {(B, K - 1, C)}, got {tuple(state.shape)}")
+        xp = torch.cat([state.to(x.dtype), x], dim=1)                      # (B, K-1+T, C)
+        y = F.conv1d(xp.transpose(1, 2), self.weight.unsqueeze(1).to(x.dtype), self.bias.to(x.dtype), groups=C)
+        return y.transpose(1, 2), xp[:, xp.shape[1] - (K - 1):]
+
+
+class GatedFFN(nn.Module):
+    """y = W_down(act(gate) * up) with [gate | up] = W_up x: the original xLSTM stack's FFN."""
+
+    ACTIVATIONS = {"gelu": F.gelu, "swish": F.silu, "relu": F.relu}
+
+    def __init__(self, dim: int, hidden: int, *, act: str = "gelu", use_bias: bool = False):
+        super().__init__()
+        if act not in self.ACTIVATIONS:
+            raise ValueError(f"act must be one of {sorted(self.ACTIVATIONS)}, got {act!r}")
+        self.hidden, self.act = hidden, self.ACTIVATIONS[act]
+        self.proj_up = nn.Linear(dim, 2 * hidden, bias=use_bias)
+        self.proj_down = nn.Linear(hidden, dim, bias=use_bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.proj_up(x).split(self.hidden, dim=-1)
+        return self.proj_down(self.act(gate) * up)
