@@ -1,0 +1,276 @@
+"""Triton mLSTM backend: chunkwise forward and exact backward as torch.library custom ops
+(so torch.compile traces them without graph breaks), and the fused decode step.
+
+Every sequence, dense or packed, is handled as packed: a dense (B, T) batch is B sequences of T
+tokens at offsets cu_seqlens = [0, T, 2T, ...]. The kernels compute in fp32 with matmul operands
+in the input dtype (bf16 / fp16; fp32 uses tf32 dots on the GPU), states are always fp32.
+Tile sizes live in CONFIG so benchmarks can sweep them; they never change results beyond rounding.
+"""
+
+import math
+import os
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+import triton
+from torch import Tensor
+
+from ...state import MLSTMState
+from . import bwd, fwd, step
+
+__all__ = ["mlstm", "mlstm_step", "CONFIG"]
+
+# BT: rows per intra-chunk block; BK / BV: tiles of Dqk / Dv; W*: num_warps; S*: num_stages.
+CONFIG = dict(
+    fwd_state=dict(BK=64, BV=64, W=4, S=2),
+    fwd_out=dict(BT=64, BK=64, BV=128, W=8, S=2),
+    bwd_state=dict(BK=64, BV=64, W=4, S=2),
+    bwd_dqk=dict(BT=64, BK=64, BV=64, W=8, S=2),
+    bwd_dv=dict(BT=64, BK=64, BV=128, W=8, S=2),
+    step=dict(BK=32, BV=64, W=4),
+)
+
+
+def mlstm(q, k, v, i, f, state: Optional[MLSTMState] = None, *, chunk_size: int = 64, eps: float = 1e-6,
+          cu_seqlens: Optional[Tensor] = None):
+    """Chunkwise mLSTM (contract of ``reference.mlstm``), exact gradients for all inputs and the
+    initial state. With ``cu_seqlens`` (int, (N + 1,), from 0 to T), q ... f hold N documents
+    packed along T of a batch of one; the state restarts at every document (the initial and final
+    states then have batch N)."""
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    _check(q, k, v, chunk_size)
+    dt = q.dtype
+    k, v = k.to(dt), v.to(dt)
+    if cu_seqlens is None:
+        cu = torch.arange(B + 1, device=q.device, dtype=torch.int64) * T
+        num_chunks = B * math.ceil(T / chunk_size)
+    else:
+        if B != 1:
+            raise ValueError(f"cu_seqlens needs a batch of one packed sequence, got B={B}")
+        cu = cu_seqlens.to(device=q.device, dtype=torch.int64)
+        lens = (cu[1:] - cu[:-1]).tolist()
+        num_chunks = sum(-(-n // chunk_size) for n in lens)
+    N = cu.numel() - 1
+    if state is None:
+        state = MLSTMState.zeros(N, H, K, V, device=q.device)
+    c0, n0, m0 = (t.to(torch.float32).contiguous() for t in state)
+    if T == 0:
+        return q.new_zeros(B, 0, H, V), MLSTMState(c0, n0, m0)
+    out = torch.ops.fastxlstm.mlstm_chunkwise(
+        q.contiguous(), k.contiguous(), v.contiguous(), i.to(torch.float32).contiguous(),
+        f.to(torch.float32).contiguous(), c0, n0, m0, cu, num_chunks, chunk_size, eps)
+    return out[0], MLSTMState(out[1], out[2], out[3])
+
+
+def mlstm_step(q, k, v, i, f, state: Optional[MLSTMState] = None, *, eps: float = 1e-6, inplace: bool = False):
+    """One decode step (contract of ``reference.mlstm_step``). ``inplace=True`` writes the new
+    state into ``state``'s tensors (fp32, contiguous) and returns them; otherwise new buffers."""
+    B, H, K = q.shape
+    V = v.shape[-1]
+    _check_device(q)
+    if state is None:
+        if inplace:
+            raise ValueError("inplace=True needs a state to update")
+        state = MLSTMState.zeros(B, H, K, V, device=q.device)
+    c, n, m = state
+    if inplace:
+        for name, t in zip("cnm", state):
+            if t.dtype != torch.float32 or not t.is_contiguous():
+                raise ValueError(f"inplace step needs a contiguous float32 state.{name}, got {t.dtype}")
+        c_out, n_out, m_out = c, torch.empty_like(n), torch.empty_like(m)
+    else:
+        c, n, m = (t.to(torch.float32).contiguous() for t in state)
+        c_out, n_out, m_out = torch.empty_like(c), torch.empty_like(n), torch.empty_like(m)
+    h = torch.empty(B, H, V, device=q.device, dtype=q.dtype)
+    cfg = CONFIG["step"]
+    BK, BV = _tile(K, cfg["BK"]), _tile(V, cfg["BV"])
+    step._step_kernel[(triton.cdiv(V, BV), B * H)](
+        q.contiguous(), k.contiguous(), v.contiguous(), i.contiguous(), f.contiguous(), c, n, m,
+        c_out, n_out, m_out, h, K ** -0.5, eps, K=K, V=V, BK=BK, BV=BV, num_warps=cfg["W"])
+    if inplace:
+        n.copy_(n_out)
+        m.copy_(m_out)
+        return h, state
+    return h, MLSTMState(c_out, n_out, m_out)
+
+
+# ----------------------------------------------------------------------------- custom ops
+
+@torch.library.custom_op("fastxlstm::mlstm_chunkwise", mutates_args=())
+def _chunkwise(q: Tensor, k: Tensor, v: Tensor, i: Tensor, f: Tensor, c0: Tensor, n0: Tensor, m0: Tensor,
+               cu: Tensor, num_chunks: int, chunk_size: int, eps: float
+               ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Returns h, final (c, n, m) and, for the backward, chunk-start states (c, n), per-chunk
+    scalars (m_start, g, m_end) and per-token scalars (b, m, s)."""
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    N = cu.numel() - 1
+    T_all, L = B * T, chunk_size
+    start, end, first = _chunk_table(cu, num_chunks, L)
+    sdt = q.dtype if q.dtype == torch.bfloat16 else torch.float32
+    cs = q.new_empty(num_chunks, H, K, V, dtype=sdt)
+    ns = q.new_empty(num_chunks, H, K, dtype=torch.float32)
+    chs = q.new_empty(num_chunks, H, 3, dtype=torch.float32)
+    tok = q.new_empty(3, H, T_all, dtype=torch.float32)
+    cT, nT, mT = torch.empty_like(c0), torch.empty_like(n0), torch.empty_like(m0)
+    h = torch.empty(B, T, H, V, device=q.device, dtype=q.dtype)
+    cfg = CONFIG["fwd_state"]
+    BK, BV = _tile(K, cfg["BK"]), _tile(V, cfg["BV"])
+    fwd._state_kernel[(triton.cdiv(K, BK), triton.cdiv(V, BV), N * H)](
+        k, v, i, f, c0, n0, m0, cu, first, cs, ns, chs, tok, cT, nT, mT,
+        T_all, num_chunks, H=H, K=K, V=V, L=L, BK=BK, BV=BV, num_warps=cfg["W"], num_stages=cfg["S"])
+    cfg = CONFIG["fwd_out"]
+    BT, BK, BV = min(cfg["BT"], L), _tile(K, cfg["BK"]), _tile(V, cfg["BV"])
+    fwd._out_kernel[(triton.cdiv(V, BV), num_chunks * (L // BT), H)](
+        q, k, v, i, cs, ns, chs, tok, start, end, h, K ** -0.5, eps, T_all,
+        H=H, K=K, V=V, L=L, BT=BT, BK=BK, BV=BV, num_warps=cfg["W"], num_stages=cfg["S"])
+    return h, cT, nT, mT, cs, ns, chs, tok
+
+
+@_chunkwise.register_fake
+def _(q, k, v, i, f, c0, n0, m0, cu, num_chunks, chunk_size, eps):
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    sdt = q.dtype if q.dtype == torch.bfloat16 else torch.float32
+    return (q.new_empty(B, T, H, V), torch.empty_like(c0), torch.empty_like(n0), torch.empty_like(m0),
+            q.new_empty(num_chunks, H, K, V, dtype=sdt), q.new_empty(num_chunks, H, K, dtype=torch.float32),
+            q.new_empty(num_chunks, H, 3, dtype=torch.float32), q.new_empty(3, H, B * T, dtype=torch.float32))
+
+
+@torch.library.custom_op("fastxlstm::mlstm_chunkwise_bwd", mutates_args=())
+def _chunkwise_bwd(dh: Tensor, dcT: Tensor, dnT: Tensor, dmT: Tensor, q: Tensor, k: Tensor, v: Tensor,
+                   i: Tensor, f: Tensor, c0: Tensor, n0: Tensor, m0: Tensor, h: Tensor, cT: Tensor,
+                   nT: Tensor, cs: Tensor, ns: Tensor, chs: Tensor, tok: Tensor, cu: Tensor,
+                   num_chunks: int, chunk_size: int, eps: float
+                   ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Gradients of (q, k, v, i, f, c0, n0, m0)."""
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    N = cu.numel() - 1
+    T_all, L = B * T, chunk_size
+    start, end, first = _chunk_table(cu, num_chunks, L)
+    scale = K ** -0.5
+    scal = q.new_empty(3, H, T_all, dtype=torch.float32)
+    cfg = CONFIG["bwd_state"]
+    bwd._prep_kernel[(triton.cdiv(T_all, 64), H)](dh, h, tok, scal, eps, T_all, H=H, V=V, BT=64,
+                                                   BV=_tile(V, 64), num_warps=4)
+    dcs = torch.empty_like(cs)
+    dns = torch.empty_like(ns)
+    dc0, dn0 = torch.empty_like(c0), torch.empty_like(n0)
+    BK, BV = _tile(K, cfg["BK"]), _tile(V, cfg["BV"])
+    bwd._state_kernel[(triton.cdiv(K, BK), triton.cdiv(V, BV), N * H)](
+        q, dh, tok, scal, chs, cu, first, dcT, dnT, dcs, dns, dc0, dn0, scale, T_all,
+        H=H, K=K, V=V, L=L, BK=BK, BV=BV, num_warps=cfg["W"], num_stages=cfg["S"])
+    cfg = CONFIG["bwd_dqk"]
+    BT, BK, BV = min(cfg["BT"], L), _tile(K, cfg["BK"]), _tile(V, cfg["BV"])
+    NKT = triton.cdiv(K, BK)
+    dq, dk = torch.empty_like(q), torch.empty_like(k)
+    part = q.new_empty(2, NKT, H, T_all, dtype=torch.float32)
+    bwd._dqk_kernel[(NKT, num_chunks * (L // BT), H)](
+        q, k, v, i, dh, cs, ns, dcs, dns, chs, tok, scal, start, end, dq, dk, part, scale, T_all,
+        H=H, K=K, V=V, L=L, BT=BT, BK=BK, BV=BV, num_warps=cfg["W"], num_stages=cfg["S"])
+    cfg = CONFIG["bwd_dv"]
+    BT, BK, BV = min(cfg["BT"], L), _tile(K, cfg["BK"]), _tile(V, cfg["BV"])
+    dv = torch.empty_like(v)
+    bwd._dv_kernel[(triton.cdiv(V, BV), num_chunks * (L // BT), H)](
+        q, k, i, dh, dcs, chs, tok, scal, start, end, dv, scale, T_all,
+        H=H, K=K, V=V, L=L, BT=BT, BK=BK, BV=BV, num_warps=cfg["W"], num_stages=cfg["S"])
+    di, df, dm0 = _gate_grads(i, f, m0, c0, n0, dc0, dn0, cT, nT, dcT, dnT, dmT, tok, scal, part, cu)
+    return dq, dk, dv, di, df, dc0, dn0, dm0
+
+
+@_chunkwise_bwd.register_fake
+def _(dh, dcT, dnT, dmT, q, k, v, i, f, c0, n0, m0, *rest):
+    return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(i),
+            torch.empty_like(f), torch.empty_like(c0), torch.empty_like(n0), torch.empty_like(m0))
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, i, f, c0, n0, m0, cu, num_chunks, chunk_size, eps = inputs
+    h, cT, nT, mT, cs, ns, chs, tok = output
+    ctx.save_for_backward(q, k, v, i, f, c0, n0, m0, h, cT, nT, cs, ns, chs, tok, cu)
+    ctx.args = (num_chunks, chunk_size, eps)
+
+
+def _backward(ctx, dh, dcT, dnT, dmT, *unused):
+    q, k, v, i, f, c0, n0, m0, h, cT, nT, cs, ns, chs, tok, cu = ctx.saved_tensors
+    dh = torch.zeros_like(h) if dh is None else dh.to(h.dtype).contiguous()
+    dcT = torch.zeros_like(cT) if dcT is None else dcT.float().contiguous()
+    dnT = torch.zeros_like(nT) if dnT is None else dnT.float().contiguous()
+    dmT = torch.zeros_like(m0) if dmT is None else dmT.float().contiguous()
+    grads = torch.ops.fastxlstm.mlstm_chunkwise_bwd(dh, dcT, dnT, dmT, q, k, v, i, f, c0, n0, m0, h, cT, nT,
+                                                   cs, ns, chs, tok, cu, *ctx.args)
+    return (*grads, None, None, None, None)
+
+
+torch.library.register_autograd("fastxlstm::mlstm_chunkwise", _backward, setup_context=_setup_context)
+
+
+# ----------------------------------------------------------------------------- helpers
+
+def _gate_grads(i, f, m0, c0, n0, dc0, dn0, cT, nT, dcT, dnT, dmT, tok, scal, part, cu):
+    """Gradients of the gates and of m0 from per-token scalars (see bwd.py for the derivation):
+    di = k.dk + G, db = q.dq - k.dk + g - G (+ <dC_T, C_T> at each document end), df = reverse
+    cumsum of db within the document times sigmoid(-f); g is the stabiliser partial at each token
+    (plus the final state's at the last), G collects g over the tokens whose stabiliser m_t was set
+    by the input gate at token j (m_t = i_j + sum of log forget since j), or by m0."""
+    B, T, H = i.shape
+    T_all = B * T
+    dev = i.device
+    i_ht = i.reshape(T_all, H).t()
+    f_ht = f.reshape(T_all, H).t()
+    m_tok = tok[1]
+    pos = torch.arange(T_all, device=dev)
+    seq = torch.searchsorted(cu[1:], pos, right=True)               # document of each token
+    is_start = pos == cu[seq]
+    is_end = pos == cu[seq + 1] - 1
+    m_before = torch.cat([m_tok[:, :1], m_tok[:, :-1]], dim=1)
+    m_before = torch.where(is_start, m0[seq].t(), m_before)
+    record = i_ht > F.logsigmoid(f_ht) + m_before                   # m_t = i_t: the input gate won
+    final_dot = (dcT * cT).sum((-1, -2)) + (dnT * nT).sum(-1)       # (N, H)
+    g = scal[2] + torch.where(is_end, (dmT - final_dot)[seq].t(), 0.0)
+    marker = torch.where(record, 2 * pos + 1, torch.where(is_start, 2 * pos, -1))
+    owner = torch.cummax(marker.expand(H, T_all), dim=1).values
+    G = torch.zeros(H, 2 * T_all, device=dev, dtype=torch.float64).scatter_add_(1, owner, g.double())
+    G_rec = G[:, 1::2]
+    qdq, kdk = part.sum(1).double()
+    db = qdq - kdk + g.double() - G_rec + torch.where(is_end, final_dot[seq].t(), 0.0).double()
+    di = kdk + G_rec
+    R = torch.cat([db.flip(1).cumsum(1).flip(1), db.new_zeros(H, 1)], dim=1)
+    dl = R[:, :T_all] - R[:, cu[seq + 1]]
+    df = dl * torch.sigmoid(-f_ht.double())
+    starts = cu[:-1].clamp(max=T_all - 1)
+    g_init = torch.where((cu[1:] > cu[:-1])[:, None], G[:, 2 * starts].t(), 0.0)    # (N, H)
+    dm0 = ((c0 * dc0).sum((-1, -2)) + (n0 * dn0).sum(-1) + g_init).to(m0.dtype)
+    return (di.t().reshape(B, T, H).to(i.dtype).contiguous(), df.t().reshape(B, T, H).to(f.dtype).contiguous(),
+            dm0)
+
+
+def _chunk_table(cu: Tensor, num_chunks: int, L: int):
+    """Per chunk its first and one-past-last token, and per document its first chunk index."""
+    lens = cu[1:] - cu[:-1]
+    n_ch = (lens + L - 1) // L
+    first = torch.cumsum(n_ch, 0) - n_ch
+    seq = torch.repeat_interleave(torch.arange(n_ch.numel(), device=cu.device), n_ch, output_size=num_chunks)
+    start = cu[seq] + (torch.arange(num_chunks, device=cu.device) - first[seq]) * L
+    end = torch.minimum(start + L, cu[seq + 1])
+    return start, end, first
+
+
+def _tile(d: int, cap: int) -> int:
+    return max(16, min(cap, triton.next_power_of_2(d)))
+
+
+def _check_device(q):
+    if q.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError(f"the triton backend needs CUDA tensors (or TRITON_INTERPRET=1), got {q.device}")
+
+
+def _check(q, k, v, chunk_size):
+    _check_device(q)
+    if q.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"the triton backend takes float32, bfloat16 or float16 inputs, got {q.dtype}")
+    if chunk_size < 16 or chunk_size & (chunk_size - 1):
+        raise ValueError(f"the triton backend needs a power-of-two chunk_size >= 16, got {chunk_size}")

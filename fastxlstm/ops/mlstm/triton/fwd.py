@@ -1,0 +1,174 @@
+"""Chunkwise mLSTM forward: two launches, a sequential state pass and a parallel output pass.
+
+Sequences are packed along time (cu_seqlens; a dense (B, T) batch is B sequences of T), and
+chunks of L tokens never straddle a sequence boundary (the last chunk of each sequence may be
+short; masked, never padded in memory). Chunk c covers tokens [start[c], end[c]).
+
+_state_kernel   grid (cdiv(Dqk, BK), cdiv(Dv, BV), N_seq * H). One program walks all chunks of one
+                sequence and head for a BK x BV tile of C (n by the pid_v == 0 programs), in fp32
+                registers. It stores the state at every chunk start (in the matmul dtype), the
+                per-chunk scalars (m at chunk start, log decay g over the chunk, m at chunk end),
+                the per-token chunk-local cumulative log forget b and stabiliser m, and the
+                final state. Per chunk: C <- exp(g + m - m') C + (K * exp(g - b + i - m'))^T V.
+_out_kernel     grid (cdiv(Dv, BV), N_chunks * L / BT, H). One program owns BT query rows of one
+                chunk and a BV slice of h: h = (w0 q~ C_start + sum_j (q~ k_j^T * W) v_j) / den,
+                looping over Dqk tiles for the inter-chunk term and over the key sub-blocks of the
+                chunk (causal) for the intra-chunk term; it also stores s = q~ . n (the signed
+                denominator before the max), which the backward uses to rebuild den.
+All exponents are <= 0 by construction of m (see native.py), so nothing overflows. Offsets into
+tensors are int64 so T * H * D may pass 2**31.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _max_fn(a, b):
+    return tl.maximum(a, b)
+
+
+@triton.jit
+def _logsigmoid(x):
+    # log(1 + exp(-|x|)) with exp(-|x|) <= 1: no overflow; absolute error <= 6e-8.
+    return tl.minimum(x, 0.0) - tl.log(1.0 + tl.exp(-tl.abs(x)))
+
+
+@triton.jit
+def _state_kernel(
+    k_ptr, v_ptr, i_ptr, f_ptr, c0_ptr, n0_ptr, m0_ptr,
+    cu_ptr, first_ptr,
+    cs_ptr, ns_ptr, chs_ptr, tok_ptr, ct_ptr, nt_ptr, mt_ptr,
+    T_all, NC, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+    L: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+):
+    pid_k = tl.program_id(0)
+    pid_v = tl.program_id(1)
+    pid = tl.program_id(2)
+    seq = pid // H
+    h = pid % H
+    bos = tl.load(cu_ptr + seq).to(tl.int64)
+    eos = tl.load(cu_ptr + seq + 1).to(tl.int64)
+    first = tl.load(first_ptr + seq).to(tl.int64)
+    n_chunks = tl.cdiv(eos - bos, L)
+
+    ok = pid_k * BK + tl.arange(0, BK)
+    ov = pid_v * BV + tl.arange(0, BV)
+    mk = ok < K
+    mv = ov < V
+    ot = tl.arange(0, L)
+    state_off = (seq * H + h).to(tl.int64)
+    c = tl.load(c0_ptr + state_off * K * V + ok[:, None] * V + ov[None, :],
+                mask=mk[:, None] & mv[None, :], other=0.0).to(tl.float32)
+    n = tl.load(n0_ptr + state_off * K + ok, mask=mk, other=0.0).to(tl.float32)
+    m = tl.load(m0_ptr + state_off).to(tl.float32)
+    lead = (pid_k == 0) & (pid_v == 0)
+
+    for j in range(0, n_chunks):
+        gc = first + j
+        cst = (gc * H + h) * K
+        tl.store(cs_ptr + cst * V + ok[:, None] * V + ov[None, :], c.to(cs_ptr.dtype.element_ty),
+                 mask=mk[:, None] & mv[None, :])
+        if pid_v == 0:
+            tl.store(ns_ptr + cst + ok, n, mask=mk)
+        t = bos + j * L + ot
+        valid = t < eos
+        fg = tl.load(f_ptr + t * H + h, mask=valid, other=0.0).to(tl.float32)
+        ig = tl.load(i_ptr + t * H + h, mask=valid, other=0.0).to(tl.float32)
+        lf = tl.where(valid, _logsigmoid(fg), 0.0)
+        b = tl.cumsum(lf, 0)
+        g = tl.sum(lf, 0)
+        a = tl.where(valid, g - b + ig, float("-inf"))
+        m_new = tl.maximum(g + m, tl.max(a, 0))
+        if lead:
+            cm = tl.associative_scan(tl.where(valid, ig - b, float("-inf")), 0, _max_fn)
+            tl.store(tok_ptr + h * T_all + t, b, mask=valid)
+            tl.store(tok_ptr + (H + h) * T_all + t, b + tl.maximum(m, cm), mask=valid)
+            tl.store(chs_ptr + (gc * H + h) * 3 + 0, m)
+            tl.store(chs_ptr + (gc * H + h) * 3 + 1, g)
+            tl.store(chs_ptr + (gc * H + h) * 3 + 2, m_new)
+        w = tl.where(valid, tl.exp(a - m_new), 0.0)
+        decay = tl.exp(g + m - m_new)
+        kt = tl.load(k_ptr + t[:, None] * (H * K) + h * K + ok[None, :],
+                     mask=valid[:, None] & mk[None, :], other=0.0)
+        vt = tl.load(v_ptr + t[:, None] * (H * V) + h * V + ov[None, :],
+                     mask=valid[:, None] & mv[None, :], other=0.0)
+        kw = kt.to(tl.float32) * w[:, None]
+        c = c * decay + tl.dot(tl.trans(kw.to(vt.dtype)), vt)
+        n = n * decay + tl.sum(kw, 0)
+        m = m_new
+
+    tl.store(ct_ptr + state_off * K * V + ok[:, None] * V + ov[None, :], c, mask=mk[:, None] & mv[None, :])
+    if pid_v == 0:
+        tl.store(nt_ptr + state_off * K + ok, n, mask=mk)
+    if lead:
+        tl.store(mt_ptr + state_off, m)
+
+
+@triton.jit
+def _out_kernel(
+    q_ptr, k_ptr, v_ptr, i_ptr, cs_ptr, ns_ptr, chs_ptr, tok_ptr, start_ptr, end_ptr, h_ptr,
+    scale, eps, T_all, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+    L: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+):
+    pid_v = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    h = tl.program_id(2)
+    NSUB: tl.constexpr = L // BT
+    gc = (pid_c // NSUB).to(tl.int64)
+    sub = pid_c % NSUB
+    t0 = tl.load(start_ptr + gc)
+    te = tl.load(end_ptr + gc)
+    r0 = t0 + sub * BT
+    if r0 < te:
+        ob = tl.arange(0, BT)
+        r = r0 + ob
+        vr = r < te
+        ov = pid_v * BV + tl.arange(0, BV)
+        mv = ov < V
+        b_r = tl.load(tok_ptr + h * T_all + r, mask=vr, other=0.0)
+        m_r = tl.load(tok_ptr + (H + h) * T_all + r, mask=vr, other=0.0)
+        m_prev = tl.load(chs_ptr + (gc * H + h) * 3)
+        cst = (gc * H + h) * K
+
+        acc = tl.zeros([BT, BV], dtype=tl.float32)
+        qn = tl.zeros([BT], dtype=tl.float32)
+        for kk in range(0, K, BK):
+            ok = kk + tl.arange(0, BK)
+            mk = ok < K
+            qt = tl.load(q_ptr + r[:, None] * (H * K) + h * K + ok[None, :], mask=vr[:, None] & mk[None, :], other=0.0)
+            ct = tl.load(cs_ptr + cst * V + ok[:, None] * V + ov[None, :], mask=mk[:, None] & mv[None, :], other=0.0)
+            nt = tl.load(ns_ptr + cst + ok, mask=mk, other=0.0)
+            acc += tl.dot(qt, ct.to(qt.dtype))
+            qn += tl.sum(qt.to(tl.float32) * nt[None, :], 1)
+        w0 = tl.exp(b_r + m_prev - m_r) * scale
+        acc = acc * w0[:, None]
+        ssum = qn * w0
+
+        for jb in range(0, sub + 1):
+            c0 = t0 + jb * BT + ob
+            vc = c0 < te
+            b_c = tl.load(tok_ptr + h * T_all + c0, mask=vc, other=0.0)
+            i_c = tl.load(i_ptr + c0 * H + h, mask=vc, other=0.0).to(tl.float32)
+            causal = (c0[None, :] <= r[:, None]) & vc[None, :]
+            w = tl.where(causal, tl.exp(b_r[:, None] - b_c[None, :] + i_c[None, :] - m_r[:, None]), 0.0)
+            s = tl.zeros([BT, BT], dtype=tl.float32)
+            for kk in range(0, K, BK):
+                ok = kk + tl.arange(0, BK)
+                mk = ok < K
+                qt = tl.load(q_ptr + r[:, None] * (H * K) + h * K + ok[None, :], mask=vr[:, None] & mk[None, :], other=0.0)
+                kt = tl.load(k_ptr + c0[:, None] * (H * K) + h * K + ok[None, :], mask=vc[:, None] & mk[None, :], other=0.0)
+                s += tl.dot(qt, tl.trans(kt))
+            p = s * w * scale
+            ssum += tl.sum(p, 1)
+            vt = tl.load(v_ptr + c0[:, None] * (H * V) + h * V + ov[None, :], mask=vc[:, None] & mv[None, :], other=0.0)
+            acc += tl.dot(p.to(vt.dtype), vt)
+
+        den = tl.maximum(tl.abs(ssum), tl.exp(-m_r)) + eps
+        out = acc / den[:, None]
+        tl.store(h_ptr + r[:, None] * (H * V) + h * V + ov[None, :], out.to(h_ptr.dtype.element_ty),
+                 mask=vr[:, None] & mv[None, :])
+        if pid_v == 0:
+            tl.store(tok_ptr + (2 * H + h) * T_all + r, ssum, mask=vr)
