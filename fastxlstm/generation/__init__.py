@@ -1,0 +1,19 @@
+"""Inference: generation over a fixed-size recurrent state, states as values, scoring.
+
+    generate(model, prompts, max_new_tokens=N, ...)   all at once (greedy unless asked to sample)
+    stream(model, prompts, ...)                       a TokenEvent per token as it is generated
+    score(model, text)                                log-likelihood / perplexity, constant memory
+    prefill(model, prompts) -> (state, last logits)   a prompt's state, to fork, save or continue
+    fork / select_rows / concat / save_state / load_state
+
+Files: api.py (the functions above), engine.py (prefill, eager and CUDA-graph decode),
+sampling.py (token choice), states.py (state values and their files).
+"""
+
+from .api import ScoreResult, TokenEvent, encode_prompts, generate, score, stream
+from .engine import GenerationStats, prefill
+from .sampling import SamplingParams
+from .states import concat, fork, load_state, save_state, select_rows
+
+__all__ = ["generate", "stream", "score", "prefill", "TokenEvent", "ScoreResult", "GenerationStats",
+           "SamplingParams", "fork", "select_rows", "concat", "save_state", "load_state", "encode_prompts"]

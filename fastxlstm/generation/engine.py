@@ -1,0 +1,241 @@
+"""Prefill and decode over an explicit fixed-size recurrent state.
+
+prefill: every prompt is consumed at its exact length by the chunkwise forward. Rows of equal
+    length run together, rows of other lengths in their own calls: there is no padding at all, so
+    a pad can never leak into a recurrent state, and a row of a batch computes exactly what it
+    computes alone. Long prompts run in fixed-length pieces, the state carried between them, so
+    the (rows, piece, vocab) logits stay bounded; the piece length depends only on the model, never
+    on the batch, so a prompt is cut the same way alone or in a batch.
+decode: one step is ``model(token (B, 1), state)`` (the step kernels) plus the token choice, all
+    fixed-shape. On CUDA, ``steps_per_graph`` steps are captured in one CUDA graph over static
+    buffers (the state is copied back into them once per replay) and replays are pipelined with the
+    copy of their tokens to the host; on the CPU the same code runs eagerly. Memory does not grow
+    with the number of generated tokens.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from ..ops import MLSTMState
+from .sampling import SamplingParams, choose
+from .states import check_state
+
+__all__ = ["prefill", "decode_steps", "GenerationStats"]
+
+# Logit elements per prefill call (rows x piece x vocab): 2^28 float32 is 1 GiB.
+_LOGIT_BUDGET = 1 << 28
+
+
+@dataclass
+class GenerationStats:
+    """Timings and memory of one generation (filled in when passed as ``stats=``)."""
+
+    batch_size: int = 0
+    prompt_tokens: int = 0
+    prefill_s: float = 0.0
+    first_token_s: float = 0.0
+    """From the call to the first new token of every row being on the host."""
+    capture_s: float = 0.0
+    """CUDA graph warm-up (its steps are real) and capture."""
+    decode_steps: int = 0
+    """Decode steps timed in decode_s (after warm-up and capture)."""
+    decode_s: float = 0.0
+    new_tokens: int = 0
+    memory_allocated: dict[int, int] = field(default_factory=dict)
+    """CUDA bytes allocated, keyed by new tokens per row so far (sampled at powers of two)."""
+    peak_memory: int = 0
+
+    @property
+    def prefill_tokens_per_s(self) -> float:
+        return self.prompt_tokens / self.prefill_s if self.prefill_s else float("nan")
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        return self.batch_size * self.decode_steps / self.decode_s if self.decode_s else float("nan")
+
+
+def model_device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+def prefill_piece(model) -> int:
+    """Prefill piece length: bounded logits, a whole number of chunks, fixed for the model."""
+    cfg = model.cfg
+    piece = max(_LOGIT_BUDGET // cfg.vocab_size, cfg.chunk_size)
+    return max(piece // cfg.chunk_size * cfg.chunk_size, cfg.chunk_size)
+
+
+@torch.inference_mode()
+def prefill(model, prompts: list[list[int]], state: list[MLSTMState] | None = None
+            ) -> tuple[list[MLSTMState], torch.Tensor]:
+    """Consume each prompt (exact length, no padding) and return (state after each prompt,
+    logits (B, V) at each prompt's last token, float32 or float64 for a float64 model). ``state``: rows to start from, or None
+    for zeros. Prompts are assumed validated (see ``api.encode_prompts``)."""
+    device = model_device(model)
+    B = len(prompts)
+    if state is not None:
+        check_state(model, state, B)
+    cfg = model.cfg
+    piece = prefill_piece(model)
+    out_state: list[MLSTMState] | None = None       # allocated from the first result (float32/float64)
+    out_logits: torch.Tensor | None = None
+    by_length: dict[int, list[int]] = {}
+    for r, p in enumerate(prompts):
+        by_length.setdefault(len(p), []).append(r)
+    for length, rows in by_length.items():
+        per_call = max(1, _LOGIT_BUDGET // (cfg.vocab_size * min(length, piece)))
+        for start in range(0, len(rows), per_call):
+            sub = rows[start:start + per_call]
+            idx = torch.tensor(sub, dtype=torch.long, device=device)
+            ids = torch.tensor([prompts[r] for r in sub], dtype=torch.long, device=device)
+            st = None if state is None else [MLSTMState(*(t.index_select(0, idx) for t in s)) for s in state]
+            for a in range(0, length, piece):
+                logits, st = model(ids[:, a:a + piece], st)
+            last = logits[:, -1] if logits.dtype == torch.float64 else logits[:, -1].float()
+            if out_state is None:
+                out_logits = last.new_empty(B, last.shape[-1])
+                out_state = [MLSTMState(*(t.new_empty(B, *t.shape[1:]) for t in s)) for s in st]
+            out_logits.index_copy_(0, idx, last)
+            for dst, src in zip(out_state, st):
+                for d, s in zip(dst, src):
+                    d.index_copy_(0, idx, s)
+    return out_state, out_logits
+
+
+class _Chooser:
+    """The token choice with its device-side inputs (keys, step counter, seen-token mask)."""
+
+    def __init__(self, params: SamplingParams, keys: torch.Tensor, seen: torch.Tensor | None, device):
+        self.params = params
+        self.keys = keys.to(device)
+        self.seen = seen
+        self.step = torch.zeros((), dtype=torch.int64, device=device)
+
+    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
+        nxt = choose(logits, self.params, keys=self.keys, step=self.step, seen=self.seen)
+        if self.seen is not None:
+            self.seen.scatter_(1, nxt[:, None], True)
+        self.step.add_(1)
+        return nxt
+
+
+def _run_steps(model, tok, state, chooser: _Chooser, n: int, out: torch.Tensor):
+    """n decode steps from token ``tok`` (B, 1); tokens written to out[:, :n]. Returns (tok, state)."""
+    for j in range(n):
+        logits, state = model(tok, state)
+        nxt = chooser(logits[:, -1])
+        out[:, j] = nxt
+        tok = nxt[:, None]
+    return tok, state
+
+
+class _EagerDecoder:
+    def __init__(self, model, tok, state, chooser):
+        self.model, self.tok, self.state, self.chooser = model, tok, state, chooser
+        self.out = torch.empty(tok.shape[0], 1, dtype=torch.long, device=tok.device)
+
+    def __call__(self) -> torch.Tensor:
+        with torch.inference_mode():
+            self.tok, self.state = _run_steps(self.model, self.tok, self.state, self.chooser, 1, self.out)
+            return self.out.cpu()
+
+
+class _GraphDecoder:
+    """``steps`` decode steps captured in one CUDA graph over static buffers, pipelined: replay i+1
+    is queued before the tokens of replay i are read, so the GPU never waits for the host."""
+
+    def __init__(self, model, tok, state, chooser, steps: int, replays: int):
+        self.steps, self.replays_left = steps, replays
+        self.tok = tok.clone()
+        self.state = state                   # owned: prefill made it, nobody else holds it
+        B = tok.shape[0]
+        self.out = torch.empty(B, steps, dtype=torch.long, device=tok.device)
+        self.host = [torch.empty(B, steps, dtype=torch.long).pin_memory() for _ in range(2)]
+        self.events = [torch.cuda.Event() for _ in range(2)]
+
+        def body():
+            tok, st = _run_steps(model, self.tok, self.state, chooser, steps, self.out)
+            for dst, src in zip(self.state, st):
+                for d, s in zip(dst, src):
+                    d.copy_(s)
+            self.tok.copy_(tok)
+
+        with torch.inference_mode():
+            # warm-up on a side stream (compiles and autotunes kernels): its steps are real ones
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                body()
+            torch.cuda.current_stream().wait_stream(side)
+            self.ready = [self.out.cpu()]
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                body()
+        self.replays_left -= 1
+        self.slot = None
+
+    def _launch(self, slot: int) -> None:
+        self.graph.replay()
+        self.host[slot].copy_(self.out, non_blocking=True)
+        self.events[slot].record()
+        self.replays_left -= 1
+
+    def __call__(self) -> torch.Tensor:
+        if self.ready:
+            return self.ready.pop()
+        if self.slot is None:
+            self.slot = 0
+            self._launch(0)
+        cur = self.slot
+        if self.replays_left > 0:
+            self.slot = 1 - cur
+            self._launch(self.slot)
+        self.events[cur].synchronize()
+        return self.host[cur].clone()
+
+
+def decode_steps(model, state: list[MLSTMState], last_logits: torch.Tensor, params: SamplingParams,
+                 keys: torch.Tensor, max_new_tokens: int, *, seen: torch.Tensor | None = None,
+                 cuda_graph: bool | None = None, steps_per_graph: int = 4,
+                 stats: GenerationStats | None = None):
+    """Yield the new tokens as CPU (B, k) blocks, k >= 1, until max_new_tokens per row (the last
+    block may run past it; the caller trims). Stop iterating to stop early. ``state`` is consumed."""
+    device = last_logits.device
+    B = last_logits.shape[0]
+    chooser = _Chooser(params, keys, seen, device)
+    with torch.inference_mode():
+        first = chooser(last_logits)
+    yield first[:, None].cpu()
+    remaining = max_new_tokens - 1
+    if remaining <= 0:
+        return
+    if cuda_graph is None:
+        cuda_graph = device.type == "cuda"
+    if cuda_graph and device.type != "cuda":
+        raise ValueError(f"cuda_graph=True needs a CUDA model, this one is on {device}")
+    tok = first[:, None]
+    t0 = time.perf_counter()
+    if cuda_graph:
+        steps = max(1, min(int(steps_per_graph), remaining))
+        decoder = _GraphDecoder(model, tok, state, chooser, steps, replays=-(-remaining // steps))
+        warm = decoder()
+        if stats is not None:
+            stats.capture_s = time.perf_counter() - t0
+        yield warm
+        remaining -= warm.shape[1]
+    else:
+        decoder = _EagerDecoder(model, tok, state, chooser)
+    del state
+    t1 = time.perf_counter()
+    done = 0
+    while remaining > 0:
+        block = decoder()
+        remaining -= block.shape[1]
+        done += block.shape[1]
+        if stats is not None:
+            stats.decode_steps, stats.decode_s = done, time.perf_counter() - t1
+        yield block
