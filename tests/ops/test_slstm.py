@@ -1,0 +1,149 @@
+"""sLSTM ops: native and Triton (interpreter on CPU) against the reference loop, forward, final
+state and every gradient, with and without an initial state; state passing across a split."""
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    # must precede the first import of the Triton kernels (they are decorated at import time)
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+from fastxlstm import ops  # noqa: E402
+from fastxlstm.ops import Backend, SLSTMState  # noqa: E402
+from fastxlstm.ops import triton_available  # noqa: E402
+from fastxlstm.ops.slstm import available, reference  # noqa: E402
+from tests.helpers import assert_close  # noqa: E402
+
+LENGTHS = [1, 2, 17, 64]
+FAST = [b for b in available() if b is not Backend.REFERENCE and (b is not Backend.TRITON or triton_available())]
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def make_inputs(B, T, H, D, *, dtype, with_state, zero_n=False, seed=0, device="cpu"):
+    """x, r and an optional initial state (float64 masters, cast to dtype; grads on the casts)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, T, H, 4, D, generator=g, dtype=torch.float64) * 2.0
+    x[:, :, :, 1] += 1.0                                   # forget gates mostly open, as trained models
+    r = torch.randn(H, D, 4, D, generator=g, dtype=torch.float64) * (0.8 / D ** 0.5)
+    tensors = [x, r]
+    if with_state:
+        n = torch.rand(B, H, D, generator=g, dtype=torch.float64) + 0.2
+        c = torch.randn(B, H, D, generator=g, dtype=torch.float64) * n
+        if zero_n:                                         # some elements have stored nothing yet
+            keep = torch.rand(B, H, D, generator=g) > 0.5
+            n, c = n * keep, c * keep
+        m = torch.randn(B, H, D, generator=g, dtype=torch.float64)
+        h = torch.tanh(torch.randn(B, H, D, generator=g, dtype=torch.float64))
+        tensors += [c, n, m, h]
+    sdt = torch.float64 if dtype == torch.float64 else torch.float32
+    out = [t.to(device=device, dtype=dtype if k < 2 else sdt).requires_grad_() for k, t in enumerate(tensors)]
+    return out[0], out[1], (SLSTMState(*out[2:]) if with_state else None)
+
+
+def run(backend, x, r, state, forget_gate="sigmoid", seed=1):
+    """Outputs and the gradients of (h . dh) + sum(state . dstate) w.r.t. x, r and the initial state."""
+    h, s = ops.slstm(x, r, state, backend=backend, forget_gate=forget_gate)
+    g = torch.Generator().manual_seed(seed)
+    weights = [torch.randn(t.shape, generator=g, dtype=torch.float64).to(t) for t in (h, *s)]
+    loss = sum((t * w).sum() for t, w in zip((h, *s), weights))
+    inputs = [x, r] + (list(state) if state is not None else [])
+    grads = torch.autograd.grad(loss, inputs)
+    return h, s, grads
+
+
+def compare(name, ref, out, dtype):
+    (h0, s0, g0), (h1, s1, g1) = ref, out
+    assert_close(f"{name} h", h0, h1, dtype)
+    for field, a, b in zip(SLSTMState._fields, s0, s1):
+        assert_close(f"{name} state.{field}", a, b, dtype)
+    names = ["dx", "dr"] + [f"d{f}0" for f in SLSTMState._fields]
+    for gname, a, b in zip(names, g0, g1):
+        if a.abs().max() == 0:                             # e.g. dr at T=1 from a zero h0
+            assert b.abs().max() == 0, f"{name} {gname}: expected zero"
+        else:
+            assert_close(f"{name} {gname}", a, b, dtype)
+
+
+@pytest.mark.parametrize("backend", FAST)
+@pytest.mark.parametrize("with_state", [False, True])
+@pytest.mark.parametrize("T", LENGTHS)
+def test_backend_matches_reference(backend, T, with_state):
+    # float64 for native (exact math); Triton computes in float32 against a float64 oracle
+    dtype = torch.float64 if backend is Backend.NATIVE else torch.float32
+    B, H, D = 3, 2, 5
+    ref = run(Backend.REFERENCE, *make_inputs(B, T, H, D, dtype=torch.float64, with_state=with_state))
+    out = run(backend, *make_inputs(B, T, H, D, dtype=dtype, with_state=with_state, device=DEVICE))
+    compare(f"{backend} T={T}", ref, out, dtype)
+
+
+@pytest.mark.parametrize("backend", FAST)
+@pytest.mark.parametrize("forget_gate", ["sigmoid", "exp"])
+def test_forget_gates_and_partly_empty_state(backend, forget_gate):
+    """Elements whose n is exactly 0 take m = i (per element), the rest the max."""
+    dtype = torch.float64 if backend is Backend.NATIVE else torch.float32
+    args = dict(with_state=True, zero_n=True)
+    ref = run(Backend.REFERENCE, *make_inputs(2, 9, 2, 6, dtype=torch.float64, **args), forget_gate=forget_gate)
+    out = run(backend, *make_inputs(2, 9, 2, 6, dtype=dtype, device=DEVICE, **args), forget_gate=forget_gate)
+    compare(f"{backend} {forget_gate}", ref, out, dtype)
+
+
+def test_reference_matches_formula_by_hand():
+    """The first step from zeros: m = i, so i' = 1, c = tanh(z), n = 1, h = sigmoid(o) tanh(z)."""
+    x, r, _ = make_inputs(2, 1, 2, 3, dtype=torch.float64, with_state=False)
+    h, s = reference.slstm(x, r)
+    i, f, z, o = x[:, 0].unbind(2)
+    torch.testing.assert_close(s.m, i)
+    torch.testing.assert_close(s.n, torch.ones_like(i))
+    torch.testing.assert_close(h[:, 0], torch.sigmoid(o) * torch.tanh(z))
+
+
+@pytest.mark.parametrize("backend", [Backend.REFERENCE] + FAST)
+def test_state_passing_across_split(backend):
+    dtype = torch.float32 if backend is Backend.TRITON else torch.float64
+    x, r, state = make_inputs(2, 23, 2, 4, dtype=dtype, with_state=True, device=DEVICE)
+    h, s = ops.slstm(x, r, state, backend=backend)
+    h1, s1 = ops.slstm(x[:, :10], r, state, backend=backend)
+    h2, s2 = ops.slstm(x[:, 10:], r, s1, backend=backend)
+    assert_close("split h", h, torch.cat([h1, h2], 1), dtype)
+    for field, a, b in zip(SLSTMState._fields, s, s2):
+        assert_close(f"split {field}", a, b, dtype)
+    hs, ss = [], state
+    for t in range(5):
+        ht, ss = ops.slstm_step(x[:, t], r, ss, backend=backend)
+        hs.append(ht)
+    assert_close("steps h", h[:, :5], torch.stack(hs, 1), dtype)
+
+
+def test_reference_gradcheck():
+    x, r, state = make_inputs(1, 3, 1, 2, dtype=torch.float64, with_state=True)
+    torch.autograd.gradcheck(lambda *a: reference.slstm(a[0], a[1], SLSTMState(*a[2:]))[0], (x, r, *state))
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(x=(2, 3, 2, 3, 4)), "x must be"),
+    (dict(r=(2, 4, 4, 5)), "r must be"),
+    (dict(state_c=(2, 2, 5)), "state.c must"),
+    (dict(forget_gate="tanh"), "forget_gate"),
+])
+def test_bad_inputs_raise(bad, match):
+    x = torch.randn(*bad.get("x", (2, 3, 2, 4, 4)))
+    r = torch.randn(*bad.get("r", (2, 4, 4, 4)))
+    z = torch.zeros(2, 2, 4)
+    state = SLSTMState(torch.zeros(*bad["state_c"]), z, z, z) if "state_c" in bad else None
+    with pytest.raises(ValueError, match=match):
+        ops.slstm(x, r, state, forget_gate=bad.get("forget_gate", "sigmoid"))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_gpu_real_shape(dtype):
+    """B 8, T 256, 4 heads of 64 (and bf16 inputs, float32 states) against native in float32."""
+    x, r, state = make_inputs(8, 256, 4, 64, dtype=dtype, with_state=True, device="cuda")
+    ref_in = [t.detach().float().requires_grad_() for t in (x, r)]
+    ref_state = SLSTMState(*(t.detach().float().requires_grad_() for t in state))
+    ref = run(Backend.NATIVE, *ref_in, ref_state)
+    out = run(Backend.TRITON, x, r, state)
+    compare(f"triton {dtype}", ref, out, torch.float32 if dtype == torch.float32 else torch.bfloat16)

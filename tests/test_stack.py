@@ -1,0 +1,100 @@
+"""The original xLSTM stack: full forward == prefill + steps (conv state included), backends
+agree, official initialisation, bad configs raise."""
+
+import pytest
+import torch
+
+from fastxlstm.ops import Backend
+from fastxlstm.stack import StackConfig, XLSTMStack, XLSTMStackLM
+from tests.helpers import assert_close
+
+TINY = dict(vocab_size=61, embedding_dim=32, num_blocks=4, slstm_at=(1, 3), chunk_size=4, backend="native")
+
+
+def test_full_forward_equals_prefill_plus_steps():
+    model = XLSTMStackLM(StackConfig(**TINY)).double()
+    ids = torch.randint(0, 61, (2, 15))
+    full, full_state = model(ids)
+    logits, state = model(ids[:, :6])                      # prefill crosses mLSTM chunk edges
+    steps = [logits]
+    for t in range(6, 15):
+        logits, state = model(ids[:, t:t + 1], state)
+        steps.append(logits)
+    assert_close("logits", full, torch.cat(steps, 1), torch.float64)
+    for b, (a, s) in enumerate(zip(full_state, state)):
+        assert_close(f"block {b} conv state", a.conv, s.conv, torch.float64)
+        for x, y in zip(a.cell, s.cell):
+            assert_close(f"block {b} cell state", x, y, torch.float64)
+
+
+def test_split_sequence_state_passing_and_long_context():
+    """Two calls with state equal one; no context-length limit (the official layer has one)."""
+    model = XLSTMStackLM(StackConfig(**TINY)).double()
+    ids = torch.randint(0, 61, (1, 300))
+    full, _ = model(ids)
+    a, s = model(ids[:, :137])
+    b, _ = model(ids[:, 137:], s)
+    assert_close("split logits", full, torch.cat([a, b], 1), torch.float64)
+
+
+def test_reference_backend_agrees_with_native():
+    torch.manual_seed(0)
+    native = XLSTMStackLM(StackConfig(**TINY)).double()
+    ref = XLSTMStackLM(StackConfig(**{**TINY, "backend": "reference"})).double()
+    ref.load_state_dict(native.state_dict())
+    ids = torch.randint(0, 61, (2, 11))
+    assert_close("logits", ref(ids)[0], native(ids)[0], torch.float64)
+
+
+def test_backward_reaches_every_parameter():
+    model = XLSTMStackLM(StackConfig(**TINY))
+    with torch.no_grad():                                  # R and gate weights start at 0: wake them up
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    logits, _ = model(torch.randint(0, 61, (2, 9)))
+    logits.logsumexp(-1).mean().backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+def test_official_initialisation():
+    cfg = StackConfig(**{**TINY, "num_blocks": 5, "slstm_at": (0, 4), "slstm_num_heads": 2})
+    stack = XLSTMStack(cfg)
+    first, last = stack.blocks[0].layer, stack.blocks[4].layer
+    assert torch.all(first.recurrent_weight == 0)
+    fb = first.bias[:, 1]                                  # forget gate: +5 down to -7 in each head
+    assert torch.allclose(fb[:, 0], torch.full((2,), 5.0)) and torch.allclose(fb[:, -1], torch.full((2,), -7.0))
+    assert torch.all(fb[:, 1:] < fb[:, :-1])
+    assert (last.bias[0, 1, 1:-1] > fb[0, 1:-1]).all()     # later blocks: more gates stay open
+    assert torch.all(first.bias[:, [0, 2, 3]] == 0)
+    m = stack.blocks[1].layer
+    assert torch.all(m.fgate.weight == 0) and torch.allclose(m.fgate.bias, torch.linspace(3, 6, 4))
+    std = m.q_proj.weight.std().item()
+    assert abs(std - (2 / (5 * 32)) ** 0.5) < 0.03
+
+
+def test_weight_tying():
+    model = XLSTMStackLM(StackConfig(**{**TINY, "tie_weights": True}))
+    assert model.lm_head.weight is model.embedding.weight
+
+
+@pytest.mark.parametrize("field, value", [
+    ("slstm_at", (4,)), ("slstm_at", (1, 1)), ("slstm_at", [1]), ("num_blocks", 0), ("embedding_dim", -8),
+    ("mlstm_num_heads", 7), ("slstm_num_heads", 5), ("qkv_block_size", 5), ("slstm_forget_gate", "tanh"),
+    ("ffn_act", "tanh"), ("backend", "cuda"), ("vocab_size", 0), ("norm_eps", 0.0), ("slstm_conv_kernel_size", -1),
+])
+def test_bad_config_raises_naming_the_field(field, value):
+    with pytest.raises(ValueError, match=field):
+        StackConfig(**{**TINY, field: value})
+
+
+def test_bad_inputs_raise():
+    model = XLSTMStackLM(StackConfig(**TINY))
+    with pytest.raises(ValueError, match="input_ids"):
+        model(torch.randn(2, 3))
+    with pytest.raises(ValueError, match="input_ids"):
+        model(torch.tensor([[61]]))
+    with pytest.raises(ValueError, match="state"):
+        model(torch.tensor([[1]]), state=[None])
+    with pytest.raises(ValueError, match="vocab_size"):
+        XLSTMStackLM(StackConfig(**{**TINY, "vocab_size": None}))
