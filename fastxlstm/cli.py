@@ -62,8 +62,70 @@ def _register_train(sub) -> None:
 # --- generate (owned by the generation module) -----------------------------------------------------
 
 def _register_generate(sub) -> None:
-    p = sub.add_parser("generate", help="generate text (not available yet)")
-    p.set_defaults(run=lambda args: (_ for _ in ()).throw(RuntimeError("generation is not implemented yet")))
+    p = sub.add_parser("generate", help="generate text from a saved model, streamed as it comes")
+    p.add_argument("--model", required=True, help="model directory (ours or a Hugging Face xLSTM)")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", help="prompt text")
+    src.add_argument("--prompt-file", help="read the prompt text from this file ('-' for stdin)")
+    p.add_argument("--max-new-tokens", type=int, default=128, help="tokens to generate at most (default 128)")
+    p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0 is greedy (default)")
+    p.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens (0: all)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass in (0, 1] (1: off)")
+    p.add_argument("--min-p", type=float, default=0.0, help="drop tokens below min-p x the top probability")
+    p.add_argument("--repetition-penalty", type=float, default=1.0, help="penalty > 0 on seen tokens (1: off)")
+    p.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    eos = p.add_mutually_exclusive_group()
+    eos.add_argument("--eos-id", type=int, action="append", help="stop at this token id (repeatable; "
+                     "default: the config's eos)")
+    eos.add_argument("--ignore-eos", action="store_true", help="never stop at an eos token")
+    p.add_argument("--no-bos", action="store_true", help="do not prepend the config's BOS token")
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="weight dtype (default: bfloat16 on cuda, float32 on cpu)")
+    p.add_argument("--backend", default=None, help="mLSTM kernels: auto, triton, native, reference")
+    p.add_argument("--no-cuda-graph", action="store_true", help="decode eagerly on cuda (for debugging)")
+    p.add_argument("--stats", action="store_true", help="print timings to stderr at the end")
+    p.set_defaults(run=_run_generate)
+
+
+def _run_generate(args) -> int:
+    import torch
+
+    from .checkpoint import load
+    from .generation import GenerationStats, stream
+    from .tokenizer import load_tokenizer
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype_name = args.dtype or ("bfloat16" if torch.device(device).type == "cuda" else "float32")
+    overrides = {"backend": args.backend} if args.backend else {}
+    model = load(args.model, device=device, dtype=getattr(torch, dtype_name), **overrides)
+    tokenizer = load_tokenizer(args.model, model.cfg.vocab_size)
+    if args.prompt is not None:
+        prompt = args.prompt
+    elif args.prompt_file == "-":
+        prompt = sys.stdin.read()
+    else:
+        with open(args.prompt_file, encoding="utf-8") as f:
+            prompt = f.read()
+    eos = None if args.ignore_eos else (args.eos_id if args.eos_id else "config")
+    stats = GenerationStats()
+    events = stream(model, prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                    top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
+                    repetition_penalty=args.repetition_penalty, seed=args.seed, eos_token_id=eos,
+                    stop=args.stop or None, tokenizer=tokenizer, add_bos=False if args.no_bos else None,
+                    cuda_graph=False if args.no_cuda_graph else None, stats=stats)
+    reason = None
+    for ev in events:
+        sys.stdout.write(ev.text)
+        sys.stdout.flush()
+        reason = ev.finish_reason or reason
+    sys.stdout.write("\n")
+    if args.stats:
+        print(f"[{stats.new_tokens} tokens, stopped by {reason}; prompt {stats.prompt_tokens} tokens, "
+              f"prefill {stats.prefill_s * 1e3:.1f} ms, first token {stats.first_token_s * 1e3:.1f} ms, "
+              f"decode {stats.decode_tokens_per_s:.1f} tokens/s]", file=sys.stderr)
+    return 0
 
 
 if __name__ == "__main__":

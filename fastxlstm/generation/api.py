@@ -132,8 +132,8 @@ def encode_prompts(model, prompts, *, tokenizer=None, add_bos: bool | None = Non
             if bad:
                 raise ValueError(f"prompt {r} holds non-integer token ids, e.g. {bad[0]!r}")
         if not ids:
-            raise ValueError(f"prompt {r} is empty: give at least one token (e.g. the BOS id "
-                             f"{cfg.bos_token_id}) to generate from")
+            hint = f" (e.g. the BOS id {cfg.bos_token_id})" if cfg.bos_token_id is not None else ""
+            raise ValueError(f"prompt {r} is empty: give at least one token{hint} to generate from")
         if add_bos:
             ids = [cfg.bos_token_id] + ids
         out_of_range = [t for t in ids if not 0 <= t < cfg.vocab_size]

@@ -1,0 +1,384 @@
+"""Generation: greedy equals the full forward's argmax, a batch equals its rows alone, sampling is
+reproducible and follows the distribution, states fork and survive a file, scoring in pieces equals
+one pass, the CLI streams, and bad input is refused by name."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from fastxlstm.config import ModelConfig
+from fastxlstm.generation import (GenerationStats, SamplingParams, fork, generate, load_state, prefill,
+                                  save_state, score, select_rows, stream)
+from fastxlstm.generation.sampling import _mix32, _mix32_int, choose, row_keys
+from fastxlstm.model import XLSTMLarge
+
+# byte-level, chunk 8: prompts of 3..20 tokens cross chunk edges in the prefill
+CFG = ModelConfig(vocab_size=256, embedding_dim=64, num_heads=4, num_blocks=2, chunk_size=8,
+                  bos_token_id=None, eos_token_id=None, pad_token_id=None)
+
+
+def random_model(cfg=CFG, dtype=torch.float64, scale=0.3, seed=0):
+    """Weights far from the init (peaked, varied logits); float64, so no argmax is a rounding tie."""
+    g = torch.Generator().manual_seed(seed)
+    model = XLSTMLarge(cfg).to(dtype)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float64) * scale)
+    return model
+
+
+@pytest.fixture(scope="module")
+def model():
+    return random_model()
+
+
+def prompts_of(lengths, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, 256, (n,), generator=g).tolist() for n in lengths]
+
+
+# --- greedy and batches -------------------------------------------------------------------------
+
+def test_greedy_equals_argmax_of_full_forward(model):
+    prompt = prompts_of([13])[0]
+    new = generate(model, [prompt], max_new_tokens=12)[0]
+    assert len(new) == 12
+    seq = list(prompt)
+    for t in new:
+        logits, _ = model(torch.tensor([seq]))
+        assert t == int(logits[0, -1].argmax())
+        seq.append(t)
+    assert len(set(new)) > 1, "a constant output would make this test vacuous"
+
+
+def test_mixed_length_batch_equals_each_prompt_alone(model):
+    prompts = prompts_of([3, 17, 9, 17, 1])
+    batch = generate(model, prompts, max_new_tokens=9)
+    alone = [generate(model, [p], max_new_tokens=9)[0] for p in prompts]
+    assert batch == alone
+    kw = dict(max_new_tokens=9, temperature=1.0, top_k=50, top_p=0.95, min_p=0.01, repetition_penalty=1.2)
+    seeds = [11, 12, 13, 14, 15]
+    batch = generate(model, prompts, seed=seeds, **kw)
+    alone = [generate(model, [p], seed=[s], **kw)[0] for p, s in zip(prompts, seeds)]
+    assert batch == alone
+    assert generate(model, prompts, seed=11, **kw) == batch          # int seed: row r uses seed + r
+
+
+def test_prefill_state_equals_a_single_full_forward(model):
+    prompts = prompts_of([5, 20, 5])
+    state, logits = prefill(model, prompts)
+    for r, p in enumerate(prompts):
+        full, st = model(torch.tensor([p]))
+        torch.testing.assert_close(logits[r], full[0, -1].to(logits.dtype), rtol=0, atol=1e-12)
+        for a, b in zip(select_rows(state, [r]), st):
+            for x, y in zip(a, b):
+                torch.testing.assert_close(x, y, rtol=0, atol=1e-12)
+
+
+def test_long_prompt_prefilled_in_pieces(model, monkeypatch):
+    """A prompt longer than the prefill piece is consumed piece by piece, the state carried."""
+    import fastxlstm.generation.engine as engine
+
+    prompt = prompts_of([50])[0]
+    ref = generate(model, [prompt], max_new_tokens=5)
+    monkeypatch.setattr(engine, "_LOGIT_BUDGET", 16 * 256)           # piece = 16 tokens: 4 pieces
+    assert engine.prefill_piece(model) == 16
+    assert generate(model, [prompt], max_new_tokens=5) == ref
+
+
+# --- stopping -----------------------------------------------------------------------------------
+
+def test_max_new_tokens_and_eos(model):
+    prompt = prompts_of([6])[0]
+    free = generate(model, [prompt], max_new_tokens=10)[0]
+    for n in (1, 2, 7):
+        assert generate(model, [prompt], max_new_tokens=n)[0] == free[:n]
+    eos = free[4]
+    first = free.index(eos)
+    out = generate(model, [prompt, prompt], max_new_tokens=10, eos_token_id=[eos], seed=0)
+    assert out == [free[:first + 1]] * 2                             # eos included, then the row stops
+    events = list(stream(model, [prompt], max_new_tokens=10, eos_token_id=eos))
+    assert [e.finish_reason for e in events] == [None] * first + ["eos"]
+    assert generate(model, [prompt], max_new_tokens=10, eos_token_id=None)[0] == free
+
+
+def test_config_eos_is_the_default(model):
+    prompt = prompts_of([6])[0]
+    free = generate(model, [prompt], max_new_tokens=10)[0]
+    eos_model = random_model(ModelConfig(**{**CFG.to_dict(), "eos_token_id": free[3]}))
+    first = free.index(free[3])
+    assert generate(eos_model, [prompt], max_new_tokens=10)[0] == free[:first + 1]
+    assert generate(eos_model, [prompt], max_new_tokens=10, eos_token_id=None)[0] == free
+
+
+def test_stop_strings_cut_the_text_and_are_never_streamed():
+    ascii_model = random_model(seed=3)
+    prompt = "The cat"
+    full = generate(ascii_model, prompt, max_new_tokens=40, eos_token_id=None)
+    assert isinstance(full, str) and len(full) >= 12
+    stop = full[6:9]
+    cut = full.index(stop)
+    out = generate(ascii_model, prompt, max_new_tokens=40, stop=[stop, "\x00never"])
+    assert out == full[:cut]
+    events = list(stream(ascii_model, [prompt], max_new_tokens=40, stop=stop))
+    assert "".join(e.text for e in events) == full[:cut]
+    assert events[-1].finish_reason == "stop"
+    assert all(stop not in e.text for e in events)
+    # the stop string completed by a later token: what was held back is released when it fails
+    nostop = generate(ascii_model, prompt, max_new_tokens=40, stop=full[-2:] + "\x01")
+    assert nostop == full
+
+
+# --- sampling -----------------------------------------------------------------------------------
+
+def test_seeded_sampling_is_reproducible_and_seeds_matter(model):
+    prompts = prompts_of([4, 7])
+    kw = dict(max_new_tokens=12, temperature=1.0)
+    a = generate(model, prompts, seed=5, **kw)
+    assert a == generate(model, prompts, seed=5, **kw)
+    assert a != generate(model, prompts, seed=6, **kw)
+    torch.manual_seed(123)
+    b = generate(model, prompts, **kw)
+    torch.manual_seed(123)
+    assert b == generate(model, prompts, **kw)
+
+
+def test_filters_that_leave_one_token_are_greedy(model):
+    prompts = prompts_of([4, 9])
+    greedy = generate(model, prompts, max_new_tokens=8)
+    for kw in (dict(top_k=1), dict(top_p=1e-6), dict(min_p=0.999999)):
+        assert generate(model, prompts, max_new_tokens=8, temperature=1.5, seed=0, **kw) == greedy
+
+
+def test_gumbel_sampling_follows_the_softmax():
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0, 0.5]])
+    n = 40000
+    keys = row_keys(list(range(n)))
+    picks = choose(logits.expand(n, -1), SamplingParams(temperature=1.0), keys=keys,
+                   step=torch.tensor(3))
+    freq = torch.bincount(picks, minlength=5).double() / n
+    torch.testing.assert_close(freq, torch.softmax(logits[0].double(), -1), atol=0.01, rtol=0)
+    # top-k 2 keeps the two best in their relative proportion; temperature 0.5 sharpens
+    picks = choose(logits.expand(n, -1), SamplingParams(temperature=0.5, top_k=2), keys=keys,
+                   step=torch.tensor(0))
+    freq = torch.bincount(picks, minlength=5).double() / n
+    p = torch.softmax(torch.tensor([4.0, 2.0], dtype=torch.float64), -1)
+    torch.testing.assert_close(freq, torch.cat([p, torch.zeros(3, dtype=torch.float64)]), atol=0.01, rtol=0)
+
+
+def test_top_p_keeps_the_smallest_set_reaching_the_mass():
+    probs = torch.tensor([[0.5, 0.3, 0.15, 0.05]])
+    keys = row_keys(list(range(4000)))
+    picks = choose(probs.log().expand(4000, -1), SamplingParams(temperature=1.0, top_p=0.75), keys=keys,
+                   step=torch.tensor(0))
+    assert set(picks.tolist()) == {0, 1}                              # 0.5 < 0.75 <= 0.5 + 0.3
+
+
+def test_repetition_penalty():
+    logits = torch.tensor([[3.0, 2.9, -1.0, -1.2]])
+    seen = torch.tensor([[True, False, True, False]])
+    p = SamplingParams(repetition_penalty=2.0)
+    assert int(choose(logits, p, seen=seen)[0]) == 1                  # 3/2 < 2.9
+    assert int(choose(torch.tensor([[-5.0, -6.0, -1.0, -1.5]]), p, seen=seen)[0]) == 3    # -1*2 < -1.5
+
+
+def test_hash_matches_its_integer_twin():
+    xs = [0, 1, 2, 12345, 2**31 - 1, 2**31, 2**32 - 1, 0xDEADBEEF]
+    assert _mix32(torch.tensor(xs)).tolist() == [_mix32_int(x) for x in xs]
+    assert row_keys([2**40 + 7])[0] != row_keys([7])[0]
+
+
+# --- states as values ---------------------------------------------------------------------------
+
+def test_forked_state_continues_like_the_original(model):
+    prompt = prompts_of([11])[0]
+    kw = dict(max_new_tokens=10, temperature=1.0)
+    original = generate(model, [prompt], seed=[7], **kw)[0]
+    state, _ = prefill(model, [prompt[:-1]])
+    forks = fork(state, 3)
+    out = generate(model, [prompt[-1:]] * 3, state=forks, seed=[7, 7, 8], **kw)
+    assert out[0] == original and out[1] == original and out[2] != original
+    # the forks are independent values: the prefix state is unchanged and can be used again
+    assert generate(model, [prompt[-1:]], state=state, seed=[7], **kw)[0] == original
+
+
+def test_saved_and_restored_state_continues_exactly(model, tmp_path):
+    prompt = prompts_of([15])[0]
+    ref = generate(model, [prompt], max_new_tokens=8)[0]
+    state, logits = prefill(model, [prompt[:-2]])
+    save_state(tmp_path / "s.safetensors", state, metadata={"tokens": prompt[:-2]}, logits=logits)
+    restored, extra, meta = load_state(tmp_path / "s.safetensors", model=model)
+    assert meta == {"tokens": prompt[:-2]}
+    torch.testing.assert_close(extra["logits"], logits, rtol=0, atol=0)
+    for a, b in zip(state, restored):
+        for x, y in zip(a, b):
+            assert torch.equal(x, y)
+    assert generate(model, [prompt[-2:]], state=restored, max_new_tokens=8)[0] == ref
+    other = random_model(ModelConfig(**{**CFG.to_dict(), "num_heads": 2}))
+    with pytest.raises(ValueError, match="shape"):
+        load_state(tmp_path / "s.safetensors", model=other)
+    with pytest.raises(FileNotFoundError):
+        load_state(tmp_path / "missing.safetensors")
+
+
+# --- scoring ------------------------------------------------------------------------------------
+
+def test_scoring_in_pieces_equals_one_pass(model):
+    ids = prompts_of([77])[0]
+    logits, _ = model(torch.tensor([ids]))
+    lp = torch.log_softmax(logits[0, :-1].double(), -1).gather(-1, torch.tensor(ids[1:])[:, None]).sum()
+    whole = score(model, ids, piece_tokens=1000)
+    assert whole.tokens == 76
+    assert abs(whole.log_likelihood - lp.item()) < 1e-9
+    pieces = score(model, ids, piece_tokens=8)
+    assert abs(pieces.log_likelihood - whole.log_likelihood) < 1e-9
+    # a stream of unequal input pieces is re-cut at fixed offsets: the same as the whole list
+    chunks = iter([ids[:5], ids[5:6], ids[6:40], ids[40:]])
+    assert score(model, chunks, piece_tokens=8).log_likelihood == pieces.log_likelihood
+    assert whole.perplexity == pytest.approx(torch.exp(-lp / 76).item())
+
+
+def test_scoring_text_pieces_equals_the_text(model):
+    text = "It was a bright cold day in April, and the clocks were striking thirteen."
+    parts = [text[:10], text[10:33], text[33:]]
+    assert score(model, parts, piece_tokens=16).log_likelihood == pytest.approx(
+        score(model, text, piece_tokens=16).log_likelihood, abs=1e-12)
+    with pytest.raises(ValueError, match="at least 2 tokens"):
+        score(model, [5])
+
+
+# --- streaming, CLI -----------------------------------------------------------------------------
+
+def test_stream_yields_each_token_as_generate_returns_it(model):
+    prompts = prompts_of([3, 8])
+    out = generate(model, prompts, max_new_tokens=5)
+    rows = [[], []]
+    events = list(stream(model, prompts, max_new_tokens=5))
+    for e in events:
+        rows[e.row].append(e.token_id)
+    assert rows == out
+    assert [e.row for e in events[:4]] == [0, 1, 0, 1]                # interleaved step by step
+    stats = GenerationStats()
+    list(stream(model, prompts, max_new_tokens=5, stats=stats))
+    assert stats.prompt_tokens == 11 and stats.new_tokens == 5 and stats.decode_steps == 4
+
+
+def test_utf8_split_across_tokens_is_streamed_whole():
+    from fastxlstm.tokenizer import ByteTokenizer, IncrementalDecoder
+
+    text = "naïve ☃ 🐍!"
+    dec = IncrementalDecoder(ByteTokenizer())
+    pieces = [dec.push(b) for b in text.encode()]
+    assert "".join(pieces) + dec.flush() == text
+    assert all("\ufffd" not in p for p in pieces)
+
+
+@pytest.fixture(scope="module")
+def saved_model(tmp_path_factory):
+    from fastxlstm.checkpoint import save
+
+    d = tmp_path_factory.mktemp("tiny")
+    save(random_model(dtype=torch.float32, seed=3), d)
+    return d
+
+
+def test_cli_streams_the_generation(saved_model, capsys):
+    from fastxlstm.checkpoint import load
+    from fastxlstm.cli import main
+
+    rc = main(["generate", "--model", str(saved_model), "--prompt", "The cat", "--max-new-tokens", "12",
+               "--temperature", "0.8", "--seed", "4", "--device", "cpu", "--stats"])
+    out = capsys.readouterr()
+    assert rc == 0
+    expected = generate(load(saved_model), "The cat", max_new_tokens=12, temperature=0.8, seed=4)
+    assert out.out == expected + "\n"
+    assert "12 tokens" in out.err
+    rc = main(["generate", "--model", str(saved_model), "--prompt", "x", "--top-p", "0"])
+    assert rc == 2 and "top_p" in capsys.readouterr().err
+
+
+def test_cli_entry_point_runs(saved_model):
+    r = subprocess.run([sys.executable, "-m", "fastxlstm", "generate", "--model", str(saved_model),
+                        "--prompt", "Hi", "--max-new-tokens", "4", "--device", "cpu"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.endswith("\n") and len(r.stdout) >= 2
+
+
+# --- bad input ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("prompts, kw, match", [
+    ([[]], {}, "prompt 0 is empty"),
+    ([[1, 2], []], {}, "prompt 1 is empty"),
+    ([[1, 256]], {}, r"token id 256 outside \[0, 256\)"),
+    ([[1, -1]], {}, "token id -1"),
+    ([[1.5]], {}, "non-integer"),
+    ([1, 2, 3], {}, "list of token ids"),
+    ([[1, 2], "ab"], {}, "mix"),
+    ([], {}, "non-empty"),
+    ([[1] * 10], dict(max_prompt_tokens=9), "more than max_prompt_tokens=9"),
+    ([[1]], dict(top_p=0.0), "top_p"),
+    ([[1]], dict(top_p=1.5), "top_p"),
+    ([[1]], dict(temperature=-0.1), "temperature"),
+    ([[1]], dict(top_k=-1), "top_k"),
+    ([[1]], dict(min_p=1.0), "min_p"),
+    ([[1]], dict(repetition_penalty=0.0), "repetition_penalty"),
+    ([[1]], dict(max_new_tokens=0), "max_new_tokens"),
+    ([[1]], dict(seed=[1, 2]), "2 seeds for 1 prompts"),
+    ([[1]], dict(seed=-3), "seed"),
+    ([[1]], dict(eos_token_id=999), "eos_token_id 999"),
+    ([[1]], dict(stop=[""]), "stop strings"),
+    ([[1]], dict(add_bos=True), "no bos_token_id"),
+])
+def test_bad_input_is_refused_by_name(model, prompts, kw, match):
+    with pytest.raises(ValueError, match=match):
+        generate(model, prompts, **kw)
+
+
+def test_bad_tokenizer_and_state_are_refused(model):
+    class Wide:
+        vocab_size = 300
+
+        def encode(self, text):
+            return [0]
+
+        def decode(self, ids):
+            return ""
+
+    with pytest.raises(ValueError, match=r"vocabulary \(300 ids\) does not fit the model"):
+        generate(model, "hello", tokenizer=Wide())
+    big = random_model(ModelConfig(vocab_size=1000, embedding_dim=32, num_heads=2, num_blocks=1,
+                                   bos_token_id=None, eos_token_id=None, pad_token_id=None))
+    with pytest.raises(ValueError, match="tokenizer"):
+        generate(big, "hello")
+    with pytest.raises(ValueError, match="stop strings need a tokenizer"):
+        generate(big, [[1, 2]], stop="x")
+    state, _ = prefill(model, [[1, 2, 3]])
+    with pytest.raises(ValueError, match="batch 2"):
+        generate(model, [[1], [2]], state=state)
+    with pytest.raises(ValueError, match="cuda_graph=True"):
+        generate(model, [[1]], max_new_tokens=3, cuda_graph=True)
+
+
+# --- GPU ----------------------------------------------------------------------------------------
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kw", [dict(), dict(temperature=0.9, top_k=40, top_p=0.9, repetition_penalty=1.1)])
+def test_cuda_graph_decode_equals_eager(kw):
+    m = random_model(dtype=torch.float32).cuda()
+    prompts = prompts_of([5, 30, 12])
+    graph = generate(m, prompts, max_new_tokens=23, seed=[1, 2, 3], cuda_graph=True, steps_per_graph=4, **kw)
+    eager = generate(m, prompts, max_new_tokens=23, seed=[1, 2, 3], cuda_graph=False, **kw)
+    assert graph == eager
+    assert all(len(r) == 23 for r in graph)
+
+
+@pytest.mark.gpu
+def test_cuda_decode_memory_does_not_grow():
+    m = random_model(dtype=torch.float32).cuda()
+    stats = GenerationStats()
+    generate(m, prompts_of([9, 9]), max_new_tokens=1025, eos_token_id=None, stats=stats)
+    mem = stats.memory_allocated
+    assert mem[1024] == mem[1025] == mem[64]
