@@ -130,3 +130,13 @@ def test_bad_inputs_are_refused_by_name():
     _, state = model(torch.tensor([[1, 2]]))
     with pytest.raises(ValueError, match="batch"):
         model(torch.tensor([[1, 2], [3, 4]]), state)
+
+
+def test_soft_cap_value_and_gradient():
+    from fastxlstm.layers.common import soft_cap
+
+    x = (torch.randn(50, dtype=torch.float64) * 40).requires_grad_()
+    assert torch.autograd.gradcheck(lambda t: soft_cap(t, 30.0), (x,))
+    with torch.no_grad():
+        assert torch.allclose(soft_cap(x, 30.0), 30 * torch.tanh(x / 30))
+    assert soft_cap(x, None) is x

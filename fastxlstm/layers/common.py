@@ -11,10 +11,29 @@ from torch import nn
 
 
 def soft_cap(x: torch.Tensor, cap: float | None) -> torch.Tensor:
-    """cap * tanh(x / cap): smooth, odd, identity near 0 and bounded by +-cap. None disables it."""
+    """cap * tanh(x / cap): smooth, odd, identity near 0 and bounded by +-cap. None or 0 disables it.
+
+    On logits this is three passes over a (B, T, vocab) tensor, as costly as the LM head on a CPU:
+    compute it in place on one fresh buffer, and keep only tanh for the backward.
+    """
     if cap is None or cap <= 0:
         return x
-    return cap * torch.tanh(x / cap)
+    if torch.is_grad_enabled() and x.requires_grad:
+        return _SoftCap.apply(x, float(cap))
+    return (x / cap).tanh_().mul_(cap)
+
+
+class _SoftCap(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, cap):
+        t = (x / cap).tanh_()
+        ctx.save_for_backward(t)
+        return t * cap
+
+    @staticmethod
+    def backward(ctx, grad):
+        (t,) = ctx.saved_tensors
+        return grad * (1 - t * t), None
 
 
 class RMSNorm(nn.Module):
