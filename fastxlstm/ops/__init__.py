@@ -90,7 +90,8 @@ def available_backends() -> list[Backend]:
 
 
 def mlstm(q, k, v, i, f, state: MLSTMState | None = None, *, backend: Backend | str = Backend.NATIVE,
-          chunk_size: int = 64, eps: float = 1e-6) -> tuple[torch.Tensor, MLSTMState]:
+          chunk_size: int = 64, eps: float = 1e-6,
+          cu_seqlens: torch.Tensor | None = None) -> tuple[torch.Tensor, MLSTMState]:
     """Run the mLSTM cell over a sequence.
 
     Args:
@@ -99,12 +100,31 @@ def mlstm(q, k, v, i, f, state: MLSTMState | None = None, *, backend: Backend | 
         backend: a concrete Backend (AUTO is resolved for the inputs' device).
         chunk_size: chunk length for chunkwise backends (any T is accepted).
         eps: added to the denominator after the max.
+        cu_seqlens: packed documents: B must be 1 and q ... f hold N documents one after another
+            along T; cu_seqlens (N + 1,) integer offsets from 0 to T. Every document starts from
+            its own state (zeros, or ``state`` with batch N) exactly as if run alone.
     Returns:
-        h: (B, T, H, Dv) in q's dtype; the final MLSTMState (float32, float64 for float64 inputs).
+        h: (B, T, H, Dv) in q's dtype; the final MLSTMState (float32, float64 for float64 inputs),
+        with batch N (one per document) when cu_seqlens is given.
     """
-    check_mlstm_inputs(q, k, v, i, f, state, chunk_size=chunk_size)
     backend = resolve_backend(backend, q.device)
-    return mlstm_impls.get(backend).mlstm(q, k, v, i, f, state, chunk_size=chunk_size, eps=eps)
+    if cu_seqlens is None:
+        check_mlstm_inputs(q, k, v, i, f, state, chunk_size=chunk_size)
+        return mlstm_impls.get(backend).mlstm(q, k, v, i, f, state, chunk_size=chunk_size, eps=eps)
+    check_mlstm_inputs(q, k, v, i, f, None, chunk_size=chunk_size)
+    n_docs = check_cu_seqlens(cu_seqlens, q.shape[0], q.shape[1])
+    if state is not None:
+        first = slice(0, 1)
+        check_mlstm_inputs(q, k, v, i, f, MLSTMState(state.c[first], state.n[first], state.m[first]))
+        if not all(t.shape[0] == n_docs for t in state):
+            raise ValueError(f"with cu_seqlens the state must have batch {n_docs} (one per document), "
+                             f"got {[tuple(t.shape) for t in state]}")
+    if backend is Backend.REFERENCE:
+        from .mlstm import native, reference
+
+        return native.per_document(reference.mlstm, q, k, v, i, f, state, cu_seqlens, chunk_size=chunk_size, eps=eps)
+    return mlstm_impls.get(backend).mlstm(q, k, v, i, f, state, chunk_size=chunk_size, eps=eps,
+                                          cu_seqlens=cu_seqlens)
 
 
 def mlstm_step(q, k, v, i, f, state: MLSTMState | None = None, *,
@@ -119,6 +139,21 @@ def mlstm_step(q, k, v, i, f, state: MLSTMState | None = None, *,
     check_mlstm_inputs(q.unsqueeze(1), k.unsqueeze(1), v.unsqueeze(1), i.unsqueeze(1), f.unsqueeze(1), state)
     backend = resolve_backend(backend, q.device)
     return mlstm_impls.get(backend).mlstm_step(q, k, v, i, f, state, eps=eps)
+
+
+def check_cu_seqlens(cu_seqlens, batch: int, length: int) -> int:
+    """Raise ValueError unless cu_seqlens is (N + 1,) integer offsets from 0 to T, non-decreasing,
+    for a batch of one. Returns N, the number of documents."""
+    if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
+        raise ValueError("cu_seqlens must be a 1-D tensor of N + 1 >= 2 offsets")
+    if cu_seqlens.is_floating_point() or cu_seqlens.is_complex():
+        raise ValueError(f"cu_seqlens must be integer, got {cu_seqlens.dtype}")
+    if batch != 1:
+        raise ValueError(f"with cu_seqlens the inputs must be one packed sequence (B=1), got B={batch}")
+    cu = cu_seqlens.tolist()
+    if cu[0] != 0 or cu[-1] != length or any(b < a for a, b in zip(cu, cu[1:])):
+        raise ValueError(f"cu_seqlens must rise from 0 to T={length} without decreasing, got {cu}")
+    return len(cu) - 1
 
 
 def check_mlstm_inputs(q, k, v, i, f, state, *, chunk_size: int = 64) -> None:

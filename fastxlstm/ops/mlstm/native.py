@@ -21,8 +21,11 @@ from .reference import mlstm_step as _reference_step
 
 
 def mlstm(q, k, v, i, f, state: MLSTMState | None = None, *, chunk_size: int = 64,
-          eps: float = 1e-6) -> tuple[torch.Tensor, MLSTMState]:
-    """Chunkwise forward over any T; same contract as ``reference.mlstm``."""
+          eps: float = 1e-6, cu_seqlens: torch.Tensor | None = None) -> tuple[torch.Tensor, MLSTMState]:
+    """Chunkwise forward over any T; same contract as ``reference.mlstm``. With ``cu_seqlens``
+    (packed documents, B = 1) each document runs on its own: see ``per_document``."""
+    if cu_seqlens is not None:
+        return per_document(mlstm, q, k, v, i, f, state, cu_seqlens, chunk_size=chunk_size, eps=eps)
     B, T, H, Dqk = q.shape
     out_dtype = q.dtype
     state = _initial_state(q, v, state)
@@ -38,6 +41,26 @@ def mlstm(q, k, v, i, f, state: MLSTMState | None = None, *, chunk_size: int = 6
     if not outs:
         return q.new_zeros(B, 0, H, v.shape[-1], dtype=out_dtype), state
     return torch.cat(outs, dim=1).to(out_dtype), state
+
+
+def per_document(fn, q, k, v, i, f, state: MLSTMState | None, cu_seqlens: torch.Tensor, **kw
+                 ) -> tuple[torch.Tensor, MLSTMState]:
+    """Run ``fn`` on each packed document [cu[n], cu[n+1]) from its own initial state (zeros, or
+    row n of ``state``): exact by construction, one call per document. Returns h (1, T, H, Dv)
+    and the final states stacked to batch N."""
+    H, Dv = q.shape[2], v.shape[-1]
+    cu = cu_seqlens.tolist()
+    hs, finals = [], []
+    for n, (a, b) in enumerate(zip(cu, cu[1:])):
+        s0 = None if state is None else MLSTMState(*(t[n:n + 1] for t in state))
+        if b == a:
+            hs.append(q.new_zeros(1, 0, H, Dv))
+            finals.append(_initial_state(q, v, s0))
+            continue
+        h, s = fn(*(x[:, a:b] for x in (q, k, v, i, f)), s0, **kw)
+        hs.append(h)
+        finals.append(s)
+    return torch.cat(hs, dim=1), MLSTMState(*(torch.cat(parts, dim=0) for parts in zip(*finals)))
 
 
 def mlstm_step(q, k, v, i, f, state: MLSTMState | None = None, *,

@@ -242,8 +242,8 @@ def _gate_grads(i, f, m0, c0, n0, dc0, dn0, cT, nT, dcT, dnT, dmT, tok, scal, pa
     dl = R[:, :T_all] - R[:, cu[seq + 1]]
     df = dl * torch.sigmoid(-f_ht.double())
     starts = cu[:-1].clamp(max=T_all - 1)
-    g_init = torch.where((cu[1:] > cu[:-1])[:, None], G[:, 2 * starts].t(), 0.0)    # (N, H)
-    dm0 = ((c0 * dc0).sum((-1, -2)) + (n0 * dn0).sum(-1) + g_init).to(m0.dtype)
+    dm0 = (c0 * dc0).sum((-1, -2)) + (n0 * dn0).sum(-1) + G[:, 2 * starts].t().float()
+    dm0 = torch.where((cu[1:] > cu[:-1])[:, None], dm0, dmT)      # an empty document passes m0 through
     return (di.t().reshape(B, T, H).to(i.dtype).contiguous(), df.t().reshape(B, T, H).to(f.dtype).contiguous(),
             dm0)
 

@@ -1,0 +1,208 @@
+"""Triton mLSTM kernels against the float64 reference: forward, final state, every gradient
+(the initial state's too), the decode step, torch.compile tracing.
+
+Without CUDA the same kernels run under TRITON_INTERPRET=1 at tiny shapes (set here, before the
+kernels are decorated); the GPU suite runs real shapes, 8k and 130k tokens, against float64.
+"""
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+pytest.importorskip("triton")
+
+from fastxlstm import ops  # noqa: E402
+from fastxlstm.ops import Backend, MLSTMState  # noqa: E402
+from fastxlstm.ops.mlstm import native, reference  # noqa: E402
+from fastxlstm.ops.mlstm import triton as tri  # noqa: E402
+from tests.helpers import assert_close, make_mlstm_inputs  # noqa: E402
+
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+NAMES = ["q", "k", "v", "i", "f", "c0", "n0", "m0"]
+# The CPU interpreter computes fp32 dots exactly; on the GPU fp32 dots are tf32.
+TOL_FWD = {torch.float32: "tf32" if CUDA else torch.float32, torch.float16: torch.float16,
+           torch.bfloat16: torch.bfloat16}
+TOL_BWD = {torch.float32: "tf32" if CUDA else "float32_grad", torch.float16: torch.float16,
+           torch.bfloat16: torch.bfloat16}
+
+
+@pytest.fixture
+def poison(monkeypatch):
+    """Fill every fresh allocation with NaN, so an output element no kernel wrote fails."""
+    empty, empty_like, new_empty = torch.empty, torch.empty_like, torch.Tensor.new_empty
+
+    def nan(t):
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    monkeypatch.setattr(torch, "empty", lambda *a, **kw: nan(empty(*a, **kw)))
+    monkeypatch.setattr(torch, "empty_like", lambda *a, **kw: nan(empty_like(*a, **kw)))
+    monkeypatch.setattr(torch.Tensor, "new_empty", lambda self, *a, **kw: nan(new_empty(self, *a, **kw)))
+
+
+@pytest.fixture
+def tiles():
+    """Restore CONFIG after a test that changes tile sizes."""
+    saved = {k: dict(v) for k, v in tri.CONFIG.items()}
+    yield tri.CONFIG
+    for k, v in saved.items():
+        tri.CONFIG[k].update(v)
+
+
+def check_against_reference(B, T, H, K, V, *, dtype, chunk_size, with_state=True, eps=1e-6, ref_fn=None,
+                            cu_seqlens=None, gate_scale=3.0):
+    """Run triton and a float64 reference on the same (rounded) inputs; compare h, the final
+    state and the gradients of q, k, v, i, f and the initial state under a random loss."""
+    (q, k, v, i, f), state = make_mlstm_inputs(B, T, H, K, V, dtype=dtype, device=DEVICE, with_state=with_state,
+                                               gate_scale=gate_scale)
+    n_docs = B if cu_seqlens is None else len(cu_seqlens) - 1
+    if with_state and cu_seqlens is not None:
+        _, state = make_mlstm_inputs(n_docs, 1, H, K, V, dtype=dtype, device=DEVICE, with_state=True)
+    x = [q, k, v, i, f] + (list(state) if with_state else [])
+    x = [t.detach().requires_grad_(True) for t in x]
+    x64 = [t.detach().double().requires_grad_(True) for t in x]
+    dh = torch.randn(B, T, H, V, device=DEVICE, dtype=torch.float64)
+    ds = [torch.randn(s, device=DEVICE, dtype=torch.float64) for s in ((n_docs, H, K, V), (n_docs, H, K), (n_docs, H))]
+    cu = None if cu_seqlens is None else torch.tensor(cu_seqlens, device=DEVICE)
+
+    def run(fn, xs):
+        st = MLSTMState(*xs[5:]) if with_state else None
+        h, s = fn(*xs[:5], st)
+        loss = (h.double() * dh).sum() + sum((a.double() * b).sum() for a, b in zip(s, ds))
+        return h, s, torch.autograd.grad(loss, xs)
+
+    ref_fn = ref_fn or reference.mlstm
+    if cu is None:
+        ref = run(lambda *a: ref_fn(*a, eps=eps), x64)
+    else:
+        ref = run(lambda *a: native.per_document(ref_fn, *a, cu, eps=eps), x64)
+    out = run(lambda *a: tri.mlstm(*a, chunk_size=chunk_size, eps=eps, cu_seqlens=cu), x)
+    tag = f"T={T} L={chunk_size} {dtype}"
+    assert out[0].dtype == dtype
+    assert_close(f"h {tag}", ref[0], out[0], TOL_FWD[dtype])
+    for name, a, b in zip("cnm", ref[1], out[1]):
+        assert b.dtype == torch.float32
+        assert_close(f"state.{name} {tag}", a, b, TOL_FWD[dtype])
+    for name, a, b in zip(NAMES, ref[2], out[2]):
+        assert_close(f"grad {name} {tag}", a, b, TOL_BWD[dtype])
+
+
+# ----------------------------------------------------------------------------- CPU (interpreter) and GPU
+
+@pytest.mark.parametrize("T,chunk_size,with_state", [(1, 16, True), (15, 16, False), (16, 16, True),
+                                                     (33, 16, True), (23, 32, False)])
+def test_forward_backward_tiny(poison, T, chunk_size, with_state):
+    check_against_reference(2, T, 2, 16, 32, dtype=torch.float32, chunk_size=chunk_size, with_state=with_state)
+
+
+def test_sub_blocks_within_a_chunk(poison, tiles):
+    # BT < chunk: the intra-chunk form is tiled into 16-row blocks (the path chunks 128/256 take).
+    for name in ("fwd_out", "bwd_dqk", "bwd_dv"):
+        tiles[name]["BT"] = 16
+    check_against_reference(1, 71, 2, 16, 16, dtype=torch.float32, chunk_size=64)
+
+
+def test_odd_head_dims_and_large_eps(poison):
+    # Dqk 24 / Dv 40 are masked tiles (as 96 is on the GPU); eps = 0.5 makes the stabiliser's own
+    # gradient path (h depends on m only through eps * exp(m)) large enough to check.
+    check_against_reference(1, 37, 2, 24, 40, dtype=torch.float32, chunk_size=16, eps=0.5)
+
+
+def test_float16_inputs():
+    check_against_reference(1, 40, 2, 16, 16, dtype=torch.float16, chunk_size=16, gate_scale=1.0)
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+def test_step_matches_reference_step(inplace):
+    (q, k, v, i, f), state = make_mlstm_inputs(3, 1, 2, 24, 40, dtype=torch.float32, device=DEVICE, with_state=True)
+    q, k, v, i, f = (t[:, 0] for t in (q, k, v, i, f))
+    h_ref, s_ref = reference.mlstm_step(*(t.double() for t in (q, k, v, i, f)), MLSTMState(*(t.double() for t in state)))
+    before = [t.clone() for t in state]
+    h, s = tri.mlstm_step(q, k, v, i, f, state, inplace=inplace)
+    assert_close("h", h_ref, h, TOL_FWD[torch.float32])
+    for name, a, b in zip("cnm", s_ref, s):
+        assert_close(f"state.{name}", a, b, TOL_FWD[torch.float32])
+    for a, b, c in zip(before, state, s):
+        assert (b is c) if inplace else torch.equal(a, b)
+
+
+def test_chunkwise_then_steps_continue_the_sequence():
+    (q, k, v, i, f), _ = make_mlstm_inputs(1, 20, 2, 16, 16, dtype=torch.float32, device=DEVICE)
+    h_all, s_all = reference.mlstm(*(t.double() for t in (q, k, v, i, f)))
+    h, s = tri.mlstm(*(t[:, :17] for t in (q, k, v, i, f)), chunk_size=16)
+    hs = [h]
+    for t in range(17, 20):
+        ht, s = tri.mlstm_step(q[:, t], k[:, t], v[:, t], i[:, t], f[:, t], s)
+        hs.append(ht[:, None])
+    assert_close("h", h_all, torch.cat(hs, 1), TOL_FWD[torch.float32])
+    assert_close("c", s_all.c, s.c, TOL_FWD[torch.float32])
+
+
+def test_torch_compile_traces_without_graph_breaks():
+    (q, k, v, i, f), state = make_mlstm_inputs(1, 20, 2, 16, 16, dtype=torch.float32, device=DEVICE,
+                                               with_state=True, requires_grad=True)
+
+    def fn(q, k, v, i, f, c, n, m):
+        h, s = tri.mlstm(q, k, v, i, f, MLSTMState(c, n, m), chunk_size=16)
+        return h.sum() + s.c.sum() + s.n.sum() + s.m.sum()
+
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    args = (q, k, v, i, f, *state)
+    g_ref = torch.autograd.grad(fn(*args), args)
+    g = torch.autograd.grad(compiled(*args), args)
+    for name, a, b in zip(NAMES, g_ref, g):
+        torch.testing.assert_close(b, a, msg=f"compiled grad {name}")
+
+
+def test_auto_and_named_backend_route_here():
+    (q, k, v, i, f), _ = make_mlstm_inputs(1, 20, 2, 16, 16, dtype=torch.float32, device=DEVICE)
+    h, _ = ops.mlstm(q, k, v, i, f, backend=Backend.TRITON, chunk_size=16)
+    h_ref, _ = reference.mlstm(q.double(), k.double(), v.double(), i.double(), f.double())
+    assert_close("h", h_ref, h, TOL_FWD[torch.float32])
+    if CUDA:
+        assert ops.resolve_backend(Backend.AUTO, "cuda") is Backend.TRITON
+
+
+def test_unsupported_inputs_raise():
+    (q, k, v, i, f), _ = make_mlstm_inputs(1, 20, 2, 16, 16, dtype=torch.float64, device=DEVICE)
+    with pytest.raises(ValueError, match="float32, bfloat16 or float16"):
+        tri.mlstm(q, k, v, i, f)
+    with pytest.raises(ValueError, match="chunk_size"):
+        tri.mlstm(q.float(), k.float(), v.float(), i, f, chunk_size=48)
+
+
+# ----------------------------------------------------------------------------- GPU only
+
+def _native64(*a, **kw):
+    # float64 chunkwise PyTorch: equal to the recurrent reference to 1e-10 (test_mlstm.py checks
+    # that), and fast enough on the GPU for 130k tokens.
+    return native.mlstm(*a, chunk_size=256, **kw)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("chunk_size", [64, 128, 256])
+@pytest.mark.parametrize("K,V", [(256, 512), (128, 256), (96, 64), (64, 128)])
+def test_gpu_real_shapes(poison, dtype, chunk_size, K, V):
+    for T in (1, chunk_size - 1, chunk_size + 1, 3 * chunk_size + 7):
+        check_against_reference(2, T, 2, K, V, dtype=dtype, chunk_size=chunk_size, ref_fn=_native64)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("T", [8192, 131_073])
+def test_gpu_long_sequences(poison, T):
+    check_against_reference(1, T, 2, 64, 64, dtype=torch.bfloat16, chunk_size=128, ref_fn=_native64)
+
+
+@pytest.mark.gpu
+def test_gpu_step_7b_shape():
+    (q, k, v, i, f), state = make_mlstm_inputs(4, 1, 8, 256, 512, dtype=torch.bfloat16, device="cuda", with_state=True)
+    q, k, v, i, f = (t[:, 0] for t in (q, k, v, i, f))
+    h_ref, s_ref = reference.mlstm_step(*(t.double() for t in (q, k, v, i, f)), MLSTMState(*(t.double() for t in state)))
+    h, s = tri.mlstm_step(q, k, v, i, f, state)
+    assert_close("h", h_ref, h, torch.bfloat16)
+    for name, a, b in zip("cnm", s_ref, s):
+        assert_close(f"state.{name}", a, b, torch.float32)
