@@ -1,0 +1,220 @@
+"""sLSTM layer speed on one GPU: fastxlstm (triton, native) vs the official xlstm sLSTM layer
+(backend "cuda", JIT-compiled on first use, and "vanilla"), side by side in one process.
+
+Same setup as the measured anchors: layer parameters float32, forward under bf16 autocast,
+input (B, T, E) with E 1024 and 4 heads; forward+backward takes gradients of the input and of
+all parameters. Also: the layer outputs agree (official cuda weights converted into ours), and
+training throughput of a ~350M xLSTM[7:1] stack vs an all-mLSTM stack of the same shape.
+
+    python benchmarks/slstm.py [--shapes 16x1024,64x4096] [--out benchmarks/slstm_results.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+import traceback
+
+import torch
+
+from fastxlstm.layers.slstm import SLSTMLayer
+from fastxlstm.ops import Backend
+
+E, HEADS = 1024, 4
+
+
+def timed(fn, warmup=2, reps=10):
+    """Mean milliseconds per call with CUDA events, after warm-up; and peak GiB."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        fn()
+    stop.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(stop) / reps, torch.cuda.max_memory_allocated() / 2**30
+
+
+def official_layer(backend: str, B: int):
+    from xlstm.blocks.slstm.layer import sLSTMLayer, sLSTMLayerConfig
+
+    layer = sLSTMLayer(sLSTMLayerConfig(embedding_dim=E, num_heads=HEADS, conv1d_kernel_size=4, batch_size=B,
+                                        backend=backend)).cuda()
+    layer.reset_parameters()
+    with torch.no_grad():                       # R starts at 0 there: give the recurrence work
+        layer.slstm_cell._recurrent_kernel_.normal_(0, 0.02)
+    return layer
+
+
+def ours_from_official(off) -> SLSTMLayer:
+    """Our layer with the official (cuda-layout) layer's weights: gate modules fgate/igate feed the
+    cell's i/f slots; R is (H, D, 4*D) in that layout."""
+    D = E // HEADS
+    ours = SLSTMLayer(E, HEADS).cuda()
+    with torch.no_grad():
+        ours.conv.weight.copy_(off.conv1d.conv.weight[:, 0])
+        ours.conv.bias.copy_(off.conv1d.conv.bias)
+        ours.gate_weight.copy_(torch.stack([off.fgate.weight, off.igate.weight, off.zgate.weight,
+                                            off.ogate.weight], dim=1))
+        ours.recurrent_weight.copy_(off.slstm_cell._recurrent_kernel_.reshape(HEADS, D, 4, D))
+        ours.bias.copy_(off.slstm_cell._bias_.reshape(HEADS, 4, D))
+        ours.group_norm.weight.copy_(off.group_norm.weight + 1)
+    return ours
+
+
+def bench_layer(name, forward, params, B, T, reps):
+    x = torch.randn(B, T, E, device="cuda", requires_grad=True)
+    dy = torch.randn(B, T, E, device="cuda", dtype=torch.bfloat16)
+
+    def fwd():
+        with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+            forward(x)
+
+    def fwd_bwd():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            y = forward(x)
+        torch.autograd.grad(y, [x, *params], dy.to(y.dtype))
+
+    f_ms, f_gib = timed(fwd, reps=reps)
+    fb_ms, fb_gib = timed(fwd_bwd, reps=reps)
+    row = dict(impl=name, B=B, T=T, fwd_ms=f_ms, fwd_bwd_ms=fb_ms, fwd_tok_s=B * T / f_ms * 1e3,
+               fwd_bwd_tok_s=B * T / fb_ms * 1e3, peak_gib=max(f_gib, fb_gib))
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def run_shape(B, T, results, slow_ok):
+    torch.manual_seed(0)
+    rows = results.setdefault("rows", [])
+    try:
+        t0 = time.time()
+        off = official_layer("cuda", B)
+        x = torch.randn(B, 8, E, device="cuda")
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            off(x)                              # JIT build happens on the first call
+        torch.cuda.synchronize()
+        results.setdefault("cuda_build_s", {})[f"{B}x{T}"] = time.time() - t0
+        ours = ours_from_official(off)
+        xc = torch.randn(2, 64, E, device="cuda")
+        with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+            a, b = off(xc).float(), ours(xc, backend=Backend.TRITON)[0].float()
+        results.setdefault("agreement_rel_rmse", {})[f"{B}x{T}"] = ((a - b).norm() / a.norm()).item()
+        print("agreement rel-RMSE triton vs official cuda:", results["agreement_rel_rmse"], flush=True)
+        rows.append(bench_layer("official cuda", off, list(off.parameters()), B, T, 10))
+    except Exception as e:                      # record the failure, keep measuring the others
+        traceback.print_exc()
+        results.setdefault("errors", []).append(f"official cuda {B}x{T}: {type(e).__name__}: {e}"[:2000])
+        ours = SLSTMLayer(E, HEADS).cuda()
+        ours.reset_parameters()
+        with torch.no_grad():
+            ours.recurrent_weight.normal_(0, 0.02)
+    for name, backend in (("fastxlstm triton", Backend.TRITON), ("fastxlstm native", Backend.NATIVE)):
+        if backend is Backend.NATIVE and not slow_ok:
+            continue
+        try:
+            rows.append(bench_layer(name, lambda x, b=backend: ours(x, backend=b)[0], list(ours.parameters()),
+                                    B, T, 10 if backend is Backend.TRITON else 2))
+        except Exception as e:
+            traceback.print_exc()
+            results.setdefault("errors", []).append(f"{name} {B}x{T}: {type(e).__name__}: {e}"[:2000])
+    if slow_ok:
+        try:
+            van = official_layer("vanilla", B)
+            rows.append(bench_layer("official vanilla", van, list(van.parameters()), B, T, 2))
+        except Exception as e:
+            traceback.print_exc()
+            results.setdefault("errors", []).append(f"official vanilla {B}x{T}: {type(e).__name__}: {e}"[:2000])
+
+
+def train_ratio(results, B=16, T=1024, steps=5):
+    """Tokens/s of a training step (fwd+bwd+AdamW, bf16 autocast) for xLSTM[7:1] vs all-mLSTM,
+    24 blocks of E 1024 (~350M parameters with a 50k vocabulary)."""
+    from fastxlstm.stack import StackConfig, XLSTMStackLM
+
+    out = {}
+    for name, slstm_at in (("all-mLSTM", ()), ("xLSTM[7:1]", (3, 11, 19))):
+        try:
+            torch.manual_seed(0)
+            model = XLSTMStackLM(StackConfig(vocab_size=50304, embedding_dim=1024, num_blocks=24,
+                                             slstm_at=slstm_at)).cuda()
+            opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+            ids = torch.randint(0, 50304, (B, T + 1), device="cuda")
+
+            def step():
+                with torch.autocast("cuda", dtype=torch.bfloat16):
+                    logits, _ = model(ids[:, :-1])
+                loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), ids[:, 1:].flatten())
+                loss.backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+
+            ms, gib = timed(step, warmup=2, reps=steps)
+            out[name] = dict(params=model.num_params(), step_ms=ms, tok_s=B * T / ms * 1e3, peak_gib=gib,
+                             backend=str(model.stack.backend_for(torch.device("cuda"))))
+            print(name, json.dumps(out[name]), flush=True)
+            del model, opt
+            torch.cuda.empty_cache()
+        except Exception as e:
+            traceback.print_exc()
+            results.setdefault("errors", []).append(f"train {name}: {type(e).__name__}: {e}"[:2000])
+    if len(out) == 2:
+        out["ratio_mixed_over_mlstm"] = out["xLSTM[7:1]"]["tok_s"] / out["all-mLSTM"]["tok_s"]
+    results["train"] = out
+
+
+def sweep_launch(results, B=16, T=1024):
+    """Op-level forward+backward of the Triton kernels for a few launch shapes (warps per program)."""
+    from fastxlstm.ops.slstm import triton as slstm_triton
+
+    D = E // HEADS
+    x = torch.randn(B, T, HEADS, 4, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    r = (torch.randn(HEADS, D, 4, D, device="cuda") * 0.02).requires_grad_()
+    out = {}
+    for nw in (4, 8, 16):
+        try:
+            def fb():
+                h, _ = slstm_triton.slstm(x, r, num_warps=nw)
+                torch.autograd.grad(h, [x, r], torch.ones_like(h))
+
+            def f():
+                with torch.no_grad():
+                    slstm_triton.slstm(x, r, num_warps=nw)
+            out[f"warps{nw}"] = dict(fwd_ms=timed(f, reps=5)[0], fwd_bwd_ms=timed(fb, reps=5)[0])
+            print("sweep", nw, out[f"warps{nw}"], flush=True)
+        except Exception as e:
+            out[f"warps{nw}"] = f"{type(e).__name__}: {e}"[:500]
+    results["op_sweep_16x1024"] = out
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--shapes", default="16x1024,64x4096")
+    p.add_argument("--train", action="store_true", help="also the xLSTM[7:1] vs all-mLSTM training ratio")
+    p.add_argument("--sweep", action="store_true", help="op-level timing of a few Triton launch shapes first")
+    p.add_argument("--out", default="slstm_results.json")
+    args = p.parse_args()
+    results = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__)
+    try:
+        import triton
+        import xlstm
+        results.update(triton=triton.__version__, xlstm=getattr(xlstm, "__version__", "2.0.6"))
+    except Exception as e:
+        results["import_error"] = repr(e)
+    if args.sweep:
+        sweep_launch(results)
+    for k, shape in enumerate(args.shapes.split(",")):
+        B, T = map(int, shape.split("x"))
+        run_shape(B, T, results, slow_ok=(k == 0))      # vanilla and native only at the first shape
+        json.dump(results, open(args.out, "w"), indent=1)
+    if args.train:
+        train_ratio(results)
+    json.dump(results, open(args.out, "w"), indent=1)
+    print(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
