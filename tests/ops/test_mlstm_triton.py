@@ -182,10 +182,13 @@ def _native64(*a, **kw):
     return native.mlstm(*a, chunk_size=256, **kw)
 
 
+GPU_CASES = [(torch.bfloat16, L, K, V) for L in (64, 128, 256) for K, V in ((256, 512), (128, 256))] + [
+    (torch.bfloat16, 64, 96, 64), (torch.bfloat16, 128, 64, 128), (torch.float16, 128, 128, 256),
+    (torch.float32, 64, 64, 128)]
+
+
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-@pytest.mark.parametrize("chunk_size", [64, 128, 256])
-@pytest.mark.parametrize("K,V", [(256, 512), (128, 256), (96, 64), (64, 128)])
+@pytest.mark.parametrize("dtype,chunk_size,K,V", GPU_CASES)
 def test_gpu_real_shapes(poison, dtype, chunk_size, K, V):
     for T in (1, chunk_size - 1, chunk_size + 1, 3 * chunk_size + 7):
         check_against_reference(2, T, 2, K, V, dtype=dtype, chunk_size=chunk_size, ref_fn=_native64)

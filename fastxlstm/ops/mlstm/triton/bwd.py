@@ -269,7 +269,7 @@ def _dv_kernel(
             w = tl.where(causal, tl.exp(b_c[:, None] - b_r[None, :] + i_r[None, :] - m_c[:, None]), 0.0)
             p = s * w * scale
             do = tl.load(dh_ptr + c0[:, None] * (H * V) + h * V + ov[None, :], mask=vc[:, None] & mv[None, :], other=0.0)
-            do = (do.to(tl.float32) * inv_c[:, None]).to(qt.dtype)
-            dv += tl.dot(tl.trans(p.to(qt.dtype)), do)
+            do = (do.to(tl.float32) * inv_c[:, None]).to(q_ptr.dtype.element_ty)
+            dv += tl.dot(tl.trans(p.to(q_ptr.dtype.element_ty)), do)
         tl.store(dv_ptr + r[:, None] * (H * V) + h * V + ov[None, :], dv.to(dv_ptr.dtype.element_ty),
                  mask=vr[:, None] & mv[None, :])

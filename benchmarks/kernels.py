@@ -1,0 +1,293 @@
+"""mLSTM kernel benchmark: fastxlstm triton against its peers, side by side in one process.
+
+Peers: mlstm-kernels 2.0.6 `chunkwise--triton_xl_chunk` (TFLA; float32 gates, since bf16 gates
+abort under triton 3.6) and `chunkwise--triton_limit_chunk`; fla-core 0.6.0 `chunk_simple_gla`
+((B, S, H, D) layout, gate = logsigmoid(f)); torch SDPA causal flash attention at 32 heads of 128.
+Inputs are bf16 random normal, gates N(0, 3) and N(2, 3); fwd = the forward alone, fwd+bwd = the
+forward and the backward of (h * dh).sum() for all inputs.
+
+FLOP yardsticks (those of ../shared/reference/measured-anchors-h200.md, so figures compare):
+  mLSTM / simple GLA forward: B*H*S*(4*Dqk*Dv + 64*(Dqk + Dv)); forward+backward: 3x forward.
+  causal attention forward: 2*B*H*S^2*D; forward+backward: 3.5x forward.
+Peak memory is torch.cuda.max_memory_allocated over one call, inputs included.
+
+    python benchmarks/kernels.py                    # full table (8 shapes)
+    python benchmarks/kernels.py --quick            # the goal shape only: 7B heads, B8 S8192
+    python benchmarks/kernels.py --quick --sweep    # also sweep fastxlstm tile configs there
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+import traceback
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+from fastxlstm.ops.mlstm import triton as tri  # noqa: E402
+
+TOKENS = 65_536
+HEAD_SHAPES = [(8, 256, 512), (16, 128, 256)]
+LENGTHS = [2048, 8192, 32768, 65536]
+
+
+def mlstm_flop(B, S, H, K, V):
+    return B * H * S * (4 * K * V + 64 * (K + V))
+
+
+def attn_flop(B, S, H=32, D=128):
+    return 2 * B * H * S * S * D
+
+
+def timed(fn, reps, warmup=3):
+    """Median ms over reps CUDA-event-timed calls after warm-up, and peak GiB of one call."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        torch.cuda.synchronize()
+        times.append(a.elapsed_time(b))
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return statistics.median(times), torch.cuda.max_memory_allocated() / 2**30
+
+
+def inputs(B, S, H, K, V, seed=0):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    r = lambda *s, scale=1.0, shift=0.0: (torch.randn(*s, device="cuda", generator=g) * scale + shift)  # noqa: E731
+    q, k = r(B, S, H, K).bfloat16(), r(B, S, H, K).bfloat16()
+    v = r(B, S, H, V).bfloat16()
+    i, f = r(B, S, H, scale=3.0), r(B, S, H, scale=3.0, shift=2.0)
+    return q, k, v, i, f
+
+
+def kernels(B, S, H, K, V):
+    """name -> (make(): (forward closure, leaves)), for the mLSTM-like kernels at one shape."""
+    out = {}
+
+    def ours(L):
+        def make():
+            q, k, v, i, f = inputs(B, S, H, K, V)
+            return (lambda q, k, v, i, f: tri.mlstm(q, k, v, i, f, chunk_size=L)[0]), [q, k, v, i, f]
+        return make
+
+    for L in (64, 128, 256):
+        out[f"fastxlstm triton L{L}"] = ours(L)
+
+    def mk(name, L):
+        def make():
+            from mlstm_kernels.torch import get_mlstm_kernel
+            fn = get_mlstm_kernel(name)
+            q, k, v, i, f = inputs(B, S, H, K, V)
+            x = [t.transpose(1, 2).contiguous() for t in (q, k, v, i, f)]   # (B, H, S, ...)
+            return (lambda q, k, v, i, f: fn(q, k, v, i, f, chunk_size=L)), x
+        return make
+
+    out["TFLA xl_chunk L128"] = mk("chunkwise--triton_xl_chunk", 128)
+    out["TFLA xl_chunk L64"] = mk("chunkwise--triton_xl_chunk", 64)
+    out["limit_chunk L64"] = mk("chunkwise--triton_limit_chunk", 64)
+
+    def gla():
+        from fla.ops.simple_gla import chunk_simple_gla
+        q, k, v, i, f = inputs(B, S, H, K, V)
+        g = F.logsigmoid(f)
+        return (lambda q, k, v, g: chunk_simple_gla(q, k, v, g, scale=K ** -0.5)[0]), [q, k, v, g]
+
+    out["fla chunk_simple_gla"] = gla
+    return out
+
+
+def run_one(make, mode, reps):
+    fwd, leaves = make()
+    if mode == "fwd":
+        def fn():
+            with torch.no_grad():
+                fwd(*leaves)
+    else:
+        leaves = [t.requires_grad_(True) for t in leaves]
+        h = fwd(*leaves)
+        dh = torch.randn_like(h)
+        del h
+
+        def fn():
+            torch.autograd.grad(fwd(*leaves), leaves, dh)
+    return timed(fn, reps)
+
+
+def sdpa(B, S, mode, reps):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    q, k, v = (torch.randn(B, 32, S, 128, device="cuda", dtype=torch.bfloat16, requires_grad=mode != "fwd")
+               for _ in range(3))
+
+    def f():
+        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    if mode == "fwd":
+        def fn():
+            with torch.no_grad():
+                f()
+    else:
+        do = torch.randn_like(q)
+
+        def fn():
+            torch.autograd.grad(f(), (q, k, v), do)
+    return timed(fn, reps)
+
+
+def check_ours(B, S, H, K, V):
+    """Our bf16 forward against TFLA's and against native fp32 on a slice (sanity, not the test)."""
+    from fastxlstm.ops.mlstm import native
+    q, k, v, i, f = inputs(B, S, H, K, V, seed=1)
+    h = tri.mlstm(q, k, v, i, f, chunk_size=128)[0].float()
+    res = {}
+    try:
+        from mlstm_kernels.torch import get_mlstm_kernel
+        x = [t.transpose(1, 2).contiguous() for t in (q, k, v, i, f)]
+        ht = get_mlstm_kernel("chunkwise--triton_xl_chunk")(*x, chunk_size=128).transpose(1, 2).float()
+        res["vs TFLA rel L2"] = ((h - ht).norm() / ht.norm()).item()
+    except Exception as e:  # noqa: BLE001
+        res["vs TFLA"] = repr(e)[:200]
+    sl = slice(0, 1)
+    hn = native.mlstm(*(t[sl].float() for t in (q, k, v, i, f)), chunk_size=128)[0]
+    res["vs native fp32 (batch 0) rel L2"] = ((h[sl] - hn).norm() / hn.norm()).item()
+    return res
+
+
+def table(rows):
+    lines = ["| kernel | shape | fwd ms | fwd TFLOP/s | fwd+bwd ms | fwd+bwd TFLOP/s | peak GiB fwd / fwd+bwd |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        def cell(mode, key):
+            x = r.get(mode)
+            if isinstance(x, dict):
+                return f"{x[key]:.2f}" if key == "ms" else f"{x[key]:.1f}"
+            return "fail" if key == "ms" else "–"
+        err = [f"{m}: {r[m]}" for m in ("fwd", "fwdbwd") if isinstance(r.get(m), str)]
+        mem = " / ".join(f"{r[m]['gib']:.1f}" if isinstance(r.get(m), dict) else "–" for m in ("fwd", "fwdbwd"))
+        lines.append(f"| {r['kernel']} | {r['shape']} | {cell('fwd', 'ms')} | {cell('fwd', 'tflops')} | "
+                     f"{cell('fwdbwd', 'ms')} | {cell('fwdbwd', 'tflops')} | {mem} |" + (f" {'; '.join(err)}" if err else ""))
+    return "\n".join(lines)
+
+
+def measure(name, make, B, S, H, K, V, reps, modes=("fwd", "fwdbwd")):
+    row = {"kernel": name, "shape": f"B{B} S{S} H{H} {K}/{V}"}
+    for mode in modes:
+        try:
+            ms, gib = run_one(make, mode, reps)
+            fl = mlstm_flop(B, S, H, K, V) * (3 if mode == "fwdbwd" else 1)
+            row[mode] = {"ms": ms, "gib": gib, "tflops": fl / ms / 1e9}
+        except Exception as e:  # noqa: BLE001
+            row[mode] = f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
+            traceback.print_exc(limit=2)
+        torch.cuda.empty_cache()
+    print(json.dumps(row), flush=True)
+    return row
+
+
+SWEEP = {
+    "fwd_state": [dict(BK=64, BV=64, W=4, S=2), dict(BK=64, BV=64, W=8, S=2), dict(BK=64, BV=128, W=8, S=2),
+                  dict(BK=128, BV=64, W=8, S=2), dict(BK=32, BV=64, W=4, S=2), dict(BK=64, BV=32, W=4, S=2)],
+    "fwd_out": [dict(BT=64, BK=64, BV=128, W=8, S=2), dict(BT=64, BK=64, BV=128, W=4, S=2),
+                dict(BT=64, BK=64, BV=64, W=4, S=2), dict(BT=64, BK=128, BV=128, W=8, S=2),
+                dict(BT=128, BK=64, BV=128, W=8, S=2), dict(BT=64, BK=64, BV=256, W=8, S=2),
+                dict(BT=64, BK=64, BV=128, W=8, S=3)],
+    "bwd_state": [dict(BK=64, BV=64, W=4, S=2), dict(BK=64, BV=64, W=8, S=2), dict(BK=64, BV=128, W=8, S=2),
+                  dict(BK=128, BV=64, W=8, S=2), dict(BK=32, BV=64, W=4, S=2)],
+    "bwd_dqk": [dict(BT=64, BK=64, BV=64, W=8, S=2), dict(BT=64, BK=64, BV=64, W=4, S=2),
+                dict(BT=64, BK=64, BV=128, W=8, S=2), dict(BT=64, BK=128, BV=64, W=8, S=2),
+                dict(BT=128, BK=64, BV=64, W=8, S=2), dict(BT=64, BK=32, BV=64, W=4, S=2)],
+    "bwd_dv": [dict(BT=64, BK=64, BV=128, W=8, S=2), dict(BT=64, BK=64, BV=64, W=4, S=2),
+               dict(BT=64, BK=128, BV=128, W=8, S=2), dict(BT=64, BK=64, BV=256, W=8, S=2),
+               dict(BT=128, BK=64, BV=128, W=8, S=2)],
+}
+
+
+def sweep(B, S, H, K, V, L, reps, log):
+    """Coordinate sweep: each kernel's tiles on their own (the kernels' times add up)."""
+    best = {}
+    for group, variants in SWEEP.items():
+        mode = "fwd" if group.startswith("fwd") else "fwdbwd"
+        base = dict(tri.CONFIG[group])
+        results = []
+        for cfg in variants:
+            tri.CONFIG[group] = dict(cfg)
+            try:
+                ms, _ = run_one(kernels(B, S, H, K, V)[f"fastxlstm triton L{L}"], mode, reps)
+            except Exception as e:  # noqa: BLE001
+                ms = float("inf")
+                print(f"sweep {group} {cfg}: {type(e).__name__}: {str(e)[:200]}", flush=True)
+            results.append((ms, cfg))
+            log.append({"group": group, "cfg": cfg, "L": L, "mode": mode, "ms": ms})
+            print(f"sweep L{L} {group} {cfg} {mode} {ms:.3f} ms", flush=True)
+        ms, cfg = min(results, key=lambda x: x[0])
+        tri.CONFIG[group] = dict(cfg) if ms < float("inf") else base
+        best[group] = tri.CONFIG[group]
+    return best
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--sweep", action="store_true")
+    ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    ap.add_argument("--skip", default="", help="comma-separated kernel-name substrings to leave out")
+    args = ap.parse_args()
+    import triton
+    dev = torch.cuda.get_device_properties(0)
+    print(f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} {dev.name} {dev.multi_processor_count} SMs "
+          f"torch {torch.__version__} triton {triton.__version__}", flush=True)
+    log = {"sweep": [], "rows": [], "checks": {}}
+    if args.sweep:
+        for L in (64, 128):
+            cfg0 = {k: dict(v) for k, v in tri.CONFIG.items()}
+            best = sweep(8, 8192, 8, 256, 512, L, args.reps, log["sweep"])
+            log[f"best L{L}"] = best
+            print(f"best L{L}: {json.dumps(best)}", flush=True)
+            if L == 64:
+                tri.CONFIG.update({k: dict(v) for k, v in cfg0.items()})
+    shapes = [(8, 8192, 8, 256, 512)] if args.quick else [
+        (TOKENS // S, S, H, K, V) for (H, K, V) in HEAD_SHAPES for S in LENGTHS]
+    skip = [s for s in args.skip.split(",") if s]
+    for B, S, H, K, V in shapes:
+        log["checks"][f"B{B} S{S} H{H}"] = check_ours(B, S, H, K, V)
+        print("check", log["checks"][f"B{B} S{S} H{H}"], flush=True)
+        for name, make in kernels(B, S, H, K, V).items():
+            if any(s in name for s in skip):
+                continue
+            log["rows"].append(measure(name, make, B, S, H, K, V, args.reps))
+    for S in sorted({s for _, s, *_ in shapes}):
+        B = TOKENS // S
+        row = {"kernel": "SDPA flash H32 D128", "shape": f"B{B} S{S} H32 128/128"}
+        for mode in ("fwd", "fwdbwd"):
+            try:
+                ms, gib = sdpa(B, S, mode, args.reps)
+                row[mode] = {"ms": ms, "gib": gib, "tflops": attn_flop(B, S) * (3.5 if mode == "fwdbwd" else 1) / ms / 1e9}
+            except Exception as e:  # noqa: BLE001
+                row[mode] = f"{type(e).__name__}: {str(e)[:160]}"
+        print(json.dumps(row), flush=True)
+        log["rows"].append(row)
+    md = table(log["rows"])
+    print(md)
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "kernels.json"), "w") as fh:
+        json.dump(log, fh, indent=1)
+    with open(os.path.join(args.out, "kernels.md"), "w") as fh:
+        fh.write(md + "\n")
+
+
+if __name__ == "__main__":
+    main()
