@@ -250,19 +250,27 @@ class Bench:
         return r
 
     # --- decode -----------------------------------------------------------------------------------
-    def decode(self, T):
+    def decode(self, T, batches):
         r = {}
-        for B in self.args.batches:
+        for B in batches:
             if self.left() < 15 + B * T / 20000:
                 r[str(B)] = "skipped: time"
                 continue
             prompts = self.tokens(B, T, seed=5).tolist()
             steps = self.args.decode_steps
             stats = GenerationStats()
-            generate(self.ours, prompts, max_new_tokens=1 + 4 + steps, eos_token_id=None, stats=stats,
-                     steps_per_graph=4)
-            row = {"ours_tok_s": stats.decode_tokens_per_s, "ours_step_ms": 1e3 * stats.decode_s / stats.decode_steps,
-                   "ours_capture_s": stats.capture_s, "ours_peak_gib": stats.peak_memory / 2**30}
+            row = {}
+            try:
+                generate(self.ours, prompts, max_new_tokens=1 + 4 + steps, eos_token_id=None, stats=stats,
+                         steps_per_graph=4)
+            except Exception as e:       # keep an eager figure rather than none
+                traceback.print_exc()
+                row["ours_graph_error"] = f"{type(e).__name__}: {e}"
+                stats = GenerationStats()
+                generate(self.ours, prompts, max_new_tokens=1 + 16, eos_token_id=None, stats=stats, cuda_graph=False)
+                row["ours_eager"] = True
+            row.update({"ours_tok_s": stats.decode_tokens_per_s, "ours_step_ms": 1e3 * stats.decode_s / stats.decode_steps,
+                   "ours_capture_s": stats.capture_s, "ours_peak_gib": stats.peak_memory / 2**30})
             if self.cuda and hasattr(self, "bw"):
                 roof = B / ((self.weight_bytes + 2 * B * self.state_bytes) / self.bw)
                 row["ours_fraction_of_roofline"] = stats.decode_tokens_per_s / roof
@@ -352,11 +360,18 @@ class Bench:
         self.stage("ceilings", 10, self.ceilings)
         self.stage("check", 15, self.check)
         self.stage("prefill", 20, self.prefill_bench)
-        self.stage(f"decode_after_{self.args.decode_prompts[0]}", 20, self.decode, self.args.decode_prompts[0])
+        self.stage(f"decode_after_{self.args.decode_prompts[0]}", 20, self.decode, self.args.decode_prompts[0],
+                   self.args.batches)
         self.stage("ttft", 20, self.ttft)
+        # the state has a fixed size, so a long prompt changes no decode step: the cheap batches first
+        small = [b for b in self.args.batches if b <= 16]
         for T in self.args.decode_prompts[1:]:
-            self.stage(f"decode_after_{T}", 25, self.decode, T)
+            self.stage(f"decode_after_{T}", 25, self.decode, T, small)
         self.stage("memory", self.args.memory_tokens / 250 + 10, self.memory)
+        for T in self.args.decode_prompts[1:]:
+            big = [b for b in self.args.batches if b > 16]
+            if big:
+                self.stage(f"decode_after_{T}_large_batch", 40, self.decode, T, big)
         return self.results
 
 

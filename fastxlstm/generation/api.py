@@ -216,11 +216,12 @@ class _Job:
             for block in steps:
                 if stats is not None and not stats.first_token_s:
                     stats.first_token_s = time.perf_counter() - t0
-                for j in range(block.shape[1]):
+                block = block.tolist()
+                for j in range(len(block[0])):
                     for r in range(B):
                         if finished[r] is not None:
                             continue
-                        t = int(block[r, j])
+                        t = block[r][j]
                         count[r] += 1
                         text, hit = rows[r].push(t) if rows[r] is not None else ("", False)
                         reason = ("stop" if hit else "eos" if t in self.eos
