@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import tempfile
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
+from tqdm.auto import tqdm
 
 from .config import ModelConfig
 from .model import XLSTMLarge
@@ -51,13 +53,15 @@ def save(model: torch.nn.Module, directory: str | os.PathLike) -> Path:
 
 
 def load(directory: str | os.PathLike, *, device: torch.device | str | None = None,
-         dtype: torch.dtype | None = None, **config_overrides) -> torch.nn.Module:
+         dtype: torch.dtype | None = None, progress: bool | None = None, **config_overrides) -> torch.nn.Module:
     """Load a model saved by ``save`` or a Hugging Face xLSTM directory.
 
     Args:
         directory: the model directory.
         device: where the weights go (default CPU; "meta" reads the config only).
         dtype: cast floating weights to this dtype (default: as stored).
+        progress: show a progress bar over the weight files (default: only on a terminal and when
+            the checkpoint is sharded).
         config_overrides: ModelConfig fields to replace, e.g. backend="native" or chunk_size=128.
     Raises:
         FileNotFoundError for a missing directory or file; ValueError naming the key, file or field
@@ -82,7 +86,10 @@ def load(directory: str | os.PathLike, *, device: torch.device | str | None = No
         model = model_cls(cfg)
     if device is not None and torch.device(device).type == "meta":
         return model
-    _assign_weights(model, _weight_files(directory), renames, device=torch.device(device or "cpu"), dtype=dtype)
+    files = _weight_files(directory)
+    show = progress if progress is not None else (len(files) > 1 and sys.stderr.isatty())
+    files_iter = tqdm(files, desc=f"loading {directory.name}", unit="shard", disable=not show)
+    _assign_weights(model, files_iter, renames, device=torch.device(device or "cpu"), dtype=dtype)
     return model
 
 
@@ -187,7 +194,7 @@ def _weight_files(directory: Path) -> list[Path]:
     return files
 
 
-def _assign_weights(model: torch.nn.Module, files: list[Path], renames: dict[str, str], *,
+def _assign_weights(model: torch.nn.Module, files, renames: dict[str, str], *,
                     device: torch.device, dtype: torch.dtype | None) -> None:
     """Read each file's tensors straight into the meta-built model; check names and shapes."""
     expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
