@@ -1,0 +1,76 @@
+"""Hugging Face bridge: transformers' generate() and pipeline run a fastxlstm model, and
+save_pretrained writes a directory that transformers' own xLSTMForCausalLM loads to the same logits."""
+
+import json
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+if not hasattr(transformers, "xLSTMForCausalLM"):
+    pytest.skip("this transformers has no xLSTM", allow_module_level=True)
+
+from fastxlstm.config import ModelConfig  # noqa: E402
+from fastxlstm.generation import generate  # noqa: E402
+from fastxlstm.hf import to_hf  # noqa: E402
+from fastxlstm.model import XLSTMLarge  # noqa: E402
+
+# qk head dim 64 (the official native kernel used by transformers mis-sizes tiny head dims), chunk 16
+CFG = ModelConfig(vocab_size=97, embedding_dim=128, num_heads=2, num_blocks=2, chunk_size=16,
+                  bos_token_id=0, eos_token_id=None, pad_token_id=1)
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    m = XLSTMLarge(CFG)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.normal_(0, 0.3)
+    return m
+
+
+def test_wrapper_shares_weights_under_the_published_names(model):
+    h = to_hf(model)
+    keys = set(h.state_dict())
+    assert "backbone.embeddings.weight" in keys and "lm_head.weight" in keys and "embedding.weight" not in keys
+    assert len(keys) == len(model.state_dict())
+    assert h.backbone.embeddings.weight is model.embedding.weight
+
+
+def test_transformers_generate_equals_ours(model):
+    h = to_hf(model)
+    ids = torch.randint(2, 97, (1, 40))
+    out = h.generate(ids, max_new_tokens=12, do_sample=False)
+    assert out[0, 40:].tolist() == generate(model, ids.tolist(), max_new_tokens=12, eos_token_id=None)[0]
+    sampled = h.generate(ids, max_new_tokens=5, do_sample=True, top_k=20, temperature=0.7)
+    assert sampled.shape == (1, 45)
+    with pytest.raises(ValueError, match="padding"):
+        h(torch.ones(2, 3, dtype=torch.long), attention_mask=torch.tensor([[0, 1, 1], [1, 1, 1]]))
+
+
+def test_text_generation_pipeline(model, tmp_path):
+    from tests.test_tokenizer import write_tokenizer_json
+
+    write_tokenizer_json(tmp_path / "tokenizer.json")
+    tok = transformers.PreTrainedTokenizerFast(tokenizer_file=str(tmp_path / "tokenizer.json"),
+                                               bos_token="<s>", pad_token="<pad>", eos_token="</s>")
+    pipe = transformers.pipeline("text-generation", model=to_hf(model), tokenizer=tok)
+    out = pipe("the cat sat", max_new_tokens=5, do_sample=False)
+    assert isinstance(out[0]["generated_text"], str) and out[0]["generated_text"].startswith("the cat sat")
+
+
+def test_save_pretrained_loads_in_transformers_to_the_same_logits(model, tmp_path):
+    to_hf(model).save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["architectures"] == ["xLSTMForCausalLM"]
+    ref = transformers.xLSTMForCausalLM.from_pretrained(tmp_path).eval()
+    x = torch.randint(0, 97, (2, 75))                               # past several chunks of 16
+    with torch.no_grad():
+        theirs = ref(x).logits
+        ours, _ = model(x)
+    torch.testing.assert_close(theirs, ours, rtol=0, atol=1e-4)     # float32, two summation orders
+    from fastxlstm.checkpoint import load
+
+    back = load(tmp_path)                                           # and our loader reads it back
+    with torch.no_grad():
+        torch.testing.assert_close(back(x)[0], ours, rtol=0, atol=0)
