@@ -55,7 +55,7 @@ def run(backend, x, r, state, forget_gate="sigmoid", seed=1):
 
 
 def compare(name, ref, out, dtype):
-    (h0, s0, g0), (h1, s1, g1) = ref, out
+    (h0, s0, g0), (h1, s1, g1) = ((h.cpu(), [t.cpu() for t in s], [t.cpu() for t in g]) for h, s, g in (ref, out))
     assert_close(f"{name} h", h0, h1, dtype)
     for field, a, b in zip(SLSTMState._fields, s0, s1):
         assert_close(f"{name} state.{field}", a, b, dtype)
@@ -88,6 +88,22 @@ def test_forget_gates_and_partly_empty_state(backend, forget_gate):
     ref = run(Backend.REFERENCE, *make_inputs(2, 9, 2, 6, dtype=torch.float64, **args), forget_gate=forget_gate)
     out = run(backend, *make_inputs(2, 9, 2, 6, dtype=dtype, device=DEVICE, **args), forget_gate=forget_gate)
     compare(f"{backend} {forget_gate}", ref, out, dtype)
+
+
+@pytest.mark.skipif(Backend.TRITON not in FAST, reason="Triton not installed")
+@pytest.mark.parametrize("T", [1, 5])
+def test_triton_several_column_blocks(T):
+    """D = 40 in blocks of 16: three column blocks per step, the last one partial, and a reduction
+    over three slices; batch 19 spans two program rows."""
+    from fastxlstm.ops.slstm import triton as slstm_triton
+
+    ref = run(Backend.REFERENCE, *make_inputs(19, T, 2, 40, dtype=torch.float64, with_state=True))
+    x, r, state = make_inputs(19, T, 2, 40, dtype=torch.float32, with_state=True, device=DEVICE)
+    h, s = slstm_triton.slstm(x, r, state, block_n=16, block_k=16)
+    g = torch.Generator().manual_seed(1)
+    weights = [torch.randn(t.shape, generator=g, dtype=torch.float64).to(t) for t in (h, *s)]
+    loss = sum((t * w).sum() for t, w in zip((h, *s), weights))
+    compare("triton blocks", ref, (h, s, torch.autograd.grad(loss, [x, r, *state])), torch.float32)
 
 
 def test_reference_matches_formula_by_hand():

@@ -19,17 +19,24 @@ from .fwd import slstm_fwd_kernel
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-def slstm(x, r, state: SLSTMState | None = None, *, forget_gate: str = "sigmoid",
-          block_b: int = 16, num_warps: int | None = None) -> tuple[torch.Tensor, SLSTMState]:
-    """Same contract as ``reference.slstm``; block_b and num_warps tune the launch (B rows per
-    program, warps per program; None picks by head size)."""
+def slstm(x, r, state: SLSTMState | None = None, *, forget_gate: str = "sigmoid", block_b: int = 16,
+          block_n: int | None = None, block_k: int | None = None,
+          num_warps: int = 4) -> tuple[torch.Tensor, SLSTMState]:
+    """Same contract as ``reference.slstm``. Launch knobs: block_b batch rows per program (>= 16,
+    tl.dot's minimum), block_n output columns and block_k reduction slice per dot (powers of two
+    >= 16; None picks min(D, 64) and min(D, 128)), num_warps per program."""
     for name, t in (("x", x), ("r", r)) + tuple((f"state.{k}", v) for k, v in (state._asdict().items() if state else ())):
         if t.dtype not in SUPPORTED_DTYPES:
             raise ValueError(f"triton sLSTM supports {SUPPORTED_DTYPES}; {name} is {t.dtype}")
-    if block_b < 16 or block_b & (block_b - 1):
-        raise ValueError(f"block_b must be a power of two >= 16 (tl.dot's minimum), got {block_b}")
+    for name, v in (("block_b", block_b), ("block_n", block_n), ("block_k", block_k)):
+        if v is not None and (v < 16 or v & (v - 1)):
+            raise ValueError(f"{name} must be a power of two >= 16 (tl.dot's minimum), got {v}")
     s0 = initial_state(x, r, state)
-    h, c, n, m, hT = _SLSTMTriton.apply(x, r, *s0, forget_gate == "exp", block_b, num_warps)
+    D = x.shape[-1]
+    block_d = max(16, triton.next_power_of_2(D))
+    meta = dict(BLOCK_B=block_b, BLOCK_N=block_n or min(block_d, 64), BLOCK_K=block_k or min(block_d, 128),
+                PRECISION="ieee" if x.dtype == torch.float32 else "tf32", num_warps=num_warps)
+    h, c, n, m, hT = _SLSTMTriton.apply(x, r, *s0, forget_gate == "exp", meta)
     return h, SLSTMState(c, n, m, hT)
 
 
@@ -39,18 +46,9 @@ def slstm_step(x, r, state: SLSTMState | None = None, *,
     return _reference_step(x, r, state, forget_gate=forget_gate)
 
 
-def _launch(B: int, H: int, D: int, block_b: int, num_warps: int | None, dtype: torch.dtype):
-    block_d = max(16, triton.next_power_of_2(D))
-    if num_warps is None:
-        num_warps = 4 if block_d <= 64 else 8 if block_d <= 128 else 16
-    precision = "ieee" if dtype == torch.float32 else "tf32"
-    return (triton.cdiv(B, block_b), H), dict(BLOCK_B=block_b, BLOCK_D=block_d, PRECISION=precision,
-                                              num_warps=num_warps)
-
-
 class _SLSTMTriton(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, r, c0, n0, m0, h0, forget_exp: bool, block_b: int, num_warps):
+    def forward(ctx, x, r, c0, n0, m0, h0, forget_exp: bool, meta: dict):
         B, T, H, _, D = x.shape
         x = x.contiguous()
         rd = r.to(x.dtype).contiguous()
@@ -58,20 +56,21 @@ class _SLSTMTriton(torch.autograd.Function):
         save = any(ctx.needs_input_grad[:6])
         f32 = dict(device=x.device, dtype=torch.float32)
         y = torch.empty(B, T, H, D, device=x.device, dtype=x.dtype)
-        final = [torch.empty(B, H, D, **f32) for _ in range(4)]
+        c, n, m = (torch.empty(B, H, D, **f32) for _ in range(3))
+        hbuf = torch.empty(2, B, H, D, **f32)                   # h_{t-1} / h_t ping-pong
         if save:
             pre = torch.empty(B, T, H, 4, D, **f32)
             hist = [torch.empty(B, T + 1, H, D, **f32) for _ in range(4)]
         else:
             pre, hist = y, [y] * 4                                  # never written when SAVE is off
-        grid, meta = _launch(B, H, D, block_b, num_warps, x.dtype)
-        slstm_fwd_kernel[grid](x, rd, c0, n0, m0, h0, y, pre, *hist, *final, B, T, H, D,
+        grid = (triton.cdiv(B, meta["BLOCK_B"]), H)
+        slstm_fwd_kernel[grid](x, rd, c0, n0, m0, h0, y, pre, *hist, c, n, m, hbuf, B, T, H, D,
                                FORGET_EXP=forget_exp, SAVE=save, **meta)
         if save:
             ctx.save_for_backward(rd, pre, *hist)
         ctx.meta, ctx.grid, ctx.forget_exp = meta, grid, forget_exp
         ctx.x_dtype, ctx.r_dtype = x.dtype, r.dtype
-        return (y, *final)
+        return y, c, n, m, hbuf[T % 2].clone()
 
     @staticmethod
     def backward(ctx, dy, dcT, dnT, dmT, dhT):
@@ -86,4 +85,4 @@ class _SLSTMTriton(torch.autograd.Function):
                                    FORGET_EXP=ctx.forget_exp, **ctx.meta)
         # dR[h] = sum over (b, t) of h_{t-1}^T dpre_t: one batched matmul per head
         dr = torch.einsum("bthd,bthge->hdge", hs[:, :T], dpre)
-        return (dpre.to(ctx.x_dtype), dr.to(ctx.r_dtype), *dinit, None, None, None)
+        return (dpre.to(ctx.x_dtype), dr.to(ctx.r_dtype), *dinit, None, None)
