@@ -261,8 +261,7 @@ class Bench:
             stats = GenerationStats()
             row = {}
             try:
-                generate(self.ours, prompts, max_new_tokens=1 + 4 + steps, eos_token_id=None, stats=stats,
-                         steps_per_graph=4)
+                generate(self.ours, prompts, max_new_tokens=1 + 1 + steps, eos_token_id=None, stats=stats)
             except Exception as e:       # keep an eager figure rather than none
                 traceback.print_exc()
                 row["ours_graph_error"] = f"{type(e).__name__}: {e}"

@@ -362,13 +362,68 @@ def test_bad_tokenizer_and_state_are_refused(model):
         generate(model, [[1]], max_new_tokens=3, cuda_graph=True)
 
 
+# --- the CUDA-graph decoder's bookkeeping, on the CPU ------------------------------------------------
+
+@pytest.fixture
+def fake_graphs(monkeypatch):
+    """Run the graph decoder on the CPU: capture returns the body itself, replay calls it."""
+    import fastxlstm.generation.engine as engine
+
+    class Event:
+        def record(self):
+            pass
+
+        def synchronize(self):
+            pass
+
+    captured = []
+
+    def capture(fn, pool=None):
+        captured.append(fn)
+        return torch.inference_mode()(fn), pool        # a real replay runs no Python at all
+
+    monkeypatch.setattr(engine, "_graphs_supported", lambda device: True)
+    monkeypatch.setattr(engine, "_pinned", lambda shape: torch.empty(shape, dtype=torch.long))
+    monkeypatch.setattr(engine, "_event", Event)
+    monkeypatch.setattr(engine, "_run_on_side_stream", lambda fn: fn())
+    monkeypatch.setattr(engine, "_capture", capture)
+    return captured
+
+
+@pytest.mark.parametrize("n, steps", [(2, 4), (9, 4), (11, 4), (6, 32), (14, 1)])
+def test_graph_decoder_plan_equals_eager(model, fake_graphs, n, steps):
+    prompts = prompts_of([4, 9, 4])
+    kw = dict(max_new_tokens=n, temperature=0.9, top_k=30, repetition_penalty=1.2, seed=[3, 4, 5])
+    eager = generate(model, prompts, cuda_graph=False, **kw)
+    blocks = []
+    graph_rows = [[], [], []]
+    for e in stream(model, prompts, cuda_graph=True, steps_per_graph=steps, **kw):
+        graph_rows[e.row].append(e.token_id)
+        blocks.append(e.row)
+    assert graph_rows == eager and all(len(r) == n for r in eager)
+    left = n - 2                                 # after the prefill's token and the warm-up step
+    expected = {steps, left % steps} - {0} if left >= steps else ({left} if left else set())
+    assert len(fake_graphs) == len(expected)     # one graph per block size, a tail graph if needed
+
+
+def test_graph_decoder_stops_early_at_eos(model, fake_graphs):
+    prompt = prompts_of([6])[0]
+    free = generate(model, [prompt], max_new_tokens=20, cuda_graph=False)[0]
+    out = generate(model, [prompt], max_new_tokens=20, eos_token_id=free[9], cuda_graph=True, steps_per_graph=4)
+    assert out[0] == free[:free.index(free[9]) + 1]
+
+
 # --- GPU ----------------------------------------------------------------------------------------
+
+# head dims 32 / 64 and chunk 64: shapes the Triton kernels take
+GPU_CFG = ModelConfig(**{**CFG.to_dict(), "embedding_dim": 128, "num_heads": 2, "chunk_size": 64})
+
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("kw", [dict(), dict(temperature=0.9, top_k=40, top_p=0.9, repetition_penalty=1.1)])
 def test_cuda_graph_decode_equals_eager(kw):
-    m = random_model(dtype=torch.float32).cuda()
-    prompts = prompts_of([5, 30, 12])
+    m = random_model(GPU_CFG, dtype=torch.float32).cuda()
+    prompts = prompts_of([5, 130, 12])
     graph = generate(m, prompts, max_new_tokens=23, seed=[1, 2, 3], cuda_graph=True, steps_per_graph=4, **kw)
     eager = generate(m, prompts, max_new_tokens=23, seed=[1, 2, 3], cuda_graph=False, **kw)
     assert graph == eager
@@ -377,7 +432,7 @@ def test_cuda_graph_decode_equals_eager(kw):
 
 @pytest.mark.gpu
 def test_cuda_decode_memory_does_not_grow():
-    m = random_model(dtype=torch.float32).cuda()
+    m = random_model(GPU_CFG, dtype=torch.float32).cuda()
     stats = GenerationStats()
     generate(m, prompts_of([9, 9]), max_new_tokens=1025, eos_token_id=None, stats=stats)
     mem = stats.memory_allocated

@@ -66,7 +66,7 @@ def stream(model, prompts, *, max_new_tokens: int = 128, temperature: float = 0.
            seed: int | Sequence[int] | None = None, eos_token_id: int | Sequence[int] | None | str = "config",
            stop: str | Sequence[str] | None = None, tokenizer=None, add_bos: bool | None = None,
            state: list[MLSTMState] | None = None, max_prompt_tokens: int | None = None,
-           cuda_graph: bool | None = None, steps_per_graph: int = 4,
+           cuda_graph: bool | None = None, steps_per_graph: int | None = None,
            stats: GenerationStats | None = None) -> Iterator[TokenEvent]:
     """Yield a TokenEvent per generated token as soon as it exists (rows interleaved step by step).
 
@@ -82,7 +82,8 @@ def stream(model, prompts, *, max_new_tokens: int = 128, temperature: float = 0.
         state: one state row per prompt to continue from (e.g. a cached or forked prefix state).
         max_prompt_tokens: longer prompts are an error (None: no limit).
         cuda_graph: capture the decode step in a CUDA graph (default: on a CUDA model).
-        steps_per_graph: decode steps per graph replay (tokens arrive in blocks of this many).
+        steps_per_graph: decode steps per graph replay (tokens arrive in blocks of this many);
+            default 4 at batch 1 rising to 32 at batch >= 32, where the state copy is larger.
         stats: a GenerationStats to fill with timings and memory.
     Stopping the iteration early stops the generation.
     """
@@ -152,15 +153,16 @@ class _Job:
     def __init__(self, model, prompts, *, max_new_tokens=128, temperature=0.0, top_k=0, top_p=1.0,
                  min_p=0.0, repetition_penalty=1.0, seed=None, eos_token_id="config", stop=None,
                  tokenizer=None, add_bos=None, state=None, max_prompt_tokens=None, cuda_graph=None,
-                 steps_per_graph=4, stats=None):
+                 steps_per_graph=None, stats=None):
         if not hasattr(model, "cfg") or not callable(model):
             raise TypeError(f"model must be a fastxlstm model, got {type(model).__name__}")
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
         if max_prompt_tokens is not None and (not isinstance(max_prompt_tokens, int) or max_prompt_tokens < 1):
             raise ValueError(f"max_prompt_tokens must be None or an int >= 1, got {max_prompt_tokens!r}")
-        if isinstance(steps_per_graph, bool) or not isinstance(steps_per_graph, int) or steps_per_graph < 1:
-            raise ValueError(f"steps_per_graph must be an int >= 1, got {steps_per_graph!r}")
+        if steps_per_graph is not None and (isinstance(steps_per_graph, bool) or not isinstance(steps_per_graph, int)
+                                            or steps_per_graph < 1):
+            raise ValueError(f"steps_per_graph must be None or an int >= 1, got {steps_per_graph!r}")
         self.model = model
         self.params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                                      repetition_penalty=repetition_penalty)

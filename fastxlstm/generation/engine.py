@@ -8,8 +8,8 @@ prefill: every prompt is consumed at its exact length by the chunkwise forward. 
     on the batch, so a prompt is cut the same way alone or in a batch.
 decode: one step is ``model(token (B, 1), state)`` (the step kernels) plus the token choice, all
     fixed-shape. On CUDA, ``steps_per_graph`` steps are captured in one CUDA graph over static
-    buffers (the state is copied back into them once per replay) and replays are pipelined with the
-    copy of their tokens to the host; on the CPU the same code runs eagerly. Memory does not grow
+    buffers (the state is copied back into them once per replay, not once per step) and replays are
+    pipelined with the copy of their tokens to the host; on the CPU the same code runs eagerly. Memory does not grow
     with the number of generated tokens.
 """
 
@@ -145,65 +145,107 @@ class _EagerDecoder:
 
 
 class _GraphDecoder:
-    """``steps`` decode steps captured in one CUDA graph over static buffers, pipelined: replay i+1
-    is queued before the tokens of replay i are read, so the GPU never waits for the host."""
+    """Decode steps replayed from CUDA graphs over static buffers (token, state, step counter).
 
-    def __init__(self, model, tok, state, chooser, steps: int, replays: int):
-        self.steps, self.replays_left = steps, replays
+    One eager warm-up step (compiles and autotunes the kernels; its token is real), then a graph of
+    ``steps`` steps replayed as often as needed, and a graph of the remainder so no step is wasted.
+    The state is copied back into the static buffers once per replay, not once per step. Replays
+    are pipelined: replay i+1 is queued before the tokens of replay i are read, so the GPU never
+    waits for the host.
+    """
+
+    def __init__(self, model, tok, state, chooser, steps: int, total: int):
+        self.model, self.chooser = model, chooser
         self.tok = tok.clone()
         self.state = state                   # owned: prefill made it, nobody else holds it
         B = tok.shape[0]
         self.out = torch.empty(B, steps, dtype=torch.long, device=tok.device)
-        self.host = [torch.empty(B, steps, dtype=torch.long).pin_memory() for _ in range(2)]
-        self.events = [torch.cuda.Event() for _ in range(2)]
-
-        def body():
-            tok, st = _run_steps(model, self.tok, self.state, chooser, steps, self.out)
-            for dst, src in zip(self.state, st):
-                for d, s in zip(dst, src):
-                    d.copy_(s)
-            self.tok.copy_(tok)
-
+        self.host = [_pinned((B, steps)) for _ in range(2)]
+        self.events = [_event() for _ in range(2)]
         with torch.inference_mode():
-            # warm-up on a side stream (compiles and autotunes kernels): its steps are real ones
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                body()
-            torch.cuda.current_stream().wait_stream(side)
-            self.ready = [self.out.cpu()]
-            self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph):
-                body()
-        self.replays_left -= 1
-        self.slot = None
+            _run_on_side_stream(lambda: self._body(1))
+            self.ready = [self.out[:, :1].cpu()]
+            left = total - 1
+            self.plan = [steps] * (left // steps) + ([left % steps] if left % steps else [])
+            self.replays: dict[int, object] = {}
+            pool = None
+            for n in sorted(set(self.plan), reverse=True):
+                self.replays[n], pool = _capture(lambda n=n: self._body(n), pool)
+        self.pending: list[tuple[int, int]] = []      # (slot, steps) of queued replays, oldest first
+        self.next_slot = 0
 
-    def _launch(self, slot: int) -> None:
-        self.graph.replay()
+    def _body(self, n: int) -> None:
+        tok, st = _run_steps(self.model, self.tok, self.state, self.chooser, n, self.out)
+        for dst, src in zip(self.state, st):
+            for d, s in zip(dst, src):
+                d.copy_(s)
+        self.tok.copy_(tok)
+
+    def _launch(self) -> None:
+        n = self.plan.pop(0)
+        slot = self.next_slot
+        self.next_slot = 1 - slot
+        self.replays[n]()
         self.host[slot].copy_(self.out, non_blocking=True)
         self.events[slot].record()
-        self.replays_left -= 1
+        self.pending.append((slot, n))
 
     def __call__(self) -> torch.Tensor:
         if self.ready:
             return self.ready.pop()
-        if self.slot is None:
-            self.slot = 0
-            self._launch(0)
-        cur = self.slot
-        if self.replays_left > 0:
-            self.slot = 1 - cur
-            self._launch(self.slot)
-        self.events[cur].synchronize()
-        return self.host[cur].clone()
+        while len(self.pending) < 2 and self.plan:
+            self._launch()
+        slot, n = self.pending.pop(0)
+        self.events[slot].synchronize()
+        block = self.host[slot][:, :n].clone()
+        if self.plan:
+            self._launch()                   # keep the GPU busy while the caller reads this block
+        return block
+
+
+# --- the CUDA specifics, one line each (a CPU test swaps them for eager stand-ins) -------------------
+
+def _graphs_supported(device: torch.device) -> bool:
+    return device.type == "cuda"
+
+
+def _pinned(shape) -> torch.Tensor:
+    return torch.empty(shape, dtype=torch.long).pin_memory()
+
+
+def _event():
+    return torch.cuda.Event()
+
+
+def _run_on_side_stream(fn) -> None:
+    """Warm-up on a side stream, as CUDA graph capture wants."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+
+
+def _capture(fn, pool=None):
+    """Capture fn in a CUDA graph (sharing ``pool``): returns (replay, pool)."""
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g, pool=pool):
+        fn()
+    return g.replay, g.pool()
+
+
+def default_steps_per_graph(batch_size: int) -> int:
+    """Steps per graph replay: the state copy per replay costs 2 x state bytes, so larger batches
+    (larger states) amortise it over more steps; tokens then arrive in blocks of this many."""
+    return max(4, min(32, 1 << (batch_size - 1).bit_length()))
 
 
 def decode_steps(model, state: list[MLSTMState], last_logits: torch.Tensor, params: SamplingParams,
                  keys: torch.Tensor, max_new_tokens: int, *, seen: torch.Tensor | None = None,
-                 cuda_graph: bool | None = None, steps_per_graph: int = 4,
+                 cuda_graph: bool | None = None, steps_per_graph: int | None = None,
                  stats: GenerationStats | None = None):
-    """Yield the new tokens as CPU (B, k) blocks, k >= 1, until max_new_tokens per row (the last
-    block may run past it; the caller trims). Stop iterating to stop early. ``state`` is consumed."""
+    """Yield the new tokens as CPU (B, k) blocks, k >= 1, exactly max_new_tokens per row in all.
+    Stop iterating to stop early. ``state`` is consumed (the decoder updates it in place)."""
     device = last_logits.device
     B = last_logits.shape[0]
     chooser = _Chooser(params, keys, seen, device)
@@ -214,14 +256,14 @@ def decode_steps(model, state: list[MLSTMState], last_logits: torch.Tensor, para
     if remaining <= 0:
         return
     if cuda_graph is None:
-        cuda_graph = device.type == "cuda"
-    if cuda_graph and device.type != "cuda":
+        cuda_graph = _graphs_supported(device)
+    if cuda_graph and not _graphs_supported(device):
         raise ValueError(f"cuda_graph=True needs a CUDA model, this one is on {device}")
     tok = first[:, None]
     t0 = time.perf_counter()
     if cuda_graph:
-        steps = max(1, min(int(steps_per_graph), remaining))
-        decoder = _GraphDecoder(model, tok, state, chooser, steps, replays=-(-remaining // steps))
+        steps = steps_per_graph if steps_per_graph is not None else default_steps_per_graph(B)
+        decoder = _GraphDecoder(model, tok, state, chooser, max(1, min(steps, remaining)), remaining)
         warm = decoder()
         if stats is not None:
             stats.capture_s = time.perf_counter() - t0
