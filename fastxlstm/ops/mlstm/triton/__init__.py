@@ -23,9 +23,9 @@ __all__ = ["mlstm", "mlstm_step", "CONFIG"]
 
 # BT: rows per intra-chunk block; BK / BV: tiles of Dqk / Dv; W*: num_warps; S*: num_stages.
 CONFIG = dict(
-    fwd_state=dict(BK=64, BV=64, W=4, S=2),
+    fwd_state=dict(BK=64, BV=64, W=8, S=2),
     fwd_out=dict(BT=64, BK=64, BV=128, W=8, S=2),
-    bwd_state=dict(BK=64, BV=64, W=4, S=2),
+    bwd_state=dict(BK=64, BV=64, W=8, S=2),
     bwd_dqk=dict(BT=64, BK=64, BV=64, W=8, S=2),
     bwd_dv=dict(BT=64, BK=64, BV=128, W=8, S=2),
     step=dict(BK=32, BV=64, W=4),

@@ -29,26 +29,29 @@ import triton.language as tl
 @triton.jit
 def _prep_kernel(dh_ptr, h_ptr, tok_ptr, scal_ptr, eps, T_all, H: tl.constexpr, V: tl.constexpr,
                  BT: tl.constexpr, BV: tl.constexpr):
+    # 64-bit scalar bases, 32-bit offsets inside a tile (here and below): fewer address registers.
     pid_t = tl.program_id(0)
     h = tl.program_id(1)
-    r = pid_t.to(tl.int64) * BT + tl.arange(0, BT)
-    vr = r < T_all
+    r0 = pid_t.to(tl.int64) * BT
+    ob = tl.arange(0, BT)
+    vr = ob < T_all - r0
+    ov = tl.arange(0, BV)
     dhh = tl.zeros([BT], dtype=tl.float32)
+    base = r0 * (H * V) + h * V
     for vv in range(0, V, BV):
-        ov = vv + tl.arange(0, BV)
-        msk = vr[:, None] & (ov < V)[None, :]
-        off = r[:, None] * (H * V) + h * V + ov[None, :]
-        dhh += tl.sum(tl.load(dh_ptr + off, mask=msk, other=0.0).to(tl.float32)
-                      * tl.load(h_ptr + off, mask=msk, other=0.0).to(tl.float32), 1)
-    m = tl.load(tok_ptr + (H + h) * T_all + r, mask=vr, other=0.0)
-    s = tl.load(tok_ptr + (2 * H + h) * T_all + r, mask=vr, other=0.0)
+        msk = vr[:, None] & (vv + ov < V)[None, :]
+        off = ob[:, None] * (H * V) + vv + ov[None, :]
+        dhh += tl.sum(tl.load(dh_ptr + base + off, mask=msk, other=0.0).to(tl.float32)
+                      * tl.load(h_ptr + base + off, mask=msk, other=0.0).to(tl.float32), 1)
+    m = tl.load(tok_ptr + ((H + h) * T_all + r0) + ob, mask=vr, other=0.0)
+    s = tl.load(tok_ptr + ((2 * H + h) * T_all + r0) + ob, mask=vr, other=0.0)
     floor = tl.exp(-m)
     inv_den = 1.0 / (tl.maximum(tl.abs(s), floor) + eps)
     sgn = tl.where(s > 0, 1.0, tl.where(s < 0, -1.0, 0.0))
     ds = tl.where(tl.abs(s) > floor, -dhh * inv_den * sgn, 0.0)
-    tl.store(scal_ptr + h * T_all + r, inv_den, mask=vr)
-    tl.store(scal_ptr + (H + h) * T_all + r, ds, mask=vr)
-    tl.store(scal_ptr + (2 * H + h) * T_all + r, -eps * dhh * inv_den, mask=vr)
+    tl.store(scal_ptr + (h * T_all + r0) + ob, inv_den, mask=vr)
+    tl.store(scal_ptr + ((H + h) * T_all + r0) + ob, ds, mask=vr)
+    tl.store(scal_ptr + ((2 * H + h) * T_all + r0) + ob, -eps * dhh * inv_den, mask=vr)
 
 
 @triton.jit
@@ -67,42 +70,46 @@ def _state_kernel(
     eos = tl.load(cu_ptr + seq + 1).to(tl.int64)
     first = tl.load(first_ptr + seq).to(tl.int64)
     n_chunks = tl.cdiv(eos - bos, L)
-    ok = pid_k * BK + tl.arange(0, BK)
-    ov = pid_v * BV + tl.arange(0, BV)
-    mk = ok < K
-    mv = ov < V
+    ok = tl.arange(0, BK)
+    ov = tl.arange(0, BV)
+    mk = pid_k * BK + ok < K
+    mv = pid_v * BV + ov < V
     mkv = mk[:, None] & mv[None, :]
     ot = tl.arange(0, L)
+    kv_off = ok[:, None] * V + ov[None, :]
+    c_tile = pid_k * BK * V + pid_v * BV
     state_off = (seq * H + h).to(tl.int64)
-    dc = tl.load(dct_ptr + state_off * K * V + ok[:, None] * V + ov[None, :], mask=mkv, other=0.0).to(tl.float32)
-    dn = tl.load(dnt_ptr + state_off * K + ok, mask=mk, other=0.0).to(tl.float32)
+    dc = tl.load(dct_ptr + state_off * K * V + c_tile + kv_off, mask=mkv, other=0.0).to(tl.float32)
+    dn = tl.load(dnt_ptr + state_off * K + pid_k * BK + ok, mask=mk, other=0.0).to(tl.float32)
+    q_off = ot[:, None] * (H * K) + ok[None, :]
+    v_off = ot[:, None] * (H * V) + ov[None, :]
     for jj in range(0, n_chunks):
         j = n_chunks - 1 - jj
         gc = first + j
         cst = (gc * H + h) * K
-        tl.store(dcs_ptr + cst * V + ok[:, None] * V + ov[None, :], dc.to(dcs_ptr.dtype.element_ty), mask=mkv)
+        tl.store(dcs_ptr + cst * V + c_tile + kv_off, dc.to(dcs_ptr.dtype.element_ty), mask=mkv)
         if pid_v == 0:
-            tl.store(dns_ptr + cst + ok, dn, mask=mk)
-        t = bos + j * L + ot
-        valid = t < eos
-        b_r = tl.load(tok_ptr + h * T_all + t, mask=valid, other=0.0)
-        m_r = tl.load(tok_ptr + (H + h) * T_all + t, mask=valid, other=0.0)
-        inv_den = tl.load(scal_ptr + h * T_all + t, mask=valid, other=0.0)
-        ds = tl.load(scal_ptr + (H + h) * T_all + t, mask=valid, other=0.0)
+            tl.store(dns_ptr + cst + pid_k * BK + ok, dn, mask=mk)
+        t0 = bos + j * L
+        valid = ot < eos - t0
+        b_r = tl.load(tok_ptr + (h * T_all + t0) + ot, mask=valid, other=0.0)
+        m_r = tl.load(tok_ptr + ((H + h) * T_all + t0) + ot, mask=valid, other=0.0)
+        inv_den = tl.load(scal_ptr + (h * T_all + t0) + ot, mask=valid, other=0.0)
+        ds = tl.load(scal_ptr + ((H + h) * T_all + t0) + ot, mask=valid, other=0.0)
         m_prev = tl.load(chs_ptr + (gc * H + h) * 3)
         g = tl.load(chs_ptr + (gc * H + h) * 3 + 1)
         m_end = tl.load(chs_ptr + (gc * H + h) * 3 + 2)
         w0 = tl.where(valid, tl.exp(b_r + m_prev - m_r), 0.0) * scale
-        qt = tl.load(q_ptr + t[:, None] * (H * K) + h * K + ok[None, :], mask=valid[:, None] & mk[None, :], other=0.0)
-        do = tl.load(dh_ptr + t[:, None] * (H * V) + h * V + ov[None, :], mask=valid[:, None] & mv[None, :], other=0.0)
+        qt = tl.load(q_ptr + t0 * (H * K) + h * K + pid_k * BK + q_off, mask=valid[:, None] & mk[None, :], other=0.0)
+        do = tl.load(dh_ptr + t0 * (H * V) + h * V + pid_v * BV + v_off, mask=valid[:, None] & mv[None, :], other=0.0)
         do = (do.to(tl.float32) * inv_den[:, None]).to(qt.dtype)
         qw = qt.to(tl.float32) * w0[:, None]
         decay = tl.exp(g + m_prev - m_end)
         dc = dc * decay + tl.dot(tl.trans(qw.to(qt.dtype)), do)
         dn = dn * decay + tl.sum(qw * ds[:, None], 0)
-    tl.store(dc0_ptr + state_off * K * V + ok[:, None] * V + ov[None, :], dc, mask=mkv)
+    tl.store(dc0_ptr + state_off * K * V + c_tile + kv_off, dc, mask=mkv)
     if pid_v == 0:
-        tl.store(dn0_ptr + state_off * K + ok, dn, mask=mk)
+        tl.store(dn0_ptr + state_off * K + pid_k * BK + ok, dn, mask=mk)
 
 
 @triton.jit
@@ -123,42 +130,46 @@ def _dqk_kernel(
     r0 = t0 + sub * BT
     if r0 < te:
         ob = tl.arange(0, BT)
-        r = r0 + ob
-        vr = r < te
-        ok = pid_k * BK + tl.arange(0, BK)
-        mk = ok < K
-        b_r = tl.load(tok_ptr + h * T_all + r, mask=vr, other=0.0)
-        m_r = tl.load(tok_ptr + (H + h) * T_all + r, mask=vr, other=0.0)
-        i_r = tl.load(i_ptr + r * H + h, mask=vr, other=0.0).to(tl.float32)
-        inv_r = tl.load(scal_ptr + h * T_all + r, mask=vr, other=0.0)
-        ds_r = tl.load(scal_ptr + (H + h) * T_all + r, mask=vr, other=0.0)
+        vr = ob < te - r0
+        ok = tl.arange(0, BK)
+        ov = tl.arange(0, BV)
+        mk = pid_k * BK + ok < K
+        b_r = tl.load(tok_ptr + (h * T_all + r0) + ob, mask=vr, other=0.0)
+        m_r = tl.load(tok_ptr + ((H + h) * T_all + r0) + ob, mask=vr, other=0.0)
+        i_r = tl.load(i_ptr + (r0 * H + h) + ob * H, mask=vr, other=0.0).to(tl.float32)
+        inv_r = tl.load(scal_ptr + (h * T_all + r0) + ob, mask=vr, other=0.0)
+        ds_r = tl.load(scal_ptr + ((H + h) * T_all + r0) + ob, mask=vr, other=0.0)
         m_prev = tl.load(chs_ptr + (gc * H + h) * 3)
         g = tl.load(chs_ptr + (gc * H + h) * 3 + 1)
         m_end = tl.load(chs_ptr + (gc * H + h) * 3 + 2)
         cst = (gc * H + h) * K
-        qk_off = r[:, None] * (H * K) + h * K + ok[None, :]
+        qk_off = ob[:, None] * (H * K) + ok[None, :]
+        v_off = ob[:, None] * (H * V) + ov[None, :]
+        c_off = ok[:, None] * V + ov[None, :]
+        qk_base = r0 * (H * K) + h * K + pid_k * BK
         qk_msk = vr[:, None] & mk[None, :]
-        q_r = tl.load(q_ptr + qk_off, mask=qk_msk, other=0.0)
-        k_r = tl.load(k_ptr + qk_off, mask=qk_msk, other=0.0)
+        q_r = tl.load(q_ptr + qk_base + qk_off, mask=qk_msk, other=0.0)
+        k_r = tl.load(k_ptr + qk_base + qk_off, mask=qk_msk, other=0.0)
+        dt = q_r.dtype
+        v_base = r0 * (H * V) + h * V
+        c_base = cst * V + pid_k * BK * V
 
         # inter-chunk terms: dO C_start^T (for dq) and V dC_end^T (for dk), over Dv tiles
         dq = tl.zeros([BT, BK], dtype=tl.float32)
         dk = tl.zeros([BT, BK], dtype=tl.float32)
         dp_diag = tl.zeros([BT, BT], dtype=tl.float32)
         for vv in range(0, V, BV):
-            ov = vv + tl.arange(0, BV)
-            mv = ov < V
-            v_off = r[:, None] * (H * V) + h * V + ov[None, :]
+            mv = vv + ov < V
             v_msk = vr[:, None] & mv[None, :]
-            do = (tl.load(dh_ptr + v_off, mask=v_msk, other=0.0).to(tl.float32) * inv_r[:, None]).to(q_r.dtype)
-            vt = tl.load(v_ptr + v_off, mask=v_msk, other=0.0)
-            cp = tl.load(cs_ptr + cst * V + ok[:, None] * V + ov[None, :], mask=mk[:, None] & mv[None, :], other=0.0)
-            dce = tl.load(dcs_ptr + cst * V + ok[:, None] * V + ov[None, :], mask=mk[:, None] & mv[None, :], other=0.0)
-            dq += tl.dot(do, tl.trans(cp.to(q_r.dtype)))
-            dk += tl.dot(vt, tl.trans(dce.to(q_r.dtype)))
+            do = (tl.load(dh_ptr + v_base + vv + v_off, mask=v_msk, other=0.0).to(tl.float32) * inv_r[:, None]).to(dt)
+            vt = tl.load(v_ptr + v_base + vv + v_off, mask=v_msk, other=0.0)
+            cp = tl.load(cs_ptr + c_base + vv + c_off, mask=mk[:, None] & mv[None, :], other=0.0)
+            dce = tl.load(dcs_ptr + c_base + vv + c_off, mask=mk[:, None] & mv[None, :], other=0.0)
+            dq += tl.dot(do, tl.trans(cp.to(dt)))
+            dk += tl.dot(vt, tl.trans(dce.to(dt)))
             dp_diag += tl.dot(do, tl.trans(vt))
-        n_p = tl.load(ns_ptr + cst + ok, mask=mk, other=0.0)
-        dn_e = tl.load(dns_ptr + cst + ok, mask=mk, other=0.0)
+        n_p = tl.load(ns_ptr + cst + pid_k * BK + ok, mask=mk, other=0.0)
+        dn_e = tl.load(dns_ptr + cst + pid_k * BK + ok, mask=mk, other=0.0)
         w0 = tl.where(vr, tl.exp(b_r + m_prev - m_r), 0.0)
         w_end = tl.where(vr, tl.exp(g - b_r + i_r - m_end), 0.0)
         dq = (dq + ds_r[:, None] * n_p[None, :]) * w0[:, None]
@@ -167,54 +178,52 @@ def _dqk_kernel(
         # diagonal block, shared by dq and dk
         causal = (ob[None, :] <= ob[:, None]) & vr[None, :] & vr[:, None]
         w = tl.where(causal, tl.exp(b_r[:, None] - b_r[None, :] + i_r[None, :] - m_r[:, None]), 0.0)
-        dpw = ((dp_diag + ds_r[:, None]) * w).to(q_r.dtype)
+        dpw = ((dp_diag + ds_r[:, None]) * w).to(dt)
         dq += tl.dot(dpw, k_r)
         dk += tl.dot(tl.trans(dpw), q_r) * scale
 
         # earlier key blocks of the chunk -> dq
         for jb in range(0, sub):
-            c0 = t0 + jb * BT + ob
-            b_c = tl.load(tok_ptr + h * T_all + c0)
-            i_c = tl.load(i_ptr + c0 * H + h).to(tl.float32)
+            c0 = t0 + jb * BT
+            b_c = tl.load(tok_ptr + (h * T_all + c0) + ob)
+            i_c = tl.load(i_ptr + (c0 * H + h) + ob * H).to(tl.float32)
             dp = tl.zeros([BT, BT], dtype=tl.float32)
             for vv in range(0, V, BV):
-                ov = vv + tl.arange(0, BV)
-                mv = ov < V
-                do = (tl.load(dh_ptr + r[:, None] * (H * V) + h * V + ov[None, :], mask=vr[:, None] & mv[None, :],
-                              other=0.0).to(tl.float32) * inv_r[:, None]).to(q_r.dtype)
-                vt = tl.load(v_ptr + c0[:, None] * (H * V) + h * V + ov[None, :], mask=mv[None, :], other=0.0)
+                mv = vv + ov < V
+                do = (tl.load(dh_ptr + v_base + vv + v_off, mask=vr[:, None] & mv[None, :],
+                              other=0.0).to(tl.float32) * inv_r[:, None]).to(dt)
+                vt = tl.load(v_ptr + c0 * (H * V) + h * V + vv + v_off, mask=mv[None, :], other=0.0)
                 dp += tl.dot(do, tl.trans(vt))
             w = tl.where(vr[:, None], tl.exp(b_r[:, None] - b_c[None, :] + i_c[None, :] - m_r[:, None]), 0.0)
-            kt = tl.load(k_ptr + c0[:, None] * (H * K) + h * K + ok[None, :], mask=mk[None, :], other=0.0)
-            dq += tl.dot(((dp + ds_r[:, None]) * w).to(q_r.dtype), kt)
+            kt = tl.load(k_ptr + c0 * (H * K) + h * K + pid_k * BK + qk_off, mask=mk[None, :], other=0.0)
+            dq += tl.dot(((dp + ds_r[:, None]) * w).to(dt), kt)
 
         # later query blocks of the chunk -> dk
         for tb in range(sub + 1, NSUB):
-            c0 = t0 + tb * BT + ob
-            vc = c0 < te
-            b_c = tl.load(tok_ptr + h * T_all + c0, mask=vc, other=0.0)
-            m_c = tl.load(tok_ptr + (H + h) * T_all + c0, mask=vc, other=0.0)
-            inv_c = tl.load(scal_ptr + h * T_all + c0, mask=vc, other=0.0)
-            ds_c = tl.load(scal_ptr + (H + h) * T_all + c0, mask=vc, other=0.0)
+            c0 = t0 + tb * BT
+            vc = ob < te - c0
+            b_c = tl.load(tok_ptr + (h * T_all + c0) + ob, mask=vc, other=0.0)
+            m_c = tl.load(tok_ptr + ((H + h) * T_all + c0) + ob, mask=vc, other=0.0)
+            inv_c = tl.load(scal_ptr + (h * T_all + c0) + ob, mask=vc, other=0.0)
+            ds_c = tl.load(scal_ptr + ((H + h) * T_all + c0) + ob, mask=vc, other=0.0)
             dp = tl.zeros([BT, BT], dtype=tl.float32)
             for vv in range(0, V, BV):
-                ov = vv + tl.arange(0, BV)
-                mv = ov < V
-                do = (tl.load(dh_ptr + c0[:, None] * (H * V) + h * V + ov[None, :], mask=vc[:, None] & mv[None, :],
-                              other=0.0).to(tl.float32) * inv_c[:, None]).to(q_r.dtype)
-                vt = tl.load(v_ptr + r[:, None] * (H * V) + h * V + ov[None, :], mask=vr[:, None] & mv[None, :], other=0.0)
+                mv = vv + ov < V
+                do = (tl.load(dh_ptr + c0 * (H * V) + h * V + vv + v_off, mask=vc[:, None] & mv[None, :],
+                              other=0.0).to(tl.float32) * inv_c[:, None]).to(dt)
+                vt = tl.load(v_ptr + v_base + vv + v_off, mask=vr[:, None] & mv[None, :], other=0.0)
                 dp += tl.dot(do, tl.trans(vt))
             w = tl.where(vc[:, None] & vr[None, :],
                          tl.exp(b_c[:, None] - b_r[None, :] + i_r[None, :] - m_c[:, None]), 0.0)
-            qt = tl.load(q_ptr + c0[:, None] * (H * K) + h * K + ok[None, :], mask=vc[:, None] & mk[None, :], other=0.0)
-            dk += tl.dot(tl.trans(((dp + ds_c[:, None]) * w * scale).to(q_r.dtype)), qt)
+            qt = tl.load(q_ptr + c0 * (H * K) + h * K + pid_k * BK + qk_off, mask=vc[:, None] & mk[None, :], other=0.0)
+            dk += tl.dot(tl.trans(((dp + ds_c[:, None]) * w * scale).to(dt)), qt)
 
         dq = dq * scale
-        tl.store(dq_ptr + qk_off, dq.to(dq_ptr.dtype.element_ty), mask=qk_msk)
-        tl.store(dk_ptr + qk_off, dk.to(dk_ptr.dtype.element_ty), mask=qk_msk)
+        tl.store(dq_ptr + qk_base + qk_off, dq.to(dq_ptr.dtype.element_ty), mask=qk_msk)
+        tl.store(dk_ptr + qk_base + qk_off, dk.to(dk_ptr.dtype.element_ty), mask=qk_msk)
         NKT = tl.num_programs(0)
-        tl.store(part_ptr + ((0 * NKT + pid_k) * H + h) * T_all + r, tl.sum(q_r.to(tl.float32) * dq, 1), mask=vr)
-        tl.store(part_ptr + ((1 * NKT + pid_k) * H + h) * T_all + r, tl.sum(k_r.to(tl.float32) * dk, 1), mask=vr)
+        tl.store(part_ptr + (((0 * NKT + pid_k) * H + h) * T_all + r0) + ob, tl.sum(q_r.to(tl.float32) * dq, 1), mask=vr)
+        tl.store(part_ptr + (((1 * NKT + pid_k) * H + h) * T_all + r0) + ob, tl.sum(k_r.to(tl.float32) * dk, 1), mask=vr)
 
 
 @triton.jit
@@ -233,43 +242,46 @@ def _dv_kernel(
     te = tl.load(end_ptr + gc)
     r0 = t0 + sub * BT
     if r0 < te:
+        dt = q_ptr.dtype.element_ty
         ob = tl.arange(0, BT)
-        r = r0 + ob
-        vr = r < te
-        ov = pid_v * BV + tl.arange(0, BV)
-        mv = ov < V
-        b_r = tl.load(tok_ptr + h * T_all + r, mask=vr, other=0.0)
-        i_r = tl.load(i_ptr + r * H + h, mask=vr, other=0.0).to(tl.float32)
+        vr = ob < te - r0
+        ok = tl.arange(0, BK)
+        ov = tl.arange(0, BV)
+        mv = pid_v * BV + ov < V
+        b_r = tl.load(tok_ptr + (h * T_all + r0) + ob, mask=vr, other=0.0)
+        i_r = tl.load(i_ptr + (r0 * H + h) + ob * H, mask=vr, other=0.0).to(tl.float32)
         g = tl.load(chs_ptr + (gc * H + h) * 3 + 1)
         m_end = tl.load(chs_ptr + (gc * H + h) * 3 + 2)
         cst = (gc * H + h) * K
+        qk_off = ob[:, None] * (H * K) + ok[None, :]
+        v_off = ob[:, None] * (H * V) + ov[None, :]
+        c_off = ok[:, None] * V + ov[None, :]
+        k_base = r0 * (H * K) + h * K
         dv = tl.zeros([BT, BV], dtype=tl.float32)
         for kk in range(0, K, BK):
-            ok = kk + tl.arange(0, BK)
-            mk = ok < K
-            kt = tl.load(k_ptr + r[:, None] * (H * K) + h * K + ok[None, :], mask=vr[:, None] & mk[None, :], other=0.0)
-            dce = tl.load(dcs_ptr + cst * V + ok[:, None] * V + ov[None, :], mask=mk[:, None] & mv[None, :], other=0.0)
-            dv += tl.dot(kt, dce.to(kt.dtype))
+            mk = kk + ok < K
+            kt = tl.load(k_ptr + k_base + kk + qk_off, mask=vr[:, None] & mk[None, :], other=0.0)
+            dce = tl.load(dcs_ptr + cst * V + kk * V + pid_v * BV + c_off, mask=mk[:, None] & mv[None, :], other=0.0)
+            dv += tl.dot(kt, dce.to(dt))
         w_end = tl.where(vr, tl.exp(g - b_r + i_r - m_end), 0.0)
         dv = dv * w_end[:, None]
         for tb in range(sub, NSUB):
-            c0 = t0 + tb * BT + ob
-            vc = c0 < te
-            b_c = tl.load(tok_ptr + h * T_all + c0, mask=vc, other=0.0)
-            m_c = tl.load(tok_ptr + (H + h) * T_all + c0, mask=vc, other=0.0)
-            inv_c = tl.load(scal_ptr + h * T_all + c0, mask=vc, other=0.0)
+            c0 = t0 + tb * BT
+            vc = ob < te - c0
+            b_c = tl.load(tok_ptr + (h * T_all + c0) + ob, mask=vc, other=0.0)
+            m_c = tl.load(tok_ptr + ((H + h) * T_all + c0) + ob, mask=vc, other=0.0)
+            inv_c = tl.load(scal_ptr + (h * T_all + c0) + ob, mask=vc, other=0.0)
             s = tl.zeros([BT, BT], dtype=tl.float32)
             for kk in range(0, K, BK):
-                ok = kk + tl.arange(0, BK)
-                mk = ok < K
-                qt = tl.load(q_ptr + c0[:, None] * (H * K) + h * K + ok[None, :], mask=vc[:, None] & mk[None, :], other=0.0)
-                kt = tl.load(k_ptr + r[:, None] * (H * K) + h * K + ok[None, :], mask=vr[:, None] & mk[None, :], other=0.0)
+                mk = kk + ok < K
+                qt = tl.load(q_ptr + c0 * (H * K) + h * K + kk + qk_off, mask=vc[:, None] & mk[None, :], other=0.0)
+                kt = tl.load(k_ptr + k_base + kk + qk_off, mask=vr[:, None] & mk[None, :], other=0.0)
                 s += tl.dot(qt, tl.trans(kt))
-            causal = (c0[:, None] >= r[None, :]) & vc[:, None] & vr[None, :]
+            causal = ((c0 + ob)[:, None] >= (r0 + ob)[None, :]) & vc[:, None] & vr[None, :]
             w = tl.where(causal, tl.exp(b_c[:, None] - b_r[None, :] + i_r[None, :] - m_c[:, None]), 0.0)
             p = s * w * scale
-            do = tl.load(dh_ptr + c0[:, None] * (H * V) + h * V + ov[None, :], mask=vc[:, None] & mv[None, :], other=0.0)
-            do = (do.to(tl.float32) * inv_c[:, None]).to(q_ptr.dtype.element_ty)
-            dv += tl.dot(tl.trans(p.to(q_ptr.dtype.element_ty)), do)
-        tl.store(dv_ptr + r[:, None] * (H * V) + h * V + ov[None, :], dv.to(dv_ptr.dtype.element_ty),
+            do = tl.load(dh_ptr + c0 * (H * V) + h * V + pid_v * BV + v_off, mask=vc[:, None] & mv[None, :], other=0.0)
+            do = (do.to(tl.float32) * inv_c[:, None]).to(dt)
+            dv += tl.dot(tl.trans(p.to(dt)), do)
+        tl.store(dv_ptr + r0 * (H * V) + h * V + pid_v * BV + v_off, dv.to(dv_ptr.dtype.element_ty),
                  mask=vr[:, None] & mv[None, :])

@@ -44,6 +44,7 @@ def _state_kernel(
     T_all, NC, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     L: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
 ):
+    # 64-bit scalar bases, 32-bit offsets inside a tile: keeps per-element address registers low.
     pid_k = tl.program_id(0)
     pid_v = tl.program_id(1)
     pid = tl.program_id(2)
@@ -54,29 +55,32 @@ def _state_kernel(
     first = tl.load(first_ptr + seq).to(tl.int64)
     n_chunks = tl.cdiv(eos - bos, L)
 
-    ok = pid_k * BK + tl.arange(0, BK)
-    ov = pid_v * BV + tl.arange(0, BV)
-    mk = ok < K
-    mv = ov < V
+    ok = tl.arange(0, BK)
+    ov = tl.arange(0, BV)
+    mk = pid_k * BK + ok < K
+    mv = pid_v * BV + ov < V
+    mkv = mk[:, None] & mv[None, :]
     ot = tl.arange(0, L)
+    kv_off = ok[:, None] * V + ov[None, :]
     state_off = (seq * H + h).to(tl.int64)
-    c = tl.load(c0_ptr + state_off * K * V + ok[:, None] * V + ov[None, :],
-                mask=mk[:, None] & mv[None, :], other=0.0).to(tl.float32)
-    n = tl.load(n0_ptr + state_off * K + ok, mask=mk, other=0.0).to(tl.float32)
+    c_tile = pid_k * BK * V + pid_v * BV
+    c = tl.load(c0_ptr + state_off * K * V + c_tile + kv_off, mask=mkv, other=0.0).to(tl.float32)
+    n = tl.load(n0_ptr + state_off * K + pid_k * BK + ok, mask=mk, other=0.0).to(tl.float32)
     m = tl.load(m0_ptr + state_off).to(tl.float32)
     lead = (pid_k == 0) & (pid_v == 0)
+    k_off = ot[:, None] * (H * K) + ok[None, :]
+    v_off = ot[:, None] * (H * V) + ov[None, :]
 
     for j in range(0, n_chunks):
         gc = first + j
         cst = (gc * H + h) * K
-        tl.store(cs_ptr + cst * V + ok[:, None] * V + ov[None, :], c.to(cs_ptr.dtype.element_ty),
-                 mask=mk[:, None] & mv[None, :])
+        tl.store(cs_ptr + cst * V + c_tile + kv_off, c.to(cs_ptr.dtype.element_ty), mask=mkv)
         if pid_v == 0:
-            tl.store(ns_ptr + cst + ok, n, mask=mk)
-        t = bos + j * L + ot
-        valid = t < eos
-        fg = tl.load(f_ptr + t * H + h, mask=valid, other=0.0).to(tl.float32)
-        ig = tl.load(i_ptr + t * H + h, mask=valid, other=0.0).to(tl.float32)
+            tl.store(ns_ptr + cst + pid_k * BK + ok, n, mask=mk)
+        t0 = bos + j * L
+        valid = ot < eos - t0
+        fg = tl.load(f_ptr + (t0 * H + h) + ot * H, mask=valid, other=0.0).to(tl.float32)
+        ig = tl.load(i_ptr + (t0 * H + h) + ot * H, mask=valid, other=0.0).to(tl.float32)
         lf = tl.where(valid, _logsigmoid(fg), 0.0)
         b = tl.cumsum(lf, 0)
         g = tl.sum(lf, 0)
@@ -84,25 +88,23 @@ def _state_kernel(
         m_new = tl.maximum(g + m, tl.max(a, 0))
         if lead:
             cm = tl.associative_scan(tl.where(valid, ig - b, float("-inf")), 0, _max_fn)
-            tl.store(tok_ptr + h * T_all + t, b, mask=valid)
-            tl.store(tok_ptr + (H + h) * T_all + t, b + tl.maximum(m, cm), mask=valid)
+            tl.store(tok_ptr + (h * T_all + t0) + ot, b, mask=valid)
+            tl.store(tok_ptr + ((H + h) * T_all + t0) + ot, b + tl.maximum(m, cm), mask=valid)
             tl.store(chs_ptr + (gc * H + h) * 3 + 0, m)
             tl.store(chs_ptr + (gc * H + h) * 3 + 1, g)
             tl.store(chs_ptr + (gc * H + h) * 3 + 2, m_new)
         w = tl.where(valid, tl.exp(a - m_new), 0.0)
         decay = tl.exp(g + m - m_new)
-        kt = tl.load(k_ptr + t[:, None] * (H * K) + h * K + ok[None, :],
-                     mask=valid[:, None] & mk[None, :], other=0.0)
-        vt = tl.load(v_ptr + t[:, None] * (H * V) + h * V + ov[None, :],
-                     mask=valid[:, None] & mv[None, :], other=0.0)
+        kt = tl.load(k_ptr + t0 * (H * K) + h * K + pid_k * BK + k_off, mask=valid[:, None] & mk[None, :], other=0.0)
+        vt = tl.load(v_ptr + t0 * (H * V) + h * V + pid_v * BV + v_off, mask=valid[:, None] & mv[None, :], other=0.0)
         kw = kt.to(tl.float32) * w[:, None]
         c = c * decay + tl.dot(tl.trans(kw.to(vt.dtype)), vt)
         n = n * decay + tl.sum(kw, 0)
         m = m_new
 
-    tl.store(ct_ptr + state_off * K * V + ok[:, None] * V + ov[None, :], c, mask=mk[:, None] & mv[None, :])
+    tl.store(ct_ptr + state_off * K * V + c_tile + kv_off, c, mask=mkv)
     if pid_v == 0:
-        tl.store(nt_ptr + state_off * K + ok, n, mask=mk)
+        tl.store(nt_ptr + state_off * K + pid_k * BK + ok, n, mask=mk)
     if lead:
         tl.store(mt_ptr + state_off, m)
 
@@ -124,23 +126,27 @@ def _out_kernel(
     r0 = t0 + sub * BT
     if r0 < te:
         ob = tl.arange(0, BT)
-        r = r0 + ob
-        vr = r < te
-        ov = pid_v * BV + tl.arange(0, BV)
-        mv = ov < V
-        b_r = tl.load(tok_ptr + h * T_all + r, mask=vr, other=0.0)
-        m_r = tl.load(tok_ptr + (H + h) * T_all + r, mask=vr, other=0.0)
+        vr = ob < te - r0
+        ok = tl.arange(0, BK)
+        ov = tl.arange(0, BV)
+        mv = pid_v * BV + ov < V
+        b_r = tl.load(tok_ptr + (h * T_all + r0) + ob, mask=vr, other=0.0)
+        m_r = tl.load(tok_ptr + ((H + h) * T_all + r0) + ob, mask=vr, other=0.0)
         m_prev = tl.load(chs_ptr + (gc * H + h) * 3)
         cst = (gc * H + h) * K
+        q_base = q_ptr + r0 * (H * K) + h * K
+        qk_off = ob[:, None] * (H * K) + ok[None, :]
+        v_off = ob[:, None] * (H * V) + ov[None, :]
+        c_base = cs_ptr + cst * V + pid_v * BV
+        c_off = ok[:, None] * V + ov[None, :]
 
         acc = tl.zeros([BT, BV], dtype=tl.float32)
         qn = tl.zeros([BT], dtype=tl.float32)
         for kk in range(0, K, BK):
-            ok = kk + tl.arange(0, BK)
-            mk = ok < K
-            qt = tl.load(q_ptr + r[:, None] * (H * K) + h * K + ok[None, :], mask=vr[:, None] & mk[None, :], other=0.0)
-            ct = tl.load(cs_ptr + cst * V + ok[:, None] * V + ov[None, :], mask=mk[:, None] & mv[None, :], other=0.0)
-            nt = tl.load(ns_ptr + cst + ok, mask=mk, other=0.0)
+            mk = kk + ok < K
+            qt = tl.load(q_base + kk + qk_off, mask=vr[:, None] & mk[None, :], other=0.0)
+            ct = tl.load(c_base + kk * V + c_off, mask=mk[:, None] & mv[None, :], other=0.0)
+            nt = tl.load(ns_ptr + cst + kk + ok, mask=mk, other=0.0)
             acc += tl.dot(qt, ct.to(qt.dtype))
             qn += tl.sum(qt.to(tl.float32) * nt[None, :], 1)
         w0 = tl.exp(b_r + m_prev - m_r) * scale
@@ -148,27 +154,27 @@ def _out_kernel(
         ssum = qn * w0
 
         for jb in range(0, sub + 1):
-            c0 = t0 + jb * BT + ob
-            vc = c0 < te
-            b_c = tl.load(tok_ptr + h * T_all + c0, mask=vc, other=0.0)
-            i_c = tl.load(i_ptr + c0 * H + h, mask=vc, other=0.0).to(tl.float32)
-            causal = (c0[None, :] <= r[:, None]) & vc[None, :]
+            c0 = t0 + jb * BT
+            vc = ob < te - c0
+            b_c = tl.load(tok_ptr + (h * T_all + c0) + ob, mask=vc, other=0.0)
+            i_c = tl.load(i_ptr + (c0 * H + h) + ob * H, mask=vc, other=0.0).to(tl.float32)
+            causal = ((c0 + ob)[None, :] <= (r0 + ob)[:, None]) & vc[None, :]
             w = tl.where(causal, tl.exp(b_r[:, None] - b_c[None, :] + i_c[None, :] - m_r[:, None]), 0.0)
+            k_base = k_ptr + c0 * (H * K) + h * K
             s = tl.zeros([BT, BT], dtype=tl.float32)
             for kk in range(0, K, BK):
-                ok = kk + tl.arange(0, BK)
-                mk = ok < K
-                qt = tl.load(q_ptr + r[:, None] * (H * K) + h * K + ok[None, :], mask=vr[:, None] & mk[None, :], other=0.0)
-                kt = tl.load(k_ptr + c0[:, None] * (H * K) + h * K + ok[None, :], mask=vc[:, None] & mk[None, :], other=0.0)
+                mk = kk + ok < K
+                qt = tl.load(q_base + kk + qk_off, mask=vr[:, None] & mk[None, :], other=0.0)
+                kt = tl.load(k_base + kk + qk_off, mask=vc[:, None] & mk[None, :], other=0.0)
                 s += tl.dot(qt, tl.trans(kt))
             p = s * w * scale
             ssum += tl.sum(p, 1)
-            vt = tl.load(v_ptr + c0[:, None] * (H * V) + h * V + ov[None, :], mask=vc[:, None] & mv[None, :], other=0.0)
+            vt = tl.load(v_ptr + c0 * (H * V) + h * V + pid_v * BV + v_off, mask=vc[:, None] & mv[None, :], other=0.0)
             acc += tl.dot(p.to(vt.dtype), vt)
 
         den = tl.maximum(tl.abs(ssum), tl.exp(-m_r)) + eps
         out = acc / den[:, None]
-        tl.store(h_ptr + r[:, None] * (H * V) + h * V + ov[None, :], out.to(h_ptr.dtype.element_ty),
+        tl.store(h_ptr + r0 * (H * V) + h * V + pid_v * BV + v_off, out.to(h_ptr.dtype.element_ty),
                  mask=vr[:, None] & mv[None, :])
         if pid_v == 0:
-            tl.store(tok_ptr + (2 * H + h) * T_all + r, ssum, mask=vr)
+            tl.store(tok_ptr + ((2 * H + h) * T_all + r0) + ob, ssum, mask=vr)
