@@ -11,6 +11,7 @@ run still reports what it finished:
   decode     tokens/s at batch 1, 16, 64 after prompts of 128 and 8k: ours through generate()
              (CUDA graph, steps after warm-up/capture), the official model through its own
              generate() (batch 1) and with its step + argmax captured in a CUDA graph
+  hf         transformers' xLSTMForCausalLM.generate with the same weights, and our bridge under it
   memory     allocated memory after 1k and after 16k generated tokens (ours, batch 1)
 
     python benchmarks/generation.py --out results/            # on a GPU, official xlstm installed
@@ -341,6 +342,47 @@ class Bench:
             t_prefill = time.perf_counter() - t0
         return len(prompts) * n / max(t_all - t_prefill, 1e-9)
 
+    # --- transformers ------------------------------------------------------------------------------
+    def transformers_generate(self):
+        """transformers' own xLSTMForCausalLM.generate (same weights) and our bridge under it, greedy,
+        prompt 128, 32 new tokens; tokens/s of the decode (the prefill forward's time subtracted)."""
+        import transformers
+
+        from fastxlstm.hf import hf_config, to_hf
+
+        hc = hf_config(self.cfg)
+        if self.official is not None and self.cuda:     # what a user with the xlstm package gets
+            hc.chunkwise_kernel, hc.sequence_kernel, hc.step_kernel = (
+                "chunkwise--triton_limit_chunk", "native_sequence__triton", "triton")
+        with torch.device("meta"):
+            ref = transformers.xLSTMForCausalLM(hc)
+        sd = {("backbone.embeddings.weight" if k == "embedding.weight" else k): v
+              for k, v in self.ours.state_dict().items()}
+        ref.load_state_dict(sd, assign=True)
+        ref.eval()
+        r = {"transformers": transformers.__version__, "xlstm_package": self.official is not None,
+             "kernels": [hc.chunkwise_kernel, hc.sequence_kernel, hc.step_kernel]}
+        for name, model in (("transformers_xLSTMForCausalLM", ref), ("fastxlstm_hf_bridge", to_hf(self.ours))):
+            for B in (1, 16):
+                if self.left() < 15:
+                    r[f"{name}_B{B}"] = "skipped: time"
+                    continue
+                ids = self.tokens(B, 128, seed=7).to(self.device)
+                with torch.inference_mode():
+                    model.generate(ids, max_new_tokens=4, min_new_tokens=4, do_sample=False)
+                    self.sync()
+                    t0 = time.perf_counter()
+                    model.generate(ids, max_new_tokens=32, min_new_tokens=32, do_sample=False)
+                    self.sync()
+                    t_all = time.perf_counter() - t0
+                    t0 = time.perf_counter()
+                    model(ids)
+                    self.sync()
+                    t_pre = time.perf_counter() - t0
+                r[f"{name}_B{B}_tok_s"] = B * 32 / max(t_all - t_pre, 1e-9)
+        del ref
+        return r
+
     # --- memory vs generated length -----------------------------------------------------------------
     def memory(self):
         if not self.cuda:
@@ -362,6 +404,8 @@ class Bench:
         self.stage(f"decode_after_{self.args.decode_prompts[0]}", 20, self.decode, self.args.decode_prompts[0],
                    self.args.batches)
         self.stage("ttft", 20, self.ttft)
+        if not self.args.no_transformers:
+            self.stage("transformers", 25, self.transformers_generate)
         # the state has a fixed size, so a long prompt changes no decode step: the cheap batches first
         small = [b for b in self.args.batches if b <= 16]
         for T in self.args.decode_prompts[1:]:
@@ -382,6 +426,7 @@ def main(argv=None):
     p.add_argument("--out", default=None, help="directory for generation.json")
     p.add_argument("--budget-s", type=float, default=200.0, help="stop starting stages after this long")
     p.add_argument("--no-official", action="store_true")
+    p.add_argument("--no-transformers", action="store_true")
     p.add_argument("--official-chunkwise", default="chunkwise--triton_limit_chunk",
                    help="official chunkwise kernel (xl_chunk with bf16 gates aborts under triton 3.6)")
     p.add_argument("--batches", type=int, nargs="+", default=[1, 16, 64])

@@ -145,9 +145,17 @@ class FastXLSTMForCausalLM(PreTrainedModel, GenerationMixin):
             json.dump(raw, f, indent=2, sort_keys=True)
         return out
 
+    def _update_model_kwargs_for_generation(self, outputs, model_kwargs, *args, **kwargs):
+        # carry the state ourselves: the name transformers uses for a cache has changed across versions
+        model_kwargs = super()._update_model_kwargs_for_generation(outputs, model_kwargs, *args, **kwargs)
+        model_kwargs["cache"] = outputs.cache
+        return model_kwargs
+
     def prepare_inputs_for_generation(self, input_ids, cache: FastXLSTMCache | None = None,
                                       attention_mask=None, use_cache=None, **kwargs):
         # with a state, only the newest token is new to the model
+        if cache is None:
+            cache = next((v for k, v in kwargs.items() if isinstance(v, FastXLSTMCache)), None)
         if cache is not None:
             input_ids = input_ids[:, -1:]
         return {"input_ids": input_ids, "cache": cache, "attention_mask": attention_mask if cache is None else None,
