@@ -199,6 +199,9 @@ class Bench:
             g = generate(self.ours, p, max_new_tokens=9, eos_token_id=None, cuda_graph=True)
             e = generate(self.ours, p, max_new_tokens=9, eos_token_id=None, cuda_graph=False)
             r["graph_tokens_equal_eager"] = g == e
+            kw = dict(max_new_tokens=9, eos_token_id=None, temperature=0.8, top_k=50, top_p=0.95, seed=[1, 2])
+            r["graph_sampled_tokens_equal_eager"] = (generate(self.ours, p, cuda_graph=True, **kw)
+                                                     == generate(self.ours, p, cuda_graph=False, **kw))
         return r
 
     # --- prefill and time to first token --------------------------------------------------------------
@@ -271,6 +274,8 @@ class Bench:
                 row["ours_eager"] = True
             row.update({"ours_tok_s": stats.decode_tokens_per_s, "ours_step_ms": 1e3 * stats.decode_s / stats.decode_steps,
                    "ours_capture_s": stats.capture_s, "ours_peak_gib": stats.peak_memory / 2**30})
+            if B == 1:
+                self.b1_rate = stats.decode_tokens_per_s
             if self.cuda and hasattr(self, "bw"):
                 roof = B / ((self.weight_bytes + 2 * B * self.state_bytes) / self.bw)
                 row["ours_fraction_of_roofline"] = stats.decode_tokens_per_s / roof
@@ -388,6 +393,9 @@ class Bench:
         if not self.cuda:
             return {"note": "CUDA memory only"}
         n = self.args.memory_tokens
+        rate = getattr(self, "b1_rate", 250.0)
+        while n > 2048 and n / rate > self.left() - 10:      # as many tokens as the time left allows
+            n //= 2
         stats = GenerationStats()
         generate(self.ours, self.tokens(1, 128, seed=6).tolist(), max_new_tokens=n, eos_token_id=None, stats=stats)
         mem = stats.memory_allocated
@@ -410,7 +418,7 @@ class Bench:
         small = [b for b in self.args.batches if b <= 16]
         for T in self.args.decode_prompts[1:]:
             self.stage(f"decode_after_{T}", 25, self.decode, T, small)
-        self.stage("memory", self.args.memory_tokens / 250 + 10, self.memory)
+        self.stage("memory", 2048 / getattr(self, "b1_rate", 250.0) + 10, self.memory)
         for T in self.args.decode_prompts[1:]:
             big = [b for b in self.args.batches if b > 16]
             if big:

@@ -190,6 +190,12 @@ class _GraphDecoder:
         self.events[slot].record()
         self.pending.append((slot, n))
 
+    def close(self) -> None:
+        """Wait for queued replays (an early stop), so no buffer is released under a running graph."""
+        for slot, _ in self.pending:
+            self.events[slot].synchronize()
+        self.pending.clear()
+
     def __call__(self) -> torch.Tensor:
         if self.ready:
             return self.ready.pop()
@@ -274,10 +280,14 @@ def decode_steps(model, state: list[MLSTMState], last_logits: torch.Tensor, para
     del state
     t1 = time.perf_counter()
     done = 0
-    while remaining > 0:
-        block = decoder()
-        remaining -= block.shape[1]
-        done += block.shape[1]
-        if stats is not None:
-            stats.decode_steps, stats.decode_s = done, time.perf_counter() - t1
-        yield block
+    try:
+        while remaining > 0:
+            block = decoder()
+            remaining -= block.shape[1]
+            done += block.shape[1]
+            if stats is not None:
+                stats.decode_steps, stats.decode_s = done, time.perf_counter() - t1
+            yield block
+    finally:
+        if cuda_graph:
+            decoder.close()
