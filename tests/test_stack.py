@@ -98,3 +98,19 @@ def test_bad_inputs_raise():
         model(torch.tensor([[1]]), state=[None])
     with pytest.raises(ValueError, match="vocab_size"):
         XLSTMStackLM(StackConfig(**{**TINY, "vocab_size": None}))
+
+
+def test_slstm_layer_keeps_autocast_dtype(monkeypatch):
+    """Under bf16 autocast the cell op gets bf16 pre-activations (a float32 bias must not promote
+    them: the Triton kernel sizes its tiles by dtype)."""
+    from fastxlstm import ops
+    from fastxlstm.layers.slstm import SLSTMLayer
+
+    seen = []
+    real = ops.slstm
+    monkeypatch.setattr(ops, "slstm", lambda x, *a, **k: seen.append(x.dtype) or real(x, *a, **k))
+    layer = SLSTMLayer(32, 4)
+    layer.reset_parameters()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        layer(torch.randn(2, 5, 32), backend=Backend.NATIVE)
+    assert seen == [torch.bfloat16]

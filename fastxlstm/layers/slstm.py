@@ -62,7 +62,8 @@ class SLSTMLayer(nn.Module):
         w = self.gate_weight.to(x.dtype)
         pre_if = torch.einsum("bthd,hged->bthge", xc.view(B, T, H, D), w[:, :2])
         pre_zo = torch.einsum("bthd,hged->bthge", x.view(B, T, H, D), w[:, 2:])
-        pre = torch.cat([pre_if, pre_zo], dim=3) + self.bias.to(x.dtype)   # (B, T, H, 4, D)
+        pre = torch.cat([pre_if, pre_zo], dim=3)                           # (B, T, H, 4, D)
+        pre = pre + self.bias.to(pre.dtype)     # keep autocast's dtype (a float32 bias would promote)
         if T == 1 and cell_state is not None:
             h, cell_state = ops.slstm_step(pre[:, 0], self.recurrent_weight, cell_state, backend=backend,
                                            forget_gate=self.forget_gate)

@@ -24,7 +24,7 @@ def slstm(x, r, state: SLSTMState | None = None, *, forget_gate: str = "sigmoid"
           num_warps: int = 4) -> tuple[torch.Tensor, SLSTMState]:
     """Same contract as ``reference.slstm``. Launch knobs: block_b batch rows per program (>= 16,
     tl.dot's minimum), block_n output columns and block_k reduction slice per dot (powers of two
-    >= 16; None picks min(D, 64) and min(D, 128)), num_warps per program."""
+    >= 16; None picks min(D, 64) and min(D, 128), 64 for float32), num_warps per program."""
     for name, t in (("x", x), ("r", r)) + tuple((f"state.{k}", v) for k, v in (state._asdict().items() if state else ())):
         if t.dtype not in SUPPORTED_DTYPES:
             raise ValueError(f"triton sLSTM supports {SUPPORTED_DTYPES}; {name} is {t.dtype}")
@@ -34,7 +34,10 @@ def slstm(x, r, state: SLSTMState | None = None, *, forget_gate: str = "sigmoid"
     s0 = initial_state(x, r, state)
     D = x.shape[-1]
     block_d = max(16, triton.next_power_of_2(D))
-    meta = dict(BLOCK_B=block_b, BLOCK_N=block_n or min(block_d, 64), BLOCK_K=block_k or min(block_d, 128),
+    # R tiles of 4 gates x BLOCK_K x BLOCK_N, software-pipelined, must fit in shared memory (227 KiB):
+    # 128 x 64 in 2-byte types, 64 x 64 in float32 (measured on the H200: both fit, wider does not)
+    default_k = 128 if x.element_size() <= 2 else 64
+    meta = dict(BLOCK_B=block_b, BLOCK_N=block_n or min(block_d, 64), BLOCK_K=block_k or min(block_d, default_k),
                 PRECISION="ieee" if x.dtype == torch.float32 else "tf32", num_warps=num_warps)
     h, c, n, m, hT = _SLSTMTriton.apply(x, r, *s0, forget_gate == "exp", meta)
     return h, SLSTMState(c, n, m, hT)
