@@ -263,10 +263,6 @@ def main():
           f"torch {torch.__version__} triton {triton.__version__}", flush=True)
     log = {"sweep": [], "rows": [], "checks": {}}
     os.makedirs(args.out, exist_ok=True)
-    if args.sweep:
-        best = sweep(8, 8192, 8, 256, 512, args.sweep_chunk, args.reps, log["sweep"])
-        log["best"] = best
-        print(f"best at L{args.sweep_chunk}: {json.dumps(best)}", flush=True)
     goal = (8, 8192, 8, 256, 512)
     shapes = [goal] + ([] if args.quick else [
         (TOKENS // S, S, H, K, V) for (H, K, V) in HEAD_SHAPES for S in LENGTHS if (TOKENS // S, S, H, K, V) != goal])
@@ -287,7 +283,13 @@ def main():
             attn_done.add(S)
             log["rows"].append(measure_sdpa(S, args.reps))
     md = table(log["rows"])
-    print(md)
+    print(md, flush=True)
+    with open(os.path.join(args.out, "kernels.md"), "w") as fh:
+        fh.write(md + "\n")
+    if args.sweep:  # after the table, so a time limit cuts the sweep, not the table
+        best = sweep(8, 8192, 8, 256, 512, args.sweep_chunk, args.reps, log["sweep"])
+        log["best"] = best
+        print(f"best at L{args.sweep_chunk}: {json.dumps(best)}", flush=True)
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "kernels.json"), "w") as fh:
         json.dump(log, fh, indent=1)

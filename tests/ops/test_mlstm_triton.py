@@ -208,3 +208,24 @@ def test_gpu_step_7b_shape():
     assert_close("h", h_ref, h, torch.bfloat16)
     for name, a, b in zip("cnm", s_ref, s):
         assert_close(f"state.{name}", a, b, torch.float32)
+
+
+@pytest.mark.gpu
+def test_gpu_step_in_place_under_cuda_graph():
+    (q, k, v, i, f), state = make_mlstm_inputs(2, 4, 8, 256, 512, dtype=torch.bfloat16, device="cuda", with_state=True)
+    ref_state = MLSTMState(*(t.double() for t in state))
+    state = MLSTMState(*(t.clone() for t in state))
+    x = [t[:, 0].clone() for t in (q, k, v, i, f)]
+    tri.mlstm_step(*x, state, inplace=True)                  # compile outside the capture
+    state = MLSTMState(*(t.copy_(r) for t, r in zip(state, ref_state)))
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        h, _ = tri.mlstm_step(*x, state, inplace=True)
+    for t in range(4):
+        for buf, src in zip(x, (q, k, v, i, f)):
+            buf.copy_(src[:, t])
+        graph.replay()
+        h_ref, ref_state = reference.mlstm_step(*(s[:, t].double() for s in (q, k, v, i, f)), ref_state)
+        assert_close(f"h step {t}", h_ref, h, torch.bfloat16)
+    for name, a, b in zip("cnm", ref_state, state):
+        assert_close(f"state.{name}", a, b, torch.float32)
