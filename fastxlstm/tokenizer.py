@@ -102,7 +102,7 @@ class IncrementalDecoder:
 
     def __init__(self, tokenizer: Tokenizer):
         self.tokenizer = tokenizer
-        self.ids: list[int] = []
+        self.ids: list[int] = []  # the recent ids only (the decode window)
         self._prefix = 0        # start of the decode window
         self._read = 0          # ids before this are already emitted
 
@@ -114,6 +114,9 @@ class IncrementalDecoder:
         # an invalid byte run never completes: give up holding back after a few ids (bounded cost)
         if len(new_text) > len(prefix_text) and (complete or len(self.ids) - self._read > 8):
             self._prefix, self._read = self._read, len(self.ids)
+            del self.ids[:self._prefix]                # only the window is kept: memory stays constant
+            self._read -= self._prefix
+            self._prefix = 0
             return new_text[len(prefix_text):]
         return ""
 

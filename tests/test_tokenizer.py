@@ -80,3 +80,10 @@ def test_missing_tokenizers_package_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "tokenizers", None)
     with pytest.raises(RuntimeError, match="pip install tokenizers"):
         load_tokenizer(tmp_path, 50304)
+
+
+def test_incremental_decoder_keeps_a_bounded_window():
+    dec = IncrementalDecoder(ByteTokenizer())
+    text = "".join(dec.push(b) for b in ("abc ☃ " * 500).encode())
+    assert text == "abc ☃ " * 500
+    assert len(dec.ids) <= 4
