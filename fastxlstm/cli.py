@@ -55,8 +55,91 @@ def _run_info(args) -> int:
 # --- train (owned by the training module) ---------------------------------------------------------
 
 def _register_train(sub) -> None:
-    p = sub.add_parser("train", help="train a model (not available yet)")
-    p.set_defaults(run=lambda args: (_ for _ in ()).throw(RuntimeError("training is not implemented yet")))
+    from .config import PRESETS, ModelConfig
+    from .train_config import TrainConfig
+
+    p = sub.add_parser(
+        "train", help="train a model (with no flags: a tiny model on the embedded corpus, on the CPU in minutes)",
+        description="Train an xLSTM-Large language model. Flags map onto the fields of ModelConfig (override the "
+                    "preset) and TrainConfig; under torchrun add --parallel ddp or fsdp. With --resume, the "
+                    "checkpoint's own configs are the base and flags given override them.")
+    p.add_argument("--preset", default=argparse.SUPPRESS, choices=sorted(PRESETS),
+                   help="model preset (default: tiny, or the checkpoint's model with --resume)")
+    p.add_argument("--config", default=argparse.SUPPRESS, metavar="FILE",
+                   help='a JSON or TOML file {"preset": ..., "model": {...}, "train": {...}}; flags override it')
+    _add_dataclass_flags(p.add_argument_group("training (TrainConfig)"), TrainConfig, "train")
+    _add_dataclass_flags(p.add_argument_group("model (ModelConfig; override the preset)"), ModelConfig, "model",
+                         skip=("bos_token_id", "eos_token_id", "pad_token_id"))
+    p.set_defaults(run=_run_train)
+
+
+def _run_train(args) -> int:
+    from .train import resolve_configs, train
+
+    given = vars(args)
+    model_over = {k[len("model."):]: v for k, v in given.items() if k.startswith("model.")}
+    train_over = {k[len("train."):]: v for k, v in given.items() if k.startswith("train.")}
+    model_cfg, train_cfg = resolve_configs(given.get("preset"), model_over, train_over, given.get("config"))
+    result = train(model_cfg, train_cfg)
+    if result.interrupted_by:
+        return 128 + {"SIGINT": 2, "SIGTERM": 15}[result.interrupted_by]
+    return 0
+
+
+def _add_dataclass_flags(parser, cls, prefix: str, skip: tuple[str, ...] = ()) -> None:
+    """One flag per dataclass field: --field-name, typed from the annotation, help from the field's
+    docstring. Unset flags stay out of the namespace (SUPPRESS), so only what was typed overrides."""
+    import dataclasses
+    import enum
+    import typing
+
+    hints = typing.get_type_hints(cls)
+    docs = _field_docs(cls)
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        kind, optional = hints[f.name], False
+        if typing.get_origin(kind) in (typing.Union, __import__("types").UnionType):
+            args = [a for a in typing.get_args(kind) if a is not type(None)]
+            kind, optional = args[0], True
+        default = f.default if f.default is not dataclasses.MISSING else None
+        default_text = default.value if isinstance(default, enum.Enum) else default
+        help_text = f"{docs.get(f.name, '')} (default: {default_text})".replace("%", "%%")
+        opts = dict(dest=f"{prefix}.{f.name}", default=argparse.SUPPRESS, help=help_text)
+        flag = "--" + f.name.replace("_", "-")
+        if kind is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, **opts)
+        elif isinstance(kind, type) and issubclass(kind, enum.Enum):
+            parser.add_argument(flag, choices=[m.value for m in kind], **opts)
+        elif typing.get_origin(kind) is typing.Literal:
+            parser.add_argument(flag, choices=list(typing.get_args(kind)), **opts)
+        elif "const" in f.metadata:
+            parser.add_argument(flag, nargs="?", const=f.metadata["const"], metavar=f.name.upper(), **opts)
+        else:
+            convert = kind if not optional else _none_or(kind)
+            parser.add_argument(flag, type=convert, metavar=f.name.upper(), **opts)
+
+
+def _none_or(kind):
+    def convert(text: str):
+        return None if text.lower() == "none" else kind(text)
+    convert.__name__ = kind.__name__
+    return convert
+
+
+def _field_docs(cls) -> dict[str, str]:
+    """Attribute docstrings (the string literal right after each field) of a dataclass, by field name."""
+    import ast
+    import inspect
+    import textwrap
+
+    body = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0].body
+    docs = {}
+    for node, nxt in zip(body, body[1:]):
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and isinstance(nxt, ast.Expr) \
+                and isinstance(nxt.value, ast.Constant) and isinstance(nxt.value.value, str):
+            docs[node.target.id] = " ".join(nxt.value.value.split())
+    return docs
 
 
 # --- generate (owned by the generation module) -----------------------------------------------------
