@@ -188,9 +188,12 @@ def sweep_launch(results, B=16, T=1024):
     x = torch.randn(B, T, HEADS, 4, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     r = (torch.randn(HEADS, D, 4, D, device="cuda") * 0.02).requires_grad_()
     out, best = {}, None
-    for bn, bk, nw in ((64, 128, 4), (32, 256, 4), (64, 256, 8), (128, 128, 8)):
-        name = f"n{bn}_k{bk}_w{nw}"
-        kw = dict(block_n=bn, block_k=bk, num_warps=nw)
+    # (block_n, block_k, warps, stages): run 2 found only the first of its four (all stages 3) to fit;
+    # block_k = D leaves the column loop innermost, so Triton can prefetch the next R tiles
+    for bn, bk, nw, ns in ((64, 128, 4, None), (64, 128, 8, None), (32, 256, 4, 2), (16, 256, 4, 3),
+                           (32, 256, 8, 2), (64, 64, 8, None)):
+        name = f"n{bn}_k{bk}_w{nw}_s{ns}"
+        kw = dict(block_n=bn, block_k=bk, num_warps=nw, num_stages=ns)
         try:
             def fb():
                 h, _ = slstm_triton.slstm(x, r, **kw)

@@ -20,11 +20,12 @@ SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def slstm(x, r, state: SLSTMState | None = None, *, forget_gate: str = "sigmoid", block_b: int = 16,
-          block_n: int | None = None, block_k: int | None = None,
-          num_warps: int = 4) -> tuple[torch.Tensor, SLSTMState]:
+          block_n: int | None = None, block_k: int | None = None, num_warps: int = 4,
+          num_stages: int | None = None) -> tuple[torch.Tensor, SLSTMState]:
     """Same contract as ``reference.slstm``. Launch knobs: block_b batch rows per program (>= 16,
     tl.dot's minimum), block_n output columns and block_k reduction slice per dot (powers of two
-    >= 16; None picks min(D, 64) and min(D, 128), 64 for float32), num_warps per program."""
+    >= 16; None picks min(D, 64) and min(D, 128), 64 for float32), num_warps per program and
+    num_stages of Triton's software pipelining (None: Triton's default)."""
     for name, t in (("x", x), ("r", r)) + tuple((f"state.{k}", v) for k, v in (state._asdict().items() if state else ())):
         if t.dtype not in SUPPORTED_DTYPES:
             raise ValueError(f"triton sLSTM supports {SUPPORTED_DTYPES}; {name} is {t.dtype}")
@@ -39,6 +40,8 @@ def slstm(x, r, state: SLSTMState | None = None, *, forget_gate: str = "sigmoid"
     default_k = 128 if x.element_size() <= 2 else 64
     meta = dict(BLOCK_B=block_b, BLOCK_N=block_n or min(block_d, 64), BLOCK_K=block_k or min(block_d, default_k),
                 PRECISION="ieee" if x.dtype == torch.float32 else "tf32", num_warps=num_warps)
+    if num_stages is not None:
+        meta["num_stages"] = num_stages
     h, c, n, m, hT = _SLSTMTriton.apply(x, r, *s0, forget_gate == "exp", meta)
     return h, SLSTMState(c, n, m, hT)
 
