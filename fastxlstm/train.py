@@ -338,7 +338,7 @@ class _Run:
                                                    "stateful" if cfg.stateful else "random", "seed": cfg.seed},
                      "world_size": env.world_size}
             torch.save(state, tmp / TRAINER_STATE)
-            (tmp / TRAIN_CONFIG).write_text(json.dumps({**cfg.to_dict(), "resume": None}, indent=2) + "\n")
+            (tmp / TRAIN_CONFIG).write_text(json.dumps({**cfg.to_dict(), "resume": None, "stop_at_step": None}, indent=2) + "\n")
         dist.barrier()
         if self.carry is not None:                       # each rank's carried recurrent state
             torch.save([[tuple(t.cpu() for t in s) for s in c] if c is not None else None for c in self.carry],
@@ -416,7 +416,7 @@ class _Run:
             tok = self.data.tokenizer
             if isinstance(tok, HFTokenizer):
                 shutil.copyfile(tok.path, self.out / "tokenizer.json")
-            (self.out / TRAIN_CONFIG).write_text(json.dumps({**self.cfg.to_dict(), "resume": None}, indent=2) + "\n")
+            (self.out / TRAIN_CONFIG).write_text(json.dumps({**self.cfg.to_dict(), "resume": None, "stop_at_step": None}, indent=2) + "\n")
             self._print(f"saved the model to {self.out} (load it with fastxlstm.load({str(self.out)!r}))")
         dist.barrier()
 

@@ -1,0 +1,189 @@
+"""Training end to end on the CPU: the CLI, resume exactness, corrupt checkpoints, signals, DDP and
+FSDP2 under torchrun against one process, and clear errors for bad flags and data."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from fastxlstm.checkpoint import load
+from fastxlstm.cli import main
+from fastxlstm.train import lr_factor
+
+# a model small enough that a step takes milliseconds, with chunks crossed (seq 24 > chunk 8)
+SMALL = ["--embedding-dim", "32", "--num-blocks", "2", "--chunk-size", "8", "--seq-len", "24",
+         "--batch-size", "4", "--eval-batches", "1", "--sample-tokens", "4", "--no-progress", "--log-every", "1"]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("data") / "corpus.txt"
+    lines = [f"line {i}: the {w} sat by the {p}." for i, (w, p) in
+             enumerate(zip(["cat", "dog", "owl", "fox"] * 100, ["river", "mill", "well", "door", "gate"] * 80))]
+    path.write_text("\n".join(lines))
+    return path
+
+
+def _train(*argv) -> int:
+    return main(["train", *SMALL, *map(str, argv)])
+
+
+def _metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_cli_few_steps(corpus, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert _train("--data", corpus, "--out", out, "--max-steps", 6, "--eval-every", 3, "--ckpt-every", 2,
+                  "--keep-last", 2, "--lr", "1e-2") == 0
+    rows = _metrics(out)
+    assert [r["step"] for r in rows] == [0, 1, 2, 3, 4, 5, 6]
+    assert all(isinstance(r["loss"], float) for r in rows)
+    assert [r["step"] for r in rows if "val_loss" in r] == [0, 3, 6]
+    assert rows[-1]["val_loss"] < rows[0]["val_loss"]
+    assert rows[-1]["val_bpb"] == pytest.approx(rows[-1]["val_loss"] / 0.6931471805599453)
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_0000004", "step_0000006"]
+    model = load(out)                                       # the final weights, in the checkpoint format
+    assert model.cfg.embedding_dim == 32 and model.cfg.num_blocks == 2
+    assert (out / "loss.png").stat().st_size > 1000
+    printed = capsys.readouterr().out
+    assert "validation loss" in printed and "--- sample" in printed
+
+
+@pytest.mark.parametrize("extra", [[], ["--stateful", "--grad-accum", "2"]], ids=["random", "stateful-accum"])
+def test_resume_is_bit_identical(corpus, tmp_path, extra):
+    common = ["--data", corpus, "--max-steps", 8, "--eval-every", 0, "--sample-tokens", 0, "--lr", "1e-2", *extra]
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    assert _train(*common, "--out", straight) == 0
+    assert _train(*common, "--out", split, "--stop-at-step", 4) == 0
+    assert not (split / "model.safetensors").exists()       # stopped early: checkpoint only
+    assert (split / "checkpoints" / "step_0000004").is_dir()
+    assert main(["train", "--out", str(split), "--resume", "--no-progress"]) == 0   # configs from the checkpoint
+    a, b = load_file(straight / "model.safetensors"), load_file(split / "model.safetensors")
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    assert [r["loss"] for r in _metrics(straight)] == [r["loss"] for r in _metrics(split)]
+
+
+def test_corrupt_checkpoint_is_refused_by_name(corpus, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert _train("--data", corpus, "--out", out, "--max-steps", 2, "--eval-every", 0, "--sample-tokens", 0) == 0
+    ckpt = out / "checkpoints" / "step_0000002"
+    weights = ckpt / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])        # truncated
+    capsys.readouterr()
+    assert main(["train", "--out", str(out), "--resume", "--max-steps", "4"]) == 2
+    err = capsys.readouterr().err
+    assert str(ckpt) in err and "model.safetensors" in err and "truncated" in err
+    (ckpt / "manifest.json").unlink()                       # a directory without its manifest
+    assert main(["train", "--out", str(out), "--resume", str(ckpt)]) == 2
+    assert "manifest.json is missing" in capsys.readouterr().err
+
+
+def test_sigint_saves_a_checkpoint_and_exits(corpus, tmp_path):
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "fastxlstm", "train", *SMALL, "--data", str(corpus), "--out", str(out),
+           "--max-steps", "100000", "--eval-every", "0", "--sample-tokens", "0"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.time() + 120
+    while not (out / "metrics.jsonl").is_file() or len(_metrics(out)) < 3:
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()[0]
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGINT, output
+    assert "SIGINT" in output and "--resume" in output
+    (ckpt,) = (out / "checkpoints").iterdir()
+    step = json.loads((ckpt / "manifest.json").read_text())["step"]
+    assert step >= 2 and _metrics(out)[-1]["step"] == step
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_torchrun_matches_one_process(corpus, tmp_path, parallel):
+    """2 gloo ranks with micro-batch 2 see the same global batch of 4 as one process: same loss curve."""
+    args = [*SMALL, "--data", str(corpus), "--max-steps", "5", "--eval-every", "5", "--lr", "1e-2"]
+    one = tmp_path / "one"
+    assert main(["train", *args, "--out", str(one)]) == 0
+    two = tmp_path / parallel
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           "-m", "fastxlstm", "train", *args, "--out", str(two), "--parallel", parallel]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    a, b = _metrics(one), _metrics(two)
+    assert [r["step"] for r in a] == [r["step"] for r in b]
+    # float32 sums in another order (gradient all-reduce / reduce-scatter): agreement to rounding
+    for key in ("loss", "grad_norm", "val_loss"):
+        x = [r[key] for r in a if key in r]
+        y = [r[key] for r in b if key in r]
+        assert x == pytest.approx(y, rel=1e-4), key
+    wa, wb = load_file(one / "model.safetensors"), load_file(two / "model.safetensors")
+    for name in wa:
+        torch.testing.assert_close(wa[name], wb[name], rtol=1e-4, atol=1e-5)
+
+
+def test_lr_schedule():
+    f = [lr_factor(s, warmup=10, total=110, min_ratio=0.1) for s in range(111)]
+    assert f[0] == pytest.approx(0.1) and f[9] == pytest.approx(1.0)
+    assert f[10] == pytest.approx(1.0) and f[60] == pytest.approx(0.55) and f[110] == pytest.approx(0.1)
+    assert all(a >= b for a, b in zip(f[10:], f[11:]))
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--batch-size", "0"], "batch_size must be an int >= 1, got 0"),
+    (["--batch-size", "6", "--grad-accum", "4"], "batch_size (6) must be a multiple of grad_accum (4)"),
+    (["--lr", "-1"], "lr must be a number in (0, inf]"),
+    (["--data", "/no/such/corpus"], "data /no/such/corpus: no such file or directory"),
+    (["--tokenizer", "/no/such/tokenizer.json"], "tokenizer /no/such/tokenizer.json: no such file"),
+    (["--parallel", "ddp"], "needs torchrun"),
+    (["--resume"], "resume: no checkpoint in"),
+    (["--seq-len", "100000"], "fewer than seq_len + 1"),
+    (["--num-heads", "3"], "does not divide into num_heads"),
+    (["--vocab-size", "100"], "vocab_size is 100"),
+])
+def test_bad_input_gives_a_clear_error(tmp_path, capsys, argv, message):
+    assert main(["train", "--out", str(tmp_path / "run"), "--max-steps", "1", "--no-progress", *argv]) == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--no-such-flag"], "unrecognized arguments: --no-such-flag"),
+    (["--lr", "fast"], "argument --lr: invalid float value: 'fast'"),
+    (["--preset", "huge"], "argument --preset: invalid choice: 'huge'"),
+    (["--parallel", "mpi"], "argument --parallel: invalid choice: 'mpi'"),
+])
+def test_bad_flags_are_rejected_by_the_parser(capsys, argv, message):
+    with pytest.raises(SystemExit) as e:
+        main(["train", *argv])
+    assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_bad_token_file(tmp_path, capsys):
+    bad = tmp_path / "tokens.bin"
+    bad.write_bytes(b"\x01\x02\x03")                        # 3 bytes: not whole uint16 tokens
+    assert main(["train", "--data", str(bad), "--out", str(tmp_path / "run")]) == 2
+    assert f"data {bad}: 3 bytes is not a whole number of uint16 tokens" in capsys.readouterr().err
+
+
+def test_config_file_and_flags(corpus, tmp_path):
+    from fastxlstm.train import resolve_configs
+    cfg_file = tmp_path / "run.json"
+    cfg_file.write_text(json.dumps({"preset": "tiny", "model": {"num_blocks": 1},
+                                    "train": {"lr": 1e-3, "data": str(corpus)}}))
+    model_cfg, train_cfg = resolve_configs(None, {}, {"lr": 2e-3}, str(cfg_file))
+    assert model_cfg.num_blocks == 1 and model_cfg.embedding_dim == 128
+    assert train_cfg.lr == 2e-3 and train_cfg.data == str(corpus)
+    cfg_file.write_text(json.dumps({"train": {"learning_rate": 1}}))
+    with pytest.raises(ValueError, match="unknown TrainConfig field"):
+        resolve_configs(None, {}, {}, str(cfg_file))
