@@ -19,6 +19,7 @@ import math
 
 import torch
 
+from .layers.common import round_up
 from .stack import StackConfig, XLSTMStackLM
 
 # official defaults (xlstm 2.0.6 dataclasses); keys not listed here are rejected
@@ -70,7 +71,7 @@ def stack_config_from_official(config: dict) -> tuple[StackConfig, str]:
     if mblock is not None:
         m = _fields("mlstm_block.mlstm", mblock["mlstm"] or {}, _MLSTM_LAYER)
         inner = _proj_dim(E, m, "mlstm_block.mlstm")
-        kw.update(mlstm_num_heads=m["num_heads"], mlstm_proj_factor=inner / E, qkv_block_size=m["qkv_proj_blocksize"],
+        kw.update(mlstm_num_heads=m["num_heads"], mlstm_proj_factor=_factor_for(E, inner), qkv_block_size=m["qkv_proj_blocksize"],
                   mlstm_conv_kernel_size=m["conv1d_kernel_size"], mlstm_bias=lm["bias"] or m["bias"])
     backend = "vanilla"
     if sblock is not None:
@@ -89,7 +90,7 @@ def stack_config_from_official(config: dict) -> tuple[StackConfig, str]:
             f = _fields("slstm_block.feedforward", ff, _FFN)
             if f["act_fn"] not in _ACT:
                 raise ValueError(f"slstm_block.feedforward.act_fn must be one of {sorted(_ACT)}, got {f['act_fn']!r}")
-            kw.update(ffn_proj_factor=_proj_dim(E, f, "slstm_block.feedforward") / E, ffn_act=_ACT[f["act_fn"]],
+            kw.update(ffn_proj_factor=_factor_for(E, _proj_dim(E, f, "slstm_block.feedforward")), ffn_act=_ACT[f["act_fn"]],
                       ffn_bias=f["bias"])
     return StackConfig(**kw), backend
 
@@ -108,9 +109,18 @@ def _proj_dim(E: int, layer: dict, where: str) -> int:
     mult = layer["round_proj_up_to_multiple_of"]
     q = E * layer["proj_factor"] / mult
     dim = int((math.ceil(q) if layer["round_proj_up_dim_up"] else math.floor(q)) * mult)
-    if dim != math.ceil(E * (dim / E) / 64) * 64:
+    if dim % 64:
         raise ValueError(f"{where}: projection width {dim} is not a multiple of 64, which this stack requires")
     return dim
+
+
+def _factor_for(E: int, dim: int) -> float:
+    """A proj factor whose width (E * factor rounded up to 64) is exactly ``dim``: dim / E, nudged
+    down by ulps where E * (dim / E) rounds to just above dim."""
+    factor = dim / E
+    while round_up(E * factor, 64) > dim:
+        factor = math.nextafter(factor, 0.0)
+    return factor
 
 
 def _map_state_dict(cfg: StackConfig, slstm_backend: str, sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -120,6 +120,20 @@ class StackConfig:
     def replace(self, **changes) -> "StackConfig":
         return dataclasses.replace(self, **changes)
 
+    def to_dict(self) -> dict:
+        """JSON-ready fields (slstm_at as a list, backend as its name)."""
+        d = dataclasses.asdict(self)
+        d["slstm_at"], d["backend"] = list(self.slstm_at), str(Backend(self.backend))
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "StackConfig":
+        """Inverse of to_dict; unknown keys are an error, never silently dropped."""
+        unknown = sorted(set(d) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            raise ValueError(f"unknown StackConfig field(s): {', '.join(unknown)}")
+        return cls(**{**d, "slstm_at": tuple(d.get("slstm_at", ()))})
+
 
 class StackBlock(nn.Module):
     """x + layer(norm(x)), then x + ffn(ffn_norm(x)) when the block has an FFN."""

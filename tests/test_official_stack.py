@@ -62,6 +62,7 @@ def check_logits(cfg, state_dict=None, T=48):
     dict(slstm_at=[1], tie_weights=True),
     dict(slstm_at="all", mlstm_block=None, num_blocks=3),
     dict(slstm_at=[], slstm_block=None, num_blocks=2, add_post_blocks_norm=False),
+    dict(embedding_dim=96, num_blocks=3, slstm_at=[1]),               # widths where dim / E * E rounds up
 ])
 def test_logits_match_official(over):
     check_logits(official_config(**over))

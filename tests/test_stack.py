@@ -114,3 +114,12 @@ def test_slstm_layer_keeps_autocast_dtype(monkeypatch):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         layer(torch.randn(2, 5, 32), backend=Backend.NATIVE)
     assert seen == [torch.bfloat16]
+
+
+def test_config_dict_round_trip():
+    import json
+
+    cfg = StackConfig(**TINY)
+    assert StackConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+    with pytest.raises(ValueError, match="not_a_field"):
+        StackConfig.from_dict({**cfg.to_dict(), "not_a_field": 1})
