@@ -74,3 +74,8 @@ def test_save_pretrained_loads_in_transformers_to_the_same_logits(model, tmp_pat
     back = load(tmp_path)                                           # and our loader reads it back
     with torch.no_grad():
         torch.testing.assert_close(back(x)[0], ours, rtol=0, atol=0)
+    from fastxlstm.hf import FastXLSTMForCausalLM
+
+    wrapped = FastXLSTMForCausalLM.from_pretrained(tmp_path)        # and so does the wrapper itself
+    with torch.no_grad():
+        torch.testing.assert_close(wrapped(x).logits, ours, rtol=0, atol=0)
