@@ -19,7 +19,7 @@ import math
 
 import torch
 
-from .layers.common import round_up
+from .layers.common import GatedFFN, round_up
 from .stack import StackConfig, XLSTMStackLM
 
 # official defaults (xlstm 2.0.6 dataclasses); keys not listed here are rejected
@@ -39,7 +39,6 @@ _FFN = dict(proj_factor=1.3, act_fn="gelu", embedding_dim=None, dropout=0.0, bia
 _LM = dict(mlstm_block=None, slstm_block=None, context_length=-1, num_blocks=1, embedding_dim=128,
            add_post_blocks_norm=True, bias=False, dropout=0.0, slstm_at=(), vocab_size=-1, tie_weights=False,
            weight_decay_on_embedding=False, add_embedding_dropout=False)
-_ACT = {"gelu": "gelu", "swish": "swish", "relu": "relu"}
 
 
 def convert_official(config: dict, state_dict: dict[str, torch.Tensor]) -> XLSTMStackLM:
@@ -71,8 +70,9 @@ def stack_config_from_official(config: dict) -> tuple[StackConfig, str]:
     if mblock is not None:
         m = _fields("mlstm_block.mlstm", mblock["mlstm"] or {}, _MLSTM_LAYER)
         inner = _proj_dim(E, m, "mlstm_block.mlstm")
-        kw.update(mlstm_num_heads=m["num_heads"], mlstm_proj_factor=_factor_for(E, inner), qkv_block_size=m["qkv_proj_blocksize"],
-                  mlstm_conv_kernel_size=m["conv1d_kernel_size"], mlstm_bias=lm["bias"] or m["bias"])
+        kw.update(mlstm_num_heads=m["num_heads"], mlstm_proj_factor=_factor_for(E, inner),
+                  qkv_block_size=m["qkv_proj_blocksize"], mlstm_conv_kernel_size=m["conv1d_kernel_size"],
+                  mlstm_bias=lm["bias"])          # the official stack overrides the layer's own bias flag
     backend = "vanilla"
     if sblock is not None:
         s = _fields("slstm_block.slstm", sblock["slstm"] or {}, _SLSTM_LAYER)
@@ -88,10 +88,11 @@ def stack_config_from_official(config: dict) -> tuple[StackConfig, str]:
         kw["slstm_ffn"] = ff is not None
         if ff is not None:
             f = _fields("slstm_block.feedforward", ff, _FFN)
-            if f["act_fn"] not in _ACT:
-                raise ValueError(f"slstm_block.feedforward.act_fn must be one of {sorted(_ACT)}, got {f['act_fn']!r}")
-            kw.update(ffn_proj_factor=_factor_for(E, _proj_dim(E, f, "slstm_block.feedforward")), ffn_act=_ACT[f["act_fn"]],
-                      ffn_bias=f["bias"])
+            if f["act_fn"] not in GatedFFN.ACTIVATIONS:
+                raise ValueError(f"slstm_block.feedforward.act_fn must be one of {sorted(GatedFFN.ACTIVATIONS)}, "
+                                 f"got {f['act_fn']!r}")
+            kw.update(ffn_proj_factor=_factor_for(E, _proj_dim(E, f, "slstm_block.feedforward")),
+                      ffn_act=f["act_fn"], ffn_bias=f["bias"])
     return StackConfig(**kw), backend
 
 

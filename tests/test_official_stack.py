@@ -80,7 +80,8 @@ def test_cuda_layout_state_dict():
         cell = official.xlstm_block_stack.blocks[idx].xlstm.slstm_cell
         cuda = sLSTMCell_cuda(sLSTMCellConfig(hidden_size=64, num_heads=4, backend="cuda"), skip_backend_init=True)
         key = f"xlstm_block_stack.blocks.{idx}.xlstm.slstm_cell."
-        sd[key + "_recurrent_kernel_"] = cuda._recurrent_kernel_ext2int(cell._recurrent_kernel_int2ext(cell._recurrent_kernel_.detach()))
+        ext = cell._recurrent_kernel_int2ext(cell._recurrent_kernel_.detach())   # (H, D_in, 4, D_out)
+        sd[key + "_recurrent_kernel_"] = cuda._recurrent_kernel_ext2int(ext)
         sd[key + "_bias_"] = cuda._bias_ext2int(cell._bias_int2ext(cell._bias_.detach()))
     cuda_cfg = copy.deepcopy(cfg)
     cuda_cfg["slstm_block"]["slstm"]["backend"] = "cuda"

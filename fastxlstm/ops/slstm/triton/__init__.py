@@ -26,7 +26,8 @@ def slstm(x, r, state: SLSTMState | None = None, *, forget_gate: str = "sigmoid"
     tl.dot's minimum), block_n output columns and block_k reduction slice per dot (powers of two
     >= 16; None picks min(D, 64) and min(D, 128), 64 for float32), num_warps per program and
     num_stages of Triton's software pipelining (None: Triton's default)."""
-    for name, t in (("x", x), ("r", r)) + tuple((f"state.{k}", v) for k, v in (state._asdict().items() if state else ())):
+    named = [("x", x), ("r", r)] + [(f"state.{k}", v) for k, v in (state._asdict().items() if state else ())]
+    for name, t in named:
         if t.dtype not in SUPPORTED_DTYPES:
             raise ValueError(f"triton sLSTM supports {SUPPORTED_DTYPES}; {name} is {t.dtype}")
     for name, v in (("block_b", block_b), ("block_n", block_n), ("block_k", block_k)):
