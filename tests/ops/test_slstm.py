@@ -91,15 +91,16 @@ def test_forget_gates_and_partly_empty_state(backend, forget_gate):
 
 
 @pytest.mark.skipif(Backend.TRITON not in FAST, reason="Triton not installed")
-@pytest.mark.parametrize("T", [1, 5])
-def test_triton_several_column_blocks(T):
-    """D = 40 in blocks of 16: three column blocks per step, the last one partial, and a reduction
-    over three slices; batch 19 spans two program rows."""
+@pytest.mark.parametrize("T, launch", [(1, dict(block_k=16)), (5, dict(block_k=16)),
+                                       (5, dict(block_k=64, full_k=True))])
+def test_triton_several_column_blocks(T, launch):
+    """D = 40 in column blocks of 16: three per step, the last one partial; the reduction over
+    three slices or, with full_k, one; batch 19 spans two program rows."""
     from fastxlstm.ops.slstm import triton as slstm_triton
 
     ref = run(Backend.REFERENCE, *make_inputs(19, T, 2, 40, dtype=torch.float64, with_state=True))
     x, r, state = make_inputs(19, T, 2, 40, dtype=torch.float32, with_state=True, device=DEVICE)
-    h, s = slstm_triton.slstm(x, r, state, block_n=16, block_k=16)
+    h, s = slstm_triton.slstm(x, r, state, block_n=16, **launch)
     g = torch.Generator().manual_seed(1)
     weights = [torch.randn(t.shape, generator=g, dtype=torch.float64).to(t) for t in (h, *s)]
     loss = sum((t * w).sum() for t, w in zip((h, *s), weights))

@@ -20,12 +20,18 @@ SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def slstm(x, r, state: SLSTMState | None = None, *, forget_gate: str = "sigmoid", block_b: int = 16,
-          block_n: int | None = None, block_k: int | None = None, num_warps: int = 4,
-          num_stages: int | None = None) -> tuple[torch.Tensor, SLSTMState]:
+          block_n: int | None = None, block_k: int | None = None, num_warps: int = 8,
+          num_stages: int | None = 2, full_k: bool = False) -> tuple[torch.Tensor, SLSTMState]:
     """Same contract as ``reference.slstm``. Launch knobs: block_b batch rows per program (>= 16,
-    tl.dot's minimum), block_n output columns and block_k reduction slice per dot (powers of two
-    >= 16; None picks min(D, 64) and min(D, 128), 64 for float32), num_warps per program and
-    num_stages of Triton's software pipelining (None: Triton's default)."""
+    tl.dot's minimum); block_n output columns and block_k reduction slice per dot (powers of two
+    >= 16; None: min(D, 64)); num_warps per program; num_stages of Triton's software pipelining
+    (None: Triton's default); full_k reduces over all of D in one slice (block_k >= D), so the
+    column loop is innermost.
+
+    Defaults: off-device compiles for sm_90 (triton 3.9, cuobjdump) show 64 x 64 tiles with 8 warps
+    and 2 stages free of register spills in both kernels and every dtype; the 64 x 128 x 4-warp
+    launch measured on the H200 (run 2 in benchmarks/RESULTS.md) spilled 568 bytes per thread.
+    """
     named = [("x", x), ("r", r)] + [(f"state.{k}", v) for k, v in (state._asdict().items() if state else ())]
     for name, t in named:
         if t.dtype not in SUPPORTED_DTYPES:
@@ -36,13 +42,12 @@ def slstm(x, r, state: SLSTMState | None = None, *, forget_gate: str = "sigmoid"
     s0 = initial_state(x, r, state)
     D = x.shape[-1]
     block_d = max(16, triton.next_power_of_2(D))
-    # R tiles of 4 gates x BLOCK_K x BLOCK_N, software-pipelined, must fit in shared memory (227 KiB):
-    # 128 x 64 in 2-byte types, 64 x 64 in float32 (measured on the H200: both fit, wider does not)
-    default_k = 128 if x.element_size() <= 2 else 64
-    meta = dict(BLOCK_B=block_b, BLOCK_N=block_n or min(block_d, 64), BLOCK_K=block_k or min(block_d, default_k),
-                PRECISION="ieee" if x.dtype == torch.float32 else "tf32", num_warps=num_warps)
+    meta = dict(BLOCK_B=block_b, BLOCK_N=block_n or min(block_d, 64), BLOCK_K=block_k or min(block_d, 64),
+                FULL_K=full_k, PRECISION="ieee" if x.dtype == torch.float32 else "tf32", num_warps=num_warps)
     if num_stages is not None:
         meta["num_stages"] = num_stages
+    if full_k and meta["BLOCK_K"] < D:
+        raise ValueError(f"full_k needs block_k >= D = {D}, got block_k {meta['BLOCK_K']}")
     h, c, n, m, hT = _SLSTMTriton.apply(x, r, *s0, forget_gate == "exp", meta)
     return h, SLSTMState(c, n, m, hT)
 

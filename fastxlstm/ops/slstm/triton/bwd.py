@@ -20,8 +20,8 @@ def slstm_bwd_kernel(
     dcT_ptr, dnT_ptr, dmT_ptr, dhT_ptr,
     dpre_ptr, dc_ptr, dn_ptr, dm_ptr, dh_ptr,
     B, T, H, D,
-    BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, FORGET_EXP: tl.constexpr,
-    PRECISION: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, FULL_K: tl.constexpr,
+    FORGET_EXP: tl.constexpr, PRECISION: tl.constexpr,
 ):
     pid_b = tl.program_id(0)
     pid_h = tl.program_id(1)
@@ -98,20 +98,38 @@ def slstm_bwd_kernel(
             tl.store(dm_ptr + s_off, dlogf, mask=mask)
         tl.debug_barrier()                      # dpre_t complete before phase 2 reads it
 
+        if FULL_K:                              # all of dpre_t, loaded once: the column loop is innermost
+            ok = tl.arange(0, BLOCK_K)
+            dp_off = ((ob[:, None] * T + t) * H + pid_h) * 4 * D + ok[None, :]
+            dp_mask = bmask[:, None] & (ok < D)[None, :]
+            dp_i = tl.load(dpre_ptr + dp_off, mask=dp_mask, other=0.0).to(rdt)
+            dp_f = tl.load(dpre_ptr + dp_off + D, mask=dp_mask, other=0.0).to(rdt)
+            dp_z = tl.load(dpre_ptr + dp_off + 2 * D, mask=dp_mask, other=0.0).to(rdt)
+            dp_o = tl.load(dpre_ptr + dp_off + 3 * D, mask=dp_mask, other=0.0).to(rdt)
         for j in range(0, D, BLOCK_N):          # columns of dh_{t-1}: R's input dimension
             oj = j + tl.arange(0, BLOCK_N)
             jmask = oj < D
-            acc = tl.zeros((BLOCK_B, BLOCK_N), dtype=tl.float32)
-            for k in range(0, D, BLOCK_K):      # slices of R's output dimension
-                ok = k + tl.arange(0, BLOCK_K)
-                kmask = ok < D
-                dp_off = ((ob[:, None] * T + t) * H + pid_h) * 4 * D + ok[None, :]
-                dp_mask = bmask[:, None] & kmask[None, :]
+            if FULL_K:
                 rt_off = (pid_h * D + oj[None, :]) * 4 * D + ok[:, None]      # R[h, j, g, k] as (k, j)
-                rt_mask = kmask[:, None] & jmask[None, :]
-                for g in tl.static_range(4):
-                    dp = tl.load(dpre_ptr + dp_off + g * D, mask=dp_mask, other=0.0).to(rdt)
-                    acc += tl.dot(dp, tl.load(r_ptr + rt_off + g * D, mask=rt_mask, other=0.0),
-                                  input_precision=PRECISION)
+                rt_mask = (ok < D)[:, None] & jmask[None, :]
+                acc = tl.dot(dp_i, tl.load(r_ptr + rt_off, mask=rt_mask, other=0.0), input_precision=PRECISION)
+                acc += tl.dot(dp_f, tl.load(r_ptr + rt_off + D, mask=rt_mask, other=0.0), input_precision=PRECISION)
+                acc += tl.dot(dp_z, tl.load(r_ptr + rt_off + 2 * D, mask=rt_mask, other=0.0),
+                              input_precision=PRECISION)
+                acc += tl.dot(dp_o, tl.load(r_ptr + rt_off + 3 * D, mask=rt_mask, other=0.0),
+                              input_precision=PRECISION)
+            else:
+                acc = tl.zeros((BLOCK_B, BLOCK_N), dtype=tl.float32)
+                for k in range(0, D, BLOCK_K):  # slices of R's output dimension
+                    okk = k + tl.arange(0, BLOCK_K)
+                    kmask = okk < D
+                    dpk_off = ((ob[:, None] * T + t) * H + pid_h) * 4 * D + okk[None, :]
+                    dpk_mask = bmask[:, None] & kmask[None, :]
+                    rtk_off = (pid_h * D + oj[None, :]) * 4 * D + okk[:, None]
+                    rtk_mask = kmask[:, None] & jmask[None, :]
+                    for g in tl.static_range(4):
+                        dp = tl.load(dpre_ptr + dpk_off + g * D, mask=dpk_mask, other=0.0).to(rdt)
+                        acc += tl.dot(dp, tl.load(r_ptr + rtk_off + g * D, mask=rtk_mask, other=0.0),
+                                      input_precision=PRECISION)
             tl.store(dh_ptr + row * D + oj[None, :], acc, mask=bmask[:, None] & jmask[None, :])
         tl.debug_barrier()                      # dh_{t-1} complete before the next phase 1

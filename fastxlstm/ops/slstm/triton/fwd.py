@@ -2,7 +2,8 @@
 # Grid: (cdiv(B, BLOCK_B), H). One program owns BLOCK_B batch rows of one head and walks all T
 # steps. Per step it sweeps the head's D outputs in column blocks of BLOCK_N: for each block the
 # four gate pre-activations are x + h_{t-1} @ R[h, :, g, block], summed over BLOCK_K slices of
-# h_{t-1} (tl.dot, float32 accumulation), then the pointwise update of that block.
+# h_{t-1} (tl.dot, float32 accumulation), then the pointwise update of that block. FULL_K (BLOCK_K
+# >= D) takes h_{t-1} in one slice, so the column loop is innermost and software-pipelined.
 # Why column blocks instead of one D x 4D tile: a head's R is 4*D*D (512 KiB in bf16 at D=256),
 # more than a multiprocessor's shared memory, so it streams per step from L2, where it stays
 # resident (each program touches only its head's R).
@@ -23,8 +24,8 @@ def slstm_fwd_kernel(
     y_ptr, pre_ptr, cs_ptr, ns_ptr, ms_ptr, hs_ptr,
     c_ptr, n_ptr, m_ptr, hbuf_ptr,
     B, T, H, D,
-    BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, FORGET_EXP: tl.constexpr,
-    SAVE: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, FULL_K: tl.constexpr,
+    FORGET_EXP: tl.constexpr, SAVE: tl.constexpr, PRECISION: tl.constexpr,
 ):
     pid_b = tl.program_id(0)
     pid_h = tl.program_id(1)
@@ -56,27 +57,42 @@ def slstm_fwd_kernel(
     for t in range(T):
         src = (t % 2) * BHD
         dst = BHD - src
-        for j in range(0, D, BLOCK_N):
+        if FULL_K:                              # all of h_{t-1} in one slice, loaded once per step
+            ok = tl.arange(0, BLOCK_K)
+            h_all = tl.load(hbuf_ptr + src + row * D + ok[None, :], mask=bmask[:, None] & (ok < D)[None, :],
+                            other=0.0).to(rdt)
+        for j in range(0, D, BLOCK_N):          # with FULL_K the innermost loop: Triton prefetches R tiles
             oj = j + tl.arange(0, BLOCK_N)
             jmask = oj < D
             mask = bmask[:, None] & jmask[None, :]
-            acc_i = tl.zeros((BLOCK_B, BLOCK_N), dtype=tl.float32)
-            acc_f = tl.zeros((BLOCK_B, BLOCK_N), dtype=tl.float32)
-            acc_z = tl.zeros((BLOCK_B, BLOCK_N), dtype=tl.float32)
-            acc_o = tl.zeros((BLOCK_B, BLOCK_N), dtype=tl.float32)
-            for k in range(0, D, BLOCK_K):
-                ok = k + tl.arange(0, BLOCK_K)
-                kmask = ok < D
-                hk = tl.load(hbuf_ptr + src + row * D + ok[None, :], mask=bmask[:, None] & kmask[None, :],
-                             other=0.0).to(rdt)
+            if FULL_K:
                 r_off = (pid_h * D + ok[:, None]) * 4 * D + oj[None, :]      # R[h, k, g, j] at + g*D
-                r_mask = kmask[:, None] & jmask[None, :]
-                acc_i += tl.dot(hk, tl.load(r_ptr + r_off, mask=r_mask, other=0.0), input_precision=PRECISION)
-                acc_f += tl.dot(hk, tl.load(r_ptr + r_off + D, mask=r_mask, other=0.0), input_precision=PRECISION)
-                acc_z += tl.dot(hk, tl.load(r_ptr + r_off + 2 * D, mask=r_mask, other=0.0),
-                                input_precision=PRECISION)
-                acc_o += tl.dot(hk, tl.load(r_ptr + r_off + 3 * D, mask=r_mask, other=0.0),
-                                input_precision=PRECISION)
+                r_mask = (ok < D)[:, None] & jmask[None, :]
+                acc_i = tl.dot(h_all, tl.load(r_ptr + r_off, mask=r_mask, other=0.0), input_precision=PRECISION)
+                acc_f = tl.dot(h_all, tl.load(r_ptr + r_off + D, mask=r_mask, other=0.0), input_precision=PRECISION)
+                acc_z = tl.dot(h_all, tl.load(r_ptr + r_off + 2 * D, mask=r_mask, other=0.0),
+                               input_precision=PRECISION)
+                acc_o = tl.dot(h_all, tl.load(r_ptr + r_off + 3 * D, mask=r_mask, other=0.0),
+                               input_precision=PRECISION)
+            else:
+                acc_i = tl.zeros((BLOCK_B, BLOCK_N), dtype=tl.float32)
+                acc_f = tl.zeros((BLOCK_B, BLOCK_N), dtype=tl.float32)
+                acc_z = tl.zeros((BLOCK_B, BLOCK_N), dtype=tl.float32)
+                acc_o = tl.zeros((BLOCK_B, BLOCK_N), dtype=tl.float32)
+                for k in range(0, D, BLOCK_K):
+                    okk = k + tl.arange(0, BLOCK_K)
+                    kmask = okk < D
+                    hk = tl.load(hbuf_ptr + src + row * D + okk[None, :], mask=bmask[:, None] & kmask[None, :],
+                                 other=0.0).to(rdt)
+                    r_off = (pid_h * D + okk[:, None]) * 4 * D + oj[None, :]
+                    r_mask = kmask[:, None] & jmask[None, :]
+                    acc_i += tl.dot(hk, tl.load(r_ptr + r_off, mask=r_mask, other=0.0), input_precision=PRECISION)
+                    acc_f += tl.dot(hk, tl.load(r_ptr + r_off + D, mask=r_mask, other=0.0),
+                                    input_precision=PRECISION)
+                    acc_z += tl.dot(hk, tl.load(r_ptr + r_off + 2 * D, mask=r_mask, other=0.0),
+                                    input_precision=PRECISION)
+                    acc_o += tl.dot(hk, tl.load(r_ptr + r_off + 3 * D, mask=r_mask, other=0.0),
+                                    input_precision=PRECISION)
             x_off = ((ob[:, None] * T + t) * H + pid_h) * 4 * D + oj[None, :]
             gi = tl.load(x_ptr + x_off, mask=mask, other=0.0).to(tl.float32) + acc_i
             gf = tl.load(x_ptr + x_off + D, mask=mask, other=0.0).to(tl.float32) + acc_f
