@@ -198,6 +198,7 @@ def measure(name, make, B, S, H, K, V, reps, modes=("fwd", "fwdbwd")):
 
 # Variants that compile without register spills for sm_90 (triton 3.9 AOT, checked off-device).
 SWEEP = {
+    "delta": [dict(BK=128, BV=128, W=8, S=2), dict(BK=64, BV=128, W=8, S=2), dict(BK=64, BV=64, W=4, S=2)],
     "fwd_state": [dict(BK=64, BV=64, W=8, S=2), dict(BK=64, BV=64, W=4, S=2), dict(BK=64, BV=32, W=4, S=2)],
     "fwd_out": [dict(BT=64, BK=64, BV=128, W=8, S=2), dict(BT=64, BK=64, BV=128, W=8, S=3),
                 dict(BT=64, BK=128, BV=128, W=8, S=2), dict(BT=64, BK=64, BV=256, W=8, S=2)],
@@ -213,7 +214,7 @@ def sweep(B, S, H, K, V, L, reps, log):
     """Coordinate sweep: each kernel's tiles on their own (the kernels' times add up)."""
     best = {}
     for group, variants in SWEEP.items():
-        mode = "fwd" if group.startswith("fwd") else "fwdbwd"
+        mode = "fwdbwd" if group.startswith("bwd") else "fwd"
         base = dict(tri.CONFIG[group])
         results = []
         for cfg in variants:
@@ -254,6 +255,8 @@ def main():
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--skip", default="", help="comma-separated kernel-name substrings to leave out")
     ap.add_argument("--sweep-chunk", type=int, default=128)
+    ap.add_argument("--only", default="", help="measure only kernels whose name contains one of these")
+    ap.add_argument("--no-sdpa", action="store_true")
     ap.add_argument("--other", default="fastxlstm triton L128,TFLA xl_chunk L128",
                     help="kernels measured at the shapes other than the goal shape (name substrings)")
     args = ap.parse_args()
@@ -272,14 +275,14 @@ def main():
     attn_done = set()
     for B, S, H, K, V in shapes:
         for name, make in kernels(B, S, H, K, V).items():
-            if any(s in name for s in skip):
+            if any(s in name for s in skip) or (args.only and not any(s in name for s in args.only.split(","))):
                 continue
             if (B, S, H, K, V) != goal and not any(s in name for s in args.other.split(",")):
                 continue
             log["rows"].append(measure(name, make, B, S, H, K, V, args.reps))
             with open(os.path.join(args.out, "kernels.json"), "w") as fh:
                 json.dump(log, fh, indent=1)
-        if S not in attn_done:
+        if S not in attn_done and not args.no_sdpa:
             attn_done.add(S)
             log["rows"].append(measure_sdpa(S, args.reps))
     md = table(log["rows"])

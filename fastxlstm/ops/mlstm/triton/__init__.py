@@ -23,11 +23,14 @@ __all__ = ["mlstm", "mlstm_step", "CONFIG"]
 
 # BT: rows per intra-chunk block; BK / BV: tiles of Dqk / Dv; W*: num_warps; S*: num_stages.
 CONFIG = dict(
-    fwd_state=dict(BK=64, BV=64, W=8, S=2),
-    fwd_out=dict(BT=64, BK=64, BV=128, W=8, S=2),
-    bwd_state=dict(BK=64, BV=64, W=8, S=2),
-    bwd_dqk=dict(BT=64, BK=64, BV=64, W=8, S=2),
-    bwd_dv=dict(BT=64, BK=64, BV=128, W=8, S=2),
+    state_pass="scan",                          # "scan": parallel per-chunk terms + scan; "loop": one sequential kernel
+    delta=dict(BK=128, BV=128, W=8, S=2),
+    scan=dict(BLOCK=1024, W=4),
+    fwd_state=dict(BK=64, BV=64, W=4, S=2),
+    fwd_out=dict(BT=64, BK=64, BV=256, W=8, S=2),
+    bwd_state=dict(BK=64, BV=128, W=8, S=2),
+    bwd_dqk=dict(BT=64, BK=64, BV=64, W=8, S=3),
+    bwd_dv=dict(BT=64, BK=64, BV=128, W=8, S=3),
     step=dict(BK=32, BV=64, W=4),
 )
 
@@ -116,16 +119,27 @@ def _chunkwise(q: Tensor, k: Tensor, v: Tensor, i: Tensor, f: Tensor, c0: Tensor
     tok = q.new_empty(3, H, T_all, dtype=torch.float32)
     cT, nT, mT = torch.empty_like(c0), torch.empty_like(n0), torch.empty_like(m0)
     h = torch.empty(B, T, H, V, device=q.device, dtype=q.dtype)
-    cfg = CONFIG["fwd_state"]
-    BK, BV = _tile(K, cfg["BK"]), _tile(V, cfg["BV"])
-    fwd._state_kernel[(triton.cdiv(K, BK), triton.cdiv(V, BV), N * H)](
-        k, v, i, f, c0, n0, m0, cu, first, cs, ns, chs, tok, cT, nT, mT,
-        T_all, num_chunks, H=H, K=K, V=V, L=L, BK=BK, BV=BV, num_warps=cfg["W"], num_stages=cfg["S"])
+    prec = _precision(q)
+    if CONFIG["state_pass"] == "scan":
+        fwd._gate_kernel[(N * H,)](i, f, m0, cu, first, chs, tok, mT, T_all, H=H, L=L, num_warps=4)
+        cfg = CONFIG["delta"]
+        BK, BV = _tile(K, cfg["BK"]), _tile(V, cfg["BV"])
+        fwd._delta_kernel[(triton.cdiv(K, BK), triton.cdiv(V, BV), num_chunks * H)](
+            k, v, i, tok, chs, start, end, cs, ns, T_all, H=H, K=K, V=V, L=L, BK=BK, BV=BV, PREC=prec,
+            num_warps=cfg["W"], num_stages=cfg["S"])
+        _scan(cs, c0, cT, chs, cu, first, L, reverse=False)
+        _scan(ns, n0, nT, chs, cu, first, L, reverse=False)
+    else:
+        cfg = CONFIG["fwd_state"]
+        BK, BV = _tile(K, cfg["BK"]), _tile(V, cfg["BV"])
+        fwd._state_kernel[(triton.cdiv(K, BK), triton.cdiv(V, BV), N * H)](
+            k, v, i, f, c0, n0, m0, cu, first, cs, ns, chs, tok, cT, nT, mT,
+            T_all, num_chunks, H=H, K=K, V=V, L=L, BK=BK, BV=BV, PREC=prec, num_warps=cfg["W"], num_stages=cfg["S"])
     cfg = CONFIG["fwd_out"]
     BT, BK, BV = min(cfg["BT"], L), _tile(K, cfg["BK"]), _tile(V, cfg["BV"])
     fwd._out_kernel[(triton.cdiv(V, BV), num_chunks * (L // BT), H)](
         q, k, v, i, cs, ns, chs, tok, start, end, h, K ** -0.5, eps, T_all,
-        H=H, K=K, V=V, L=L, BT=BT, BK=BK, BV=BV, num_warps=cfg["W"], num_stages=cfg["S"])
+        H=H, K=K, V=V, L=L, BT=BT, BK=BK, BV=BV, PREC=prec, num_warps=cfg["W"], num_stages=cfg["S"])
     return h, cT, nT, mT, cs, ns, chs, tok
 
 
@@ -153,16 +167,26 @@ def _chunkwise_bwd(dh: Tensor, dcT: Tensor, dnT: Tensor, dmT: Tensor, q: Tensor,
     start, end, first = _chunk_table(cu, num_chunks, L)
     scale = K ** -0.5
     scal = q.new_empty(3, H, T_all, dtype=torch.float32)
-    cfg = CONFIG["bwd_state"]
     bwd._prep_kernel[(triton.cdiv(T_all, 64), H)](dh, h, tok, scal, eps, T_all, H=H, V=V, BT=64,
                                                    BV=_tile(V, 64), num_warps=4)
     dcs = torch.empty_like(cs)
     dns = torch.empty_like(ns)
     dc0, dn0 = torch.empty_like(c0), torch.empty_like(n0)
-    BK, BV = _tile(K, cfg["BK"]), _tile(V, cfg["BV"])
-    bwd._state_kernel[(triton.cdiv(K, BK), triton.cdiv(V, BV), N * H)](
-        q, dh, tok, scal, chs, cu, first, dcT, dnT, dcs, dns, dc0, dn0, scale, T_all,
-        H=H, K=K, V=V, L=L, BK=BK, BV=BV, num_warps=cfg["W"], num_stages=cfg["S"])
+    prec = _precision(q)
+    if CONFIG["state_pass"] == "scan":
+        cfg = CONFIG["delta"]
+        BK, BV = _tile(K, cfg["BK"]), _tile(V, cfg["BV"])
+        bwd._delta_kernel[(triton.cdiv(K, BK), triton.cdiv(V, BV), num_chunks * H)](
+            q, dh, tok, scal, chs, start, end, dcs, dns, scale, T_all, H=H, K=K, V=V, L=L, BK=BK, BV=BV,
+            PREC=prec, num_warps=cfg["W"], num_stages=cfg["S"])
+        _scan(dcs, dcT, dc0, chs, cu, first, L, reverse=True)
+        _scan(dns, dnT, dn0, chs, cu, first, L, reverse=True)
+    else:
+        cfg = CONFIG["bwd_state"]
+        BK, BV = _tile(K, cfg["BK"]), _tile(V, cfg["BV"])
+        bwd._state_kernel[(triton.cdiv(K, BK), triton.cdiv(V, BV), N * H)](
+            q, dh, tok, scal, chs, cu, first, dcT, dnT, dcs, dns, dc0, dn0, scale, T_all,
+            H=H, K=K, V=V, L=L, BK=BK, BV=BV, PREC=prec, num_warps=cfg["W"], num_stages=cfg["S"])
     cfg = CONFIG["bwd_dqk"]
     BT, BK, BV = min(cfg["BT"], L), _tile(K, cfg["BK"]), _tile(V, cfg["BV"])
     NKT = triton.cdiv(K, BK)
@@ -170,13 +194,13 @@ def _chunkwise_bwd(dh: Tensor, dcT: Tensor, dnT: Tensor, dmT: Tensor, q: Tensor,
     part = q.new_empty(2, NKT, H, T_all, dtype=torch.float32)
     bwd._dqk_kernel[(NKT, num_chunks * (L // BT), H)](
         q, k, v, i, dh, cs, ns, dcs, dns, chs, tok, scal, start, end, dq, dk, part, scale, T_all,
-        H=H, K=K, V=V, L=L, BT=BT, BK=BK, BV=BV, num_warps=cfg["W"], num_stages=cfg["S"])
+        H=H, K=K, V=V, L=L, BT=BT, BK=BK, BV=BV, PREC=prec, num_warps=cfg["W"], num_stages=cfg["S"])
     cfg = CONFIG["bwd_dv"]
     BT, BK, BV = min(cfg["BT"], L), _tile(K, cfg["BK"]), _tile(V, cfg["BV"])
     dv = torch.empty_like(v)
     bwd._dv_kernel[(triton.cdiv(V, BV), num_chunks * (L // BT), H)](
         q, k, i, dh, dcs, chs, tok, scal, start, end, dv, scale, T_all,
-        H=H, K=K, V=V, L=L, BT=BT, BK=BK, BV=BV, num_warps=cfg["W"], num_stages=cfg["S"])
+        H=H, K=K, V=V, L=L, BT=BT, BK=BK, BV=BV, PREC=prec, num_warps=cfg["W"], num_stages=cfg["S"])
     di, df, dm0 = _gate_grads(i, f, m0, c0, n0, dc0, dn0, cT, nT, dcT, dnT, dmT, tok, scal, part, cu)
     return dq, dk, dv, di, df, dc0, dn0, dm0
 
@@ -257,6 +281,21 @@ def _chunk_table(cu: Tensor, num_chunks: int, L: int):
     start = cu[seq] + (torch.arange(num_chunks, device=cu.device) - first[seq]) * L
     end = torch.minimum(start + L, cu[seq + 1])
     return start, end, first
+
+
+def _scan(x, x0, xt, chs, cu, first, L, *, reverse):
+    """Carry the per-chunk terms in x through the chunks of every sequence (see fwd._scan_kernel)."""
+    NC, H = x.shape[:2]
+    E = x[0, 0].numel()
+    cfg = CONFIG["scan"]
+    block = min(cfg["BLOCK"], triton.next_power_of_2(E))
+    fwd._scan_kernel[(triton.cdiv(E, block), (cu.numel() - 1) * H)](
+        x, x0, xt, chs, cu, first, H=H, E=E, L=L, BLOCK=block, REVERSE=reverse, num_warps=cfg["W"])
+
+
+def _precision(q) -> str:
+    # fp32 inputs get exact fp32 dots (the fp32 contract); bf16/fp16 operands are exact in tf32 mode.
+    return "ieee" if q.dtype == torch.float32 else "tf32"
 
 
 def _tile(d: int, cap: int) -> int:

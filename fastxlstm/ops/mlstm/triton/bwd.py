@@ -11,9 +11,11 @@ per-token gate scalars and s; the backward re-reads q, k, v and recomputes the L
 and score blocks.
 
 _prep_kernel       grid (cdiv(T_all, BT), H): per token 1/den, ds and the stabiliser partial g.
-_state_kernel      grid (cdiv(Dqk, BK), cdiv(Dv, BV), N_seq * H): the reverse chunk recurrence
-                   dC_start = exp(g + m_start - m_end) dC_end + (q~ * w0)^T dO (dn likewise with
-                   ds); stores dC at every chunk end and the gradient of the initial state.
+_delta_kernel      grid (cdiv(Dqk, BK), cdiv(Dv, BV), N_chunks * H): each chunk's own term
+                   (q~ * w0)^T dO of the reverse recurrence dC_start = exp(g + m_start - m_end)
+                   dC_end + (q~ * w0)^T dO (dn likewise with ds); fwd._scan_kernel(REVERSE) then
+                   carries it, leaving dC at every chunk end and the initial state's gradient.
+_state_kernel      the same recurrence in one sequential launch (CONFIG["state_pass"] == "loop").
 _dqk_kernel        grid (cdiv(Dqk, BK), N_chunks * L / BT, H): dq and dk for BT rows and a BK
                    slice; dP = dO V^T + ds is rebuilt from Dv tiles; the diagonal block is shared
                    by dq and dk. Also stores q . dq and k . dk partial sums per BK slice.
@@ -55,11 +57,50 @@ def _prep_kernel(dh_ptr, h_ptr, tok_ptr, scal_ptr, eps, T_all, H: tl.constexpr, 
 
 
 @triton.jit
+def _delta_kernel(q_ptr, dh_ptr, tok_ptr, scal_ptr, chs_ptr, start_ptr, end_ptr, dcs_ptr, dns_ptr,
+                  scale, T_all, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+                  L: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
+    # Each chunk's own term of the reverse recurrence, (q~ * w0)^T dO (dn with ds); the reverse
+    # _scan_kernel of fwd.py then carries dC through the chunks.
+    pid_k = tl.program_id(0)
+    pid_v = tl.program_id(1)
+    pid = tl.program_id(2)
+    gc = (pid // H).to(tl.int64)
+    h = pid % H
+    t0 = tl.load(start_ptr + gc)
+    te = tl.load(end_ptr + gc)
+    ot = tl.arange(0, L)
+    ok = tl.arange(0, BK)
+    ov = tl.arange(0, BV)
+    valid = ot < te - t0
+    mk = pid_k * BK + ok < K
+    mv = pid_v * BV + ov < V
+    b_r = tl.load(tok_ptr + (h * T_all + t0) + ot, mask=valid, other=0.0)
+    m_r = tl.load(tok_ptr + ((H + h) * T_all + t0) + ot, mask=valid, other=0.0)
+    inv_den = tl.load(scal_ptr + (h * T_all + t0) + ot, mask=valid, other=0.0)
+    m_prev = tl.load(chs_ptr + (gc * H + h) * 3)
+    w0 = tl.where(valid, tl.exp(b_r + m_prev - m_r), 0.0) * scale
+    qt = tl.load(q_ptr + t0 * (H * K) + h * K + pid_k * BK + ot[:, None] * (H * K) + ok[None, :],
+                 mask=valid[:, None] & mk[None, :], other=0.0)
+    do = tl.load(dh_ptr + t0 * (H * V) + h * V + pid_v * BV + ot[:, None] * (H * V) + ov[None, :],
+                 mask=valid[:, None] & mv[None, :], other=0.0)
+    do = (do.to(tl.float32) * inv_den[:, None]).to(qt.dtype)
+    qw = qt.to(tl.float32) * w0[:, None]
+    dc = tl.dot(tl.trans(qw.to(qt.dtype)), do, input_precision=PREC)
+    cst = (gc * H + h) * K
+    tl.store(dcs_ptr + cst * V + pid_k * BK * V + pid_v * BV + ok[:, None] * V + ov[None, :],
+             dc.to(dcs_ptr.dtype.element_ty), mask=mk[:, None] & mv[None, :])
+    if pid_v == 0:
+        ds = tl.load(scal_ptr + ((H + h) * T_all + t0) + ot, mask=valid, other=0.0)
+        tl.store(dns_ptr + cst + pid_k * BK + ok, tl.sum(qw * ds[:, None], 0), mask=mk)
+
+
+@triton.jit
 def _state_kernel(
     q_ptr, dh_ptr, tok_ptr, scal_ptr, chs_ptr, cu_ptr, first_ptr, dct_ptr, dnt_ptr,
     dcs_ptr, dns_ptr, dc0_ptr, dn0_ptr,
     scale, T_all, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
-    L: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    L: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr,
 ):
     pid_k = tl.program_id(0)
     pid_v = tl.program_id(1)
@@ -105,7 +146,7 @@ def _state_kernel(
         do = (do.to(tl.float32) * inv_den[:, None]).to(qt.dtype)
         qw = qt.to(tl.float32) * w0[:, None]
         decay = tl.exp(g + m_prev - m_end)
-        dc = dc * decay + tl.dot(tl.trans(qw.to(qt.dtype)), do)
+        dc = dc * decay + tl.dot(tl.trans(qw.to(qt.dtype)), do, input_precision=PREC)
         dn = dn * decay + tl.sum(qw * ds[:, None], 0)
     tl.store(dc0_ptr + state_off * K * V + c_tile + kv_off, dc, mask=mkv)
     if pid_v == 0:
@@ -117,7 +158,7 @@ def _dqk_kernel(
     q_ptr, k_ptr, v_ptr, i_ptr, dh_ptr, cs_ptr, ns_ptr, dcs_ptr, dns_ptr, chs_ptr, tok_ptr, scal_ptr,
     start_ptr, end_ptr, dq_ptr, dk_ptr, part_ptr,
     scale, T_all, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
-    L: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    L: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr,
 ):
     pid_k = tl.program_id(0)
     pid_c = tl.program_id(1)
@@ -165,9 +206,9 @@ def _dqk_kernel(
             vt = tl.load(v_ptr + v_base + vv + v_off, mask=v_msk, other=0.0)
             cp = tl.load(cs_ptr + c_base + vv + c_off, mask=mk[:, None] & mv[None, :], other=0.0)
             dce = tl.load(dcs_ptr + c_base + vv + c_off, mask=mk[:, None] & mv[None, :], other=0.0)
-            dq += tl.dot(do, tl.trans(cp.to(dt)))
-            dk += tl.dot(vt, tl.trans(dce.to(dt)))
-            dp_diag += tl.dot(do, tl.trans(vt))
+            dq += tl.dot(do, tl.trans(cp.to(dt)), input_precision=PREC)
+            dk += tl.dot(vt, tl.trans(dce.to(dt)), input_precision=PREC)
+            dp_diag += tl.dot(do, tl.trans(vt), input_precision=PREC)
         n_p = tl.load(ns_ptr + cst + pid_k * BK + ok, mask=mk, other=0.0)
         dn_e = tl.load(dns_ptr + cst + pid_k * BK + ok, mask=mk, other=0.0)
         w0 = tl.where(vr, tl.exp(b_r + m_prev - m_r), 0.0)
@@ -179,8 +220,8 @@ def _dqk_kernel(
         causal = (ob[None, :] <= ob[:, None]) & vr[None, :] & vr[:, None]
         w = tl.where(causal, tl.exp(b_r[:, None] - b_r[None, :] + i_r[None, :] - m_r[:, None]), 0.0)
         dpw = ((dp_diag + ds_r[:, None]) * w).to(dt)
-        dq += tl.dot(dpw, k_r)
-        dk += tl.dot(tl.trans(dpw), q_r) * scale
+        dq += tl.dot(dpw, k_r, input_precision=PREC)
+        dk += tl.dot(tl.trans(dpw), q_r, input_precision=PREC) * scale
 
         # earlier key blocks of the chunk -> dq
         for jb in range(0, sub):
@@ -193,10 +234,10 @@ def _dqk_kernel(
                 do = (tl.load(dh_ptr + v_base + vv + v_off, mask=vr[:, None] & mv[None, :],
                               other=0.0).to(tl.float32) * inv_r[:, None]).to(dt)
                 vt = tl.load(v_ptr + c0 * (H * V) + h * V + vv + v_off, mask=mv[None, :], other=0.0)
-                dp += tl.dot(do, tl.trans(vt))
+                dp += tl.dot(do, tl.trans(vt), input_precision=PREC)
             w = tl.where(vr[:, None], tl.exp(b_r[:, None] - b_c[None, :] + i_c[None, :] - m_r[:, None]), 0.0)
             kt = tl.load(k_ptr + c0 * (H * K) + h * K + pid_k * BK + qk_off, mask=mk[None, :], other=0.0)
-            dq += tl.dot(((dp + ds_r[:, None]) * w).to(dt), kt)
+            dq += tl.dot(((dp + ds_r[:, None]) * w).to(dt), kt, input_precision=PREC)
 
         # later query blocks of the chunk -> dk
         for tb in range(sub + 1, NSUB):
@@ -212,11 +253,11 @@ def _dqk_kernel(
                 do = (tl.load(dh_ptr + c0 * (H * V) + h * V + vv + v_off, mask=vc[:, None] & mv[None, :],
                               other=0.0).to(tl.float32) * inv_c[:, None]).to(dt)
                 vt = tl.load(v_ptr + v_base + vv + v_off, mask=vr[:, None] & mv[None, :], other=0.0)
-                dp += tl.dot(do, tl.trans(vt))
+                dp += tl.dot(do, tl.trans(vt), input_precision=PREC)
             w = tl.where(vc[:, None] & vr[None, :],
                          tl.exp(b_c[:, None] - b_r[None, :] + i_r[None, :] - m_c[:, None]), 0.0)
             qt = tl.load(q_ptr + c0 * (H * K) + h * K + pid_k * BK + qk_off, mask=vc[:, None] & mk[None, :], other=0.0)
-            dk += tl.dot(tl.trans(((dp + ds_c[:, None]) * w * scale).to(dt)), qt)
+            dk += tl.dot(tl.trans(((dp + ds_c[:, None]) * w * scale).to(dt)), qt, input_precision=PREC)
 
         dq = dq * scale
         tl.store(dq_ptr + qk_base + qk_off, dq.to(dq_ptr.dtype.element_ty), mask=qk_msk)
@@ -230,7 +271,7 @@ def _dqk_kernel(
 def _dv_kernel(
     q_ptr, k_ptr, i_ptr, dh_ptr, dcs_ptr, chs_ptr, tok_ptr, scal_ptr, start_ptr, end_ptr, dv_ptr,
     scale, T_all, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
-    L: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    L: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr,
 ):
     pid_v = tl.program_id(0)
     pid_c = tl.program_id(1)
@@ -262,7 +303,7 @@ def _dv_kernel(
             mk = kk + ok < K
             kt = tl.load(k_ptr + k_base + kk + qk_off, mask=vr[:, None] & mk[None, :], other=0.0)
             dce = tl.load(dcs_ptr + cst * V + kk * V + pid_v * BV + c_off, mask=mk[:, None] & mv[None, :], other=0.0)
-            dv += tl.dot(kt, dce.to(dt))
+            dv += tl.dot(kt, dce.to(dt), input_precision=PREC)
         w_end = tl.where(vr, tl.exp(g - b_r + i_r - m_end), 0.0)
         dv = dv * w_end[:, None]
         for tb in range(sub, NSUB):
@@ -276,12 +317,12 @@ def _dv_kernel(
                 mk = kk + ok < K
                 qt = tl.load(q_ptr + c0 * (H * K) + h * K + kk + qk_off, mask=vc[:, None] & mk[None, :], other=0.0)
                 kt = tl.load(k_ptr + k_base + kk + qk_off, mask=vr[:, None] & mk[None, :], other=0.0)
-                s += tl.dot(qt, tl.trans(kt))
+                s += tl.dot(qt, tl.trans(kt), input_precision=PREC)
             causal = ((c0 + ob)[:, None] >= (r0 + ob)[None, :]) & vc[:, None] & vr[None, :]
             w = tl.where(causal, tl.exp(b_c[:, None] - b_r[None, :] + i_r[None, :] - m_c[:, None]), 0.0)
             p = s * w * scale
             do = tl.load(dh_ptr + c0 * (H * V) + h * V + pid_v * BV + v_off, mask=vc[:, None] & mv[None, :], other=0.0)
             do = (do.to(tl.float32) * inv_c[:, None]).to(dt)
-            dv += tl.dot(tl.trans(p.to(dt)), do)
+            dv += tl.dot(tl.trans(p.to(dt)), do, input_precision=PREC)
         tl.store(dv_ptr + r0 * (H * V) + h * V + pid_v * BV + v_off, dv.to(dv_ptr.dtype.element_ty),
                  mask=vr[:, None] & mv[None, :])

@@ -1,22 +1,32 @@
-"""Chunkwise mLSTM forward: two launches, a sequential state pass and a parallel output pass.
+"""Chunkwise mLSTM forward: the states at every chunk start, then the outputs in parallel.
 
 Sequences are packed along time (cu_seqlens; a dense (B, T) batch is B sequences of T), and
 chunks of L tokens never straddle a sequence boundary (the last chunk of each sequence may be
 short; masked, never padded in memory). Chunk c covers tokens [start[c], end[c]).
 
+Chunk-start states, two variants (CONFIG["state_pass"]):
+"scan" (default), three launches:
+_gate_kernel    grid (N_seq * H,). The scalar recurrence only: per token the chunk-local cumulative
+                log forget b and the stabiliser m; per chunk (m at start, log decay g, m at end).
+_delta_kernel   grid (cdiv(Dqk, BK), cdiv(Dv, BV), N_chunks * H), fully parallel: each chunk's own
+                contribution dC = (K * exp(g - b + i - m_end))^T V (dn likewise), written into the
+                state buffer.
+_scan_kernel    grid (cdiv(E, BLOCK), N_seq * H), elementwise over the E state entries: walks the
+                chunks in order, C <- exp(g + m_start - m_end) C + dC, overwriting each dC with the
+                state at its chunk start (in place), and writes the final state. The backward runs
+                the same kernel in reverse for dC.
+"loop", one launch:
 _state_kernel   grid (cdiv(Dqk, BK), cdiv(Dv, BV), N_seq * H). One program walks all chunks of one
                 sequence and head for a BK x BV tile of C (n by the pid_v == 0 programs), in fp32
-                registers. It stores the state at every chunk start (in the matmul dtype), the
-                per-chunk scalars (m at chunk start, log decay g over the chunk, m at chunk end),
-                the per-token chunk-local cumulative log forget b and stabiliser m, and the
-                final state. Per chunk: C <- exp(g + m - m') C + (K * exp(g - b + i - m'))^T V.
+                registers, doing the gate work as it goes.
+Then:
 _out_kernel     grid (cdiv(Dv, BV), N_chunks * L / BT, H). One program owns BT query rows of one
                 chunk and a BV slice of h: h = (w0 q~ C_start + sum_j (q~ k_j^T * W) v_j) / den,
                 looping over Dqk tiles for the inter-chunk term and over the key sub-blocks of the
                 chunk (causal) for the intra-chunk term; it also stores s = q~ . n (the signed
                 denominator before the max), which the backward uses to rebuild den.
-All exponents are <= 0 by construction of m (see native.py), so nothing overflows. Offsets into
-tensors are int64 so T * H * D may pass 2**31.
+All exponents are <= 0 by construction of m (see native.py), so nothing overflows. Scalar bases
+are int64 (T * H * D may pass 2**31); offsets inside a tile are int32 (fewer address registers).
 """
 
 from __future__ import annotations
@@ -37,12 +47,111 @@ def _logsigmoid(x):
 
 
 @triton.jit
+def _gate_kernel(i_ptr, f_ptr, m0_ptr, cu_ptr, first_ptr, chs_ptr, tok_ptr, mt_ptr,
+                 T_all, H: tl.constexpr, L: tl.constexpr):
+    pid = tl.program_id(0)
+    seq = pid // H
+    h = pid % H
+    bos = tl.load(cu_ptr + seq).to(tl.int64)
+    eos = tl.load(cu_ptr + seq + 1).to(tl.int64)
+    first = tl.load(first_ptr + seq).to(tl.int64)
+    n_chunks = tl.cdiv(eos - bos, L)
+    ot = tl.arange(0, L)
+    m = tl.load(m0_ptr + seq * H + h).to(tl.float32)
+    for j in range(0, n_chunks):
+        gc = first + j
+        t0 = bos + j * L
+        valid = ot < eos - t0
+        fg = tl.load(f_ptr + (t0 * H + h) + ot * H, mask=valid, other=0.0).to(tl.float32)
+        ig = tl.load(i_ptr + (t0 * H + h) + ot * H, mask=valid, other=0.0).to(tl.float32)
+        lf = tl.where(valid, _logsigmoid(fg), 0.0)
+        b = tl.cumsum(lf, 0)
+        g = tl.sum(lf, 0)
+        m_new = tl.maximum(g + m, tl.max(tl.where(valid, g - b + ig, float("-inf")), 0))
+        cm = tl.associative_scan(tl.where(valid, ig - b, float("-inf")), 0, _max_fn)
+        tl.store(tok_ptr + (h * T_all + t0) + ot, b, mask=valid)
+        tl.store(tok_ptr + ((H + h) * T_all + t0) + ot, b + tl.maximum(m, cm), mask=valid)
+        tl.store(chs_ptr + (gc * H + h) * 3 + 0, m)
+        tl.store(chs_ptr + (gc * H + h) * 3 + 1, g)
+        tl.store(chs_ptr + (gc * H + h) * 3 + 2, m_new)
+        m = m_new
+    tl.store(mt_ptr + seq * H + h, m)
+
+
+@triton.jit
+def _delta_kernel(k_ptr, v_ptr, i_ptr, tok_ptr, chs_ptr, start_ptr, end_ptr, cs_ptr, ns_ptr,
+                  T_all, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+                  L: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
+    pid_k = tl.program_id(0)
+    pid_v = tl.program_id(1)
+    pid = tl.program_id(2)
+    gc = (pid // H).to(tl.int64)
+    h = pid % H
+    t0 = tl.load(start_ptr + gc)
+    te = tl.load(end_ptr + gc)
+    ot = tl.arange(0, L)
+    ok = tl.arange(0, BK)
+    ov = tl.arange(0, BV)
+    valid = ot < te - t0
+    mk = pid_k * BK + ok < K
+    mv = pid_v * BV + ov < V
+    b = tl.load(tok_ptr + (h * T_all + t0) + ot, mask=valid, other=0.0)
+    ig = tl.load(i_ptr + (t0 * H + h) + ot * H, mask=valid, other=0.0).to(tl.float32)
+    g = tl.load(chs_ptr + (gc * H + h) * 3 + 1)
+    m_end = tl.load(chs_ptr + (gc * H + h) * 3 + 2)
+    w = tl.where(valid, tl.exp(g - b + ig - m_end), 0.0)
+    kt = tl.load(k_ptr + t0 * (H * K) + h * K + pid_k * BK + ot[:, None] * (H * K) + ok[None, :],
+                 mask=valid[:, None] & mk[None, :], other=0.0)
+    vt = tl.load(v_ptr + t0 * (H * V) + h * V + pid_v * BV + ot[:, None] * (H * V) + ov[None, :],
+                 mask=valid[:, None] & mv[None, :], other=0.0)
+    kw = kt.to(tl.float32) * w[:, None]
+    dc = tl.dot(tl.trans(kw.to(vt.dtype)), vt, input_precision=PREC)
+    cst = (gc * H + h) * K
+    tl.store(cs_ptr + cst * V + pid_k * BK * V + pid_v * BV + ok[:, None] * V + ov[None, :],
+             dc.to(cs_ptr.dtype.element_ty), mask=mk[:, None] & mv[None, :])
+    if pid_v == 0:
+        tl.store(ns_ptr + cst + pid_k * BK + ok, tl.sum(kw, 0), mask=mk)
+
+
+@triton.jit
+def _scan_kernel(x_ptr, x0_ptr, xt_ptr, chs_ptr, cu_ptr, first_ptr, H: tl.constexpr, E: tl.constexpr,
+                 L: tl.constexpr, BLOCK: tl.constexpr, REVERSE: tl.constexpr):
+    # x holds each chunk's own contribution; it is replaced by the carried state at the chunk's
+    # start (forward) or the carried gradient at its end (REVERSE), which is what the other
+    # kernels read. Both directions share the chunk decay exp(g + m_start - m_end).
+    pid_e = tl.program_id(0)
+    pid = tl.program_id(1)
+    seq = pid // H
+    h = pid % H
+    bos = tl.load(cu_ptr + seq).to(tl.int64)
+    eos = tl.load(cu_ptr + seq + 1).to(tl.int64)
+    first = tl.load(first_ptr + seq).to(tl.int64)
+    n_chunks = tl.cdiv(eos - bos, L)
+    e = pid_e * BLOCK + tl.arange(0, BLOCK)
+    me = e < E
+    carry = tl.load(x0_ptr + (seq * H + h).to(tl.int64) * E + e, mask=me, other=0.0).to(tl.float32)
+    for jj in range(0, n_chunks):
+        if REVERSE:
+            gc = first + n_chunks - 1 - jj
+        else:
+            gc = first + jj
+        slot = x_ptr + (gc * H + h) * E + e
+        delta = tl.load(slot, mask=me, other=0.0).to(tl.float32)
+        m_start = tl.load(chs_ptr + (gc * H + h) * 3)
+        g = tl.load(chs_ptr + (gc * H + h) * 3 + 1)
+        m_end = tl.load(chs_ptr + (gc * H + h) * 3 + 2)
+        tl.store(slot, carry.to(x_ptr.dtype.element_ty), mask=me)
+        carry = tl.exp(g + m_start - m_end) * carry + delta
+    tl.store(xt_ptr + (seq * H + h).to(tl.int64) * E + e, carry, mask=me)
+
+
+@triton.jit
 def _state_kernel(
     k_ptr, v_ptr, i_ptr, f_ptr, c0_ptr, n0_ptr, m0_ptr,
     cu_ptr, first_ptr,
     cs_ptr, ns_ptr, chs_ptr, tok_ptr, ct_ptr, nt_ptr, mt_ptr,
     T_all, NC, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
-    L: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    L: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr,
 ):
     # 64-bit scalar bases, 32-bit offsets inside a tile: keeps per-element address registers low.
     pid_k = tl.program_id(0)
@@ -98,7 +207,7 @@ def _state_kernel(
         kt = tl.load(k_ptr + t0 * (H * K) + h * K + pid_k * BK + k_off, mask=valid[:, None] & mk[None, :], other=0.0)
         vt = tl.load(v_ptr + t0 * (H * V) + h * V + pid_v * BV + v_off, mask=valid[:, None] & mv[None, :], other=0.0)
         kw = kt.to(tl.float32) * w[:, None]
-        c = c * decay + tl.dot(tl.trans(kw.to(vt.dtype)), vt)
+        c = c * decay + tl.dot(tl.trans(kw.to(vt.dtype)), vt, input_precision=PREC)
         n = n * decay + tl.sum(kw, 0)
         m = m_new
 
@@ -113,7 +222,7 @@ def _state_kernel(
 def _out_kernel(
     q_ptr, k_ptr, v_ptr, i_ptr, cs_ptr, ns_ptr, chs_ptr, tok_ptr, start_ptr, end_ptr, h_ptr,
     scale, eps, T_all, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
-    L: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    L: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr,
 ):
     pid_v = tl.program_id(0)
     pid_c = tl.program_id(1)
@@ -147,7 +256,7 @@ def _out_kernel(
             qt = tl.load(q_base + kk + qk_off, mask=vr[:, None] & mk[None, :], other=0.0)
             ct = tl.load(c_base + kk * V + c_off, mask=mk[:, None] & mv[None, :], other=0.0)
             nt = tl.load(ns_ptr + cst + kk + ok, mask=mk, other=0.0)
-            acc += tl.dot(qt, ct.to(qt.dtype))
+            acc += tl.dot(qt, ct.to(qt.dtype), input_precision=PREC)
             qn += tl.sum(qt.to(tl.float32) * nt[None, :], 1)
         w0 = tl.exp(b_r + m_prev - m_r) * scale
         acc = acc * w0[:, None]
@@ -166,11 +275,11 @@ def _out_kernel(
                 mk = kk + ok < K
                 qt = tl.load(q_base + kk + qk_off, mask=vr[:, None] & mk[None, :], other=0.0)
                 kt = tl.load(k_base + kk + qk_off, mask=vc[:, None] & mk[None, :], other=0.0)
-                s += tl.dot(qt, tl.trans(kt))
+                s += tl.dot(qt, tl.trans(kt), input_precision=PREC)
             p = s * w * scale
             ssum += tl.sum(p, 1)
             vt = tl.load(v_ptr + c0 * (H * V) + h * V + pid_v * BV + v_off, mask=vc[:, None] & mv[None, :], other=0.0)
-            acc += tl.dot(p.to(vt.dtype), vt)
+            acc += tl.dot(p.to(vt.dtype), vt, input_precision=PREC)
 
         den = tl.maximum(tl.abs(ssum), tl.exp(-m_r)) + eps
         out = acc / den[:, None]
