@@ -187,3 +187,27 @@ def test_config_file_and_flags(corpus, tmp_path):
     cfg_file.write_text(json.dumps({"train": {"learning_rate": 1}}))
     with pytest.raises(ValueError, match="unknown TrainConfig field"):
         resolve_configs(None, {}, {}, str(cfg_file))
+
+
+def test_activation_checkpointing_changes_nothing_but_memory(corpus, tmp_path):
+    common = ["--data", corpus, "--max-steps", 3, "--eval-every", 0, "--sample-tokens", 0]
+    assert _train(*common, "--out", tmp_path / "plain") == 0
+    assert _train(*common, "--out", tmp_path / "ac", "--activation-checkpointing") == 0
+    assert [r["loss"] for r in _metrics(tmp_path / "plain")] == \
+        pytest.approx([r["loss"] for r in _metrics(tmp_path / "ac")], rel=1e-6)
+
+
+def test_tokenizer_json(corpus, tmp_path):
+    tokenizers = pytest.importorskip("tokenizers")
+    tok = tokenizers.Tokenizer(tokenizers.models.BPE())
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel()
+    tok.decoder = tokenizers.decoders.ByteLevel()
+    tok.train([str(corpus)], tokenizers.trainers.BpeTrainer(
+        vocab_size=300, initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet()))
+    tok.save(str(tmp_path / "tokenizer.json"))
+    out = tmp_path / "run"
+    assert _train("--data", corpus, "--tokenizer", tmp_path / "tokenizer.json", "--vocab-size", 320,
+                  "--out", out, "--max-steps", 2, "--eval-every", 0) == 0
+    row = _metrics(out)[-1]
+    assert row["val_bpb"] < row["val_loss"] / 0.6931471805599453   # more than one byte per token
+    assert (out / "tokenizer.json").is_file()                          # next to the weights, for generate
