@@ -80,7 +80,11 @@ def test_corrupt_checkpoint_is_refused_by_name(corpus, tmp_path, capsys):
     assert _train("--data", corpus, "--out", out, "--max-steps", 2, "--eval-every", 0, "--sample-tokens", 0) == 0
     ckpt = out / "checkpoints" / "step_0000002"
     weights = ckpt / "model.safetensors"
-    weights.write_bytes(weights.read_bytes()[:-100])        # truncated
+    good = weights.read_bytes()
+    weights.write_bytes(good[:-9] + bytes([good[-9] ^ 1]) + good[-8:])   # one bit flipped, same size
+    assert main(["train", "--out", str(out), "--resume", "--max-steps", "4"]) == 2
+    assert f"checkpoint {ckpt} is corrupt: model.safetensors does not match its SHA-256 sum" in capsys.readouterr().err
+    weights.write_bytes(good[:-100])                        # truncated
     capsys.readouterr()
     assert main(["train", "--out", str(out), "--resume", "--max-steps", "4"]) == 2
     err = capsys.readouterr().err
