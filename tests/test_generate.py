@@ -435,5 +435,6 @@ def test_cuda_decode_memory_does_not_grow():
     m = random_model(GPU_CFG, dtype=torch.float32).cuda()
     stats = GenerationStats()
     generate(m, prompts_of([9, 9]), max_new_tokens=1025, eos_token_id=None, stats=stats)
-    mem = stats.memory_allocated
-    assert mem[1024] == mem[1025] == mem[64]
+    mem = stats.memory_allocated                  # sampled while decoding, not after the release
+    assert set(mem) >= {64, 1024, 1025}
+    assert mem[1024] == mem[1025] == mem[64], mem

@@ -236,9 +236,9 @@ class _Job:
                             finished[r] = reason
                             live -= 1
                         yield TokenEvent(r, t, text, reason)
-                    if stats is not None:
+                    if stats is not None and cuda:             # sampled while the decoder is alive
                         n = max(count)
-                        if cuda and n & (n - 1) == 0:
+                        if n & (n - 1) == 0 or not live:
                             stats.memory_allocated[n] = torch.cuda.memory_allocated(device)
                     if not live:
                         return
@@ -247,7 +247,6 @@ class _Job:
             if stats is not None:
                 stats.new_tokens = max(count)
                 if cuda:
-                    stats.memory_allocated[max(count)] = torch.cuda.memory_allocated(device)
                     stats.peak_memory = torch.cuda.max_memory_allocated(device)
 
 

@@ -46,7 +46,8 @@ class GenerationStats:
     decode_s: float = 0.0
     new_tokens: int = 0
     memory_allocated: dict[int, int] = field(default_factory=dict)
-    """CUDA bytes allocated, keyed by new tokens per row so far (sampled at powers of two)."""
+    """CUDA bytes allocated during decoding, keyed by new tokens per row so far (sampled at powers of
+    two and at the last token, before the decoder's buffers are released)."""
     peak_memory: int = 0
 
     @property
