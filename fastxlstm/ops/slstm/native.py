@@ -32,43 +32,51 @@ def slstm_step(x, r, state: SLSTMState | None = None, *,
 
 
 class _SLSTM(torch.autograd.Function):
+    # The loop runs head-major, (H, B, ...), so each step's recurrent matmul is one bmm over heads
+    # with no per-step transposes; inputs and outputs are permuted once, outside the loop.
     @staticmethod
     def forward(ctx, x, r, c0, n0, m0, h0, forget_exp: bool):
         B, T, H, _, D = x.shape
         dt = c0.dtype
         rr = r.to(dt).reshape(H, D, 4 * D)
-        pre_all = x.new_empty(B, T, H, 4, D, dtype=dt)
-        c_all, n_all, m_all, h_all = (x.new_empty(B, T, H, D, dtype=dt) for _ in range(4))
-        c, n, m, h = c0, n0, m0, h0
+        xt = x.to(dt).permute(1, 2, 0, 3, 4).contiguous()                # (T, H, B, 4, D)
+        pre_all = torch.empty_like(xt)
+        c_all, n_all, m_all, h_all = (xt.new_empty(T, H, B, D) for _ in range(4))
+        c, n, m, h = (s.transpose(0, 1) for s in (c0, n0, m0, h0))       # (H, B, D)
         for t in range(T):
-            rec = torch.bmm(h.transpose(0, 1), rr).transpose(0, 1)      # (B, H, 4D)
-            pre = x[:, t].to(dt) + rec.view(B, H, 4, D)
+            pre = torch.baddbmm(xt[t].view(H, B, 4 * D), h, rr).view(H, B, 4, D)
             c, n, m, h = pointwise_forward(pre, c, n, m, forget_exp)
-            pre_all[:, t], c_all[:, t], n_all[:, t], m_all[:, t], h_all[:, t] = pre, c, n, m, h
+            pre_all[t], c_all[t], n_all[t], m_all[t], h_all[t] = pre, c, n, m, h
         ctx.save_for_backward(r, pre_all, c_all, n_all, m_all, h_all, c0, n0, m0, h0)
         ctx.forget_exp, ctx.x_dtype = forget_exp, x.dtype
-        return h_all.to(x.dtype), c, n, m, h
+        final = (c.transpose(0, 1).contiguous(), n.transpose(0, 1).contiguous(), m.transpose(0, 1).contiguous(),
+                 h.transpose(0, 1).contiguous())
+        return (h_all.permute(2, 0, 1, 3).to(x.dtype).contiguous(), *final)
 
     @staticmethod
     def backward(ctx, dh_all, dcT, dnT, dmT, dhT):
         r, pre_all, c_all, n_all, m_all, h_all, c0, n0, m0, h0 = ctx.saved_tensors
-        B, T, H, _, D = pre_all.shape
+        T, H, B, _, D = pre_all.shape
         dt = c0.dtype
         rt = r.to(dt).reshape(H, D, 4 * D).transpose(1, 2)            # (H, 4D, D)
         dpre_all = torch.empty_like(pre_all)
-        zero = c0.new_zeros(B, H, D)
-        dc, dn, dm, dh_rec = (g.to(dt) if g is not None else zero for g in (dcT, dnT, dmT, dhT))
-        dh_all = dh_all.to(dt) if dh_all is not None else pre_all.new_zeros(B, T, H, D)
+        zero = c0.new_zeros(H, B, D)
+        dc, dn, dm, dh_rec = (g.to(dt).transpose(0, 1) if g is not None else zero for g in (dcT, dnT, dmT, dhT))
+        dh_all = (dh_all.to(dt).permute(1, 2, 0, 3) if dh_all is not None else pre_all.new_zeros(T, H, B, D))
+        init = tuple(s.transpose(0, 1) for s in (c0, n0, m0))
         for t in range(T - 1, -1, -1):
-            prev = (c_all[:, t - 1], n_all[:, t - 1], m_all[:, t - 1]) if t > 0 else (c0, n0, m0)
+            prev = (c_all[t - 1], n_all[t - 1], m_all[t - 1]) if t > 0 else init
             dpre, dc, dn, dm = pointwise_backward(
-                pre_all[:, t], c_all[:, t], n_all[:, t], m_all[:, t], *prev,
-                dh_all[:, t] + dh_rec, dc, dn, dm, ctx.forget_exp)
-            dpre_all[:, t] = dpre
-            dh_rec = torch.bmm(dpre.reshape(B, H, 4 * D).transpose(0, 1), rt).transpose(0, 1)
-        h_prev = torch.cat([h0[:, None], h_all[:, :-1]], dim=1)         # (B, T, H, D)
-        dr = torch.einsum("bthd,bthge->hdge", h_prev, dpre_all)
-        return dpre_all.to(ctx.x_dtype), dr.to(r.dtype), dc, dn, dm, dh_rec, None
+                pre_all[t], c_all[t], n_all[t], m_all[t], *prev,
+                dh_all[t] + dh_rec, dc, dn, dm, ctx.forget_exp)
+            dpre_all[t] = dpre
+            dh_rec = torch.bmm(dpre.view(H, B, 4 * D), rt)                # (H, B, D)
+        h_prev = torch.cat([h0.transpose(0, 1)[None], h_all[:-1]], dim=0)  # (T, H, B, D)
+        dr = torch.bmm(h_prev.permute(1, 3, 0, 2).reshape(H, D, T * B),
+                       dpre_all.permute(1, 0, 2, 3, 4).reshape(H, T * B, 4 * D))
+        dx = dpre_all.permute(2, 0, 1, 3, 4).to(ctx.x_dtype)
+        grads = (dc, dn, dm, dh_rec)
+        return (dx, dr.view(H, D, 4, D).to(r.dtype), *(g.transpose(0, 1) for g in grads), None)
 
 
 def pointwise_forward(pre, c, n, m, forget_exp: bool):
