@@ -78,14 +78,19 @@ def kernels(B, S, H, K, V):
     """name -> (make(): (forward closure, leaves)), for the mLSTM-like kernels at one shape."""
     out = {}
 
-    def ours(L):
+    def ours(L, state_pass=None):
+        def run(q, k, v, i, f):
+            if state_pass is not None:
+                tri.CONFIG["state_pass"] = state_pass
+            return tri.mlstm(q, k, v, i, f, chunk_size=L)[0]
+
         def make():
-            q, k, v, i, f = inputs(B, S, H, K, V)
-            return (lambda q, k, v, i, f: tri.mlstm(q, k, v, i, f, chunk_size=L)[0]), [q, k, v, i, f]
+            return run, list(inputs(B, S, H, K, V))
         return make
 
     for L in (64, 128, 256):
-        out[f"fastxlstm triton L{L}"] = ours(L)
+        out[f"fastxlstm triton L{L}"] = ours(L, "loop")
+    out["fastxlstm triton L128 scan"] = ours(128, "scan")
 
     def mk(name, L):
         def make():
@@ -210,6 +215,12 @@ SWEEP = {
 }
 
 
+def _ours_plain(B, S, H, K, V, L):
+    def make():
+        return (lambda q, k, v, i, f: tri.mlstm(q, k, v, i, f, chunk_size=L)[0]), list(inputs(B, S, H, K, V))
+    return make
+
+
 def sweep(B, S, H, K, V, L, reps, log):
     """Coordinate sweep: each kernel's tiles on their own (the kernels' times add up)."""
     best = {}
@@ -219,8 +230,9 @@ def sweep(B, S, H, K, V, L, reps, log):
         results = []
         for cfg in variants:
             tri.CONFIG[group] = dict(cfg)
+            tri.CONFIG["state_pass"] = "scan" if group == "delta" else "loop"
             try:
-                ms, _ = run_one(kernels(B, S, H, K, V)[f"fastxlstm triton L{L}"], mode, reps)
+                ms, _ = run_one(_ours_plain(B, S, H, K, V, L), mode, reps)
             except Exception as e:  # noqa: BLE001
                 ms = float("inf")
                 print(f"sweep {group} {cfg}: {type(e).__name__}: {str(e)[:200]}", flush=True)
@@ -230,6 +242,7 @@ def sweep(B, S, H, K, V, L, reps, log):
         ms, cfg = min(results, key=lambda x: x[0])
         tri.CONFIG[group] = dict(cfg) if ms < float("inf") else base
         best[group] = tri.CONFIG[group]
+    tri.CONFIG["state_pass"] = "loop"
     return best
 
 

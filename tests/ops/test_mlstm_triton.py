@@ -104,9 +104,11 @@ def test_sub_blocks_within_a_chunk(poison, tiles):
     check_against_reference(1, 71, 2, 16, 16, dtype=torch.float32, chunk_size=64)
 
 
-def test_sequential_state_pass_variant(poison, tiles):
-    tiles["state_pass"] = "loop"
+@pytest.mark.parametrize("state_pass", ["loop", "scan"])
+def test_state_pass_variants(poison, tiles, state_pass):
+    tiles["state_pass"] = state_pass
     check_against_reference(2, 33, 2, 16, 32, dtype=torch.float32, chunk_size=16)
+    check_against_reference(1, 40, 2, 16, 16, dtype=torch.float32, chunk_size=16, cu_seqlens=[0, 7, 7, 40])
 
 
 def test_odd_head_dims_and_large_eps(poison):

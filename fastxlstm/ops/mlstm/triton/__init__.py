@@ -22,15 +22,18 @@ from . import bwd, fwd, step
 __all__ = ["mlstm", "mlstm_step", "CONFIG"]
 
 # BT: rows per intra-chunk block; BK / BV: tiles of Dqk / Dv; W*: num_warps; S*: num_stages.
+# Defaults: the best of the H200 sweep at the 7B head shape, chunk 128 (benchmarks/NOTES-kernels.md).
+# state_pass: "loop" (one sequential kernel; measured on the H200) or "scan" (parallel per-chunk
+# terms + an elementwise scan; exact under the interpreter, not yet run on a GPU).
 CONFIG = dict(
-    state_pass="scan",                          # "scan": parallel per-chunk terms + scan; "loop": one sequential kernel
-    delta=dict(BK=128, BV=128, W=8, S=2),
-    scan=dict(BLOCK=1024, W=4),
+    state_pass="loop",
     fwd_state=dict(BK=64, BV=64, W=4, S=2),
     fwd_out=dict(BT=64, BK=64, BV=256, W=8, S=2),
     bwd_state=dict(BK=64, BV=128, W=8, S=2),
     bwd_dqk=dict(BT=64, BK=64, BV=64, W=8, S=3),
     bwd_dv=dict(BT=64, BK=64, BV=128, W=8, S=3),
+    delta=dict(BK=128, BV=128, W=8, S=2),
+    scan=dict(BLOCK=1024, W=4),
     step=dict(BK=32, BV=64, W=4),
 )
 
