@@ -362,6 +362,17 @@ def test_bad_tokenizer_and_state_are_refused(model):
         generate(model, [[1]], max_new_tokens=3, cuda_graph=True)
 
 
+@pytest.mark.slow
+def test_compiled_decode_step_equals_eager():
+    m = random_model(ModelConfig(**{**CFG.to_dict(), "num_blocks": 1}), dtype=torch.float32)
+    prompts = prompts_of([5, 9])
+    from torch._dynamo.utils import counters
+
+    counters.clear()
+    assert generate(m, prompts, max_new_tokens=6, compile=True) == generate(m, prompts, max_new_tokens=6)
+    assert counters["frames"]["ok"] > 0                             # the step really went through dynamo
+
+
 # --- the CUDA-graph decoder's bookkeeping, on the CPU ------------------------------------------------
 
 @pytest.fixture

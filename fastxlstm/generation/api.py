@@ -66,7 +66,7 @@ def stream(model, prompts, *, max_new_tokens: int = 128, temperature: float = 0.
            seed: int | Sequence[int] | None = None, eos_token_id: int | Sequence[int] | None | str = "config",
            stop: str | Sequence[str] | None = None, tokenizer=None, add_bos: bool | None = None,
            state: list[MLSTMState] | None = None, max_prompt_tokens: int | None = None,
-           cuda_graph: bool | None = None, steps_per_graph: int | None = None,
+           cuda_graph: bool | None = None, steps_per_graph: int | None = None, compile: bool = False,
            stats: GenerationStats | None = None) -> Iterator[TokenEvent]:
     """Yield a TokenEvent per generated token as soon as it exists (rows interleaved step by step).
 
@@ -84,6 +84,7 @@ def stream(model, prompts, *, max_new_tokens: int = 128, temperature: float = 0.
         cuda_graph: capture the decode step in a CUDA graph (default: on a CUDA model).
         steps_per_graph: decode steps per graph replay (tokens arrive in blocks of this many);
             default 4 at batch 1 rising to 32 at batch >= 32, where the state copy is larger.
+        compile: run the decode step through torch.compile (optional; the first step compiles).
         stats: a GenerationStats to fill with timings and memory.
     Stopping the iteration early stops the generation.
     """
@@ -91,7 +92,7 @@ def stream(model, prompts, *, max_new_tokens: int = 128, temperature: float = 0.
                 top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty, seed=seed,
                 eos_token_id=eos_token_id, stop=stop, tokenizer=tokenizer, add_bos=add_bos, state=state,
                 max_prompt_tokens=max_prompt_tokens, cuda_graph=cuda_graph, steps_per_graph=steps_per_graph,
-                stats=stats).run()
+                compile=compile, stats=stats).run()
 
 
 def encode_prompts(model, prompts, *, tokenizer=None, add_bos: bool | None = None,
@@ -153,7 +154,7 @@ class _Job:
     def __init__(self, model, prompts, *, max_new_tokens=128, temperature=0.0, top_k=0, top_p=1.0,
                  min_p=0.0, repetition_penalty=1.0, seed=None, eos_token_id="config", stop=None,
                  tokenizer=None, add_bos=None, state=None, max_prompt_tokens=None, cuda_graph=None,
-                 steps_per_graph=None, stats=None):
+                 steps_per_graph=None, compile=False, stats=None):
         if not hasattr(model, "cfg") or not callable(model):
             raise TypeError(f"model must be a fastxlstm model, got {type(model).__name__}")
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
@@ -185,7 +186,10 @@ class _Job:
         if state is not None:
             check_state(model, state, B)
         self.state = state
+        if not isinstance(compile, bool):
+            raise ValueError(f"compile must be True or False, got {compile!r}")
         self.cuda_graph, self.steps_per_graph, self.stats = cuda_graph, steps_per_graph, stats
+        self.compile = compile
 
     def run(self) -> Iterator[TokenEvent]:
         model, B = self.model, len(self.prompts)
@@ -212,7 +216,7 @@ class _Job:
         live = B
         steps = decode_steps(model, state, logits, self.params, row_keys(self.seeds), self.max_new_tokens,
                              seen=seen, cuda_graph=self.cuda_graph, steps_per_graph=self.steps_per_graph,
-                             stats=stats)
+                             compile=self.compile, stats=stats)
         del state, logits
         try:
             for block in steps:

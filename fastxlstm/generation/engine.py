@@ -250,10 +250,14 @@ def default_steps_per_graph(batch_size: int) -> int:
 def decode_steps(model, state: list[MLSTMState], last_logits: torch.Tensor, params: SamplingParams,
                  keys: torch.Tensor, max_new_tokens: int, *, seen: torch.Tensor | None = None,
                  cuda_graph: bool | None = None, steps_per_graph: int | None = None,
-                 stats: GenerationStats | None = None):
+                 compile: bool = False, stats: GenerationStats | None = None):
     """Yield the new tokens as CPU (B, k) blocks, k >= 1, exactly max_new_tokens per row in all.
-    Stop iterating to stop early. ``state`` is consumed (the decoder updates it in place)."""
+    Stop iterating to stop early. ``state`` is consumed (the decoder updates it in place).
+    ``compile``: run the decode step through ``torch.compile`` (compiled in the first step; on
+    CUDA the compiled step is then captured in the graph like the eager one)."""
     device = last_logits.device
+    if compile:
+        model = torch.compile(model, dynamic=False)
     B = last_logits.shape[0]
     chooser = _Chooser(params, keys, seen, device)
     with torch.inference_mode():
