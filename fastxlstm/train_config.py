@@ -46,7 +46,7 @@ class TrainConfig:
     """Sequences per optimizer step, over all ranks and micro-steps (the global batch)."""
     grad_accum: int = 1
     """Micro-steps per optimizer step; batch_size must divide by world size * grad_accum."""
-    max_steps: int = 1200
+    max_steps: int = 800
     """Optimizer steps in the whole run (a resumed run continues up to this)."""
     stop_at_step: int | None = None
     """Save a checkpoint and stop after this step although the schedule runs to max_steps (to split a run
