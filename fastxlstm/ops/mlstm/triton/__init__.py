@@ -3,7 +3,8 @@
 
 Every sequence, dense or packed, is handled as packed: a dense (B, T) batch is B sequences of T
 tokens at offsets cu_seqlens = [0, T, 2T, ...]. The kernels compute in fp32 with matmul operands
-in the input dtype (bf16 / fp16; fp32 uses tf32 dots on the GPU), states are always fp32.
+in the input dtype (bf16 / fp16; fp32 inputs get exact fp32 dots, not tf32), states are always
+fp32. Chunk size 128 is the fastest on the H200 at the 7B head shape (benchmarks/RESULTS.md).
 Tile sizes live in CONFIG so benchmarks can sweep them; they never change results beyond rounding.
 """
 
@@ -137,7 +138,7 @@ def _chunkwise(q: Tensor, k: Tensor, v: Tensor, i: Tensor, f: Tensor, c0: Tensor
         BK, BV = _tile(K, cfg["BK"]), _tile(V, cfg["BV"])
         fwd._state_kernel[(triton.cdiv(K, BK), triton.cdiv(V, BV), N * H)](
             k, v, i, f, c0, n0, m0, cu, first, cs, ns, chs, tok, cT, nT, mT,
-            T_all, num_chunks, H=H, K=K, V=V, L=L, BK=BK, BV=BV, PREC=prec, num_warps=cfg["W"], num_stages=cfg["S"])
+            T_all, H=H, K=K, V=V, L=L, BK=BK, BV=BV, PREC=prec, num_warps=cfg["W"], num_stages=cfg["S"])
     cfg = CONFIG["fwd_out"]
     BT, BK, BV = min(cfg["BT"], L), _tile(K, cfg["BK"]), _tile(V, cfg["BV"])
     fwd._out_kernel[(triton.cdiv(V, BV), num_chunks * (L // BT), H)](
@@ -288,7 +289,7 @@ def _chunk_table(cu: Tensor, num_chunks: int, L: int):
 
 def _scan(x, x0, xt, chs, cu, first, L, *, reverse):
     """Carry the per-chunk terms in x through the chunks of every sequence (see fwd._scan_kernel)."""
-    NC, H = x.shape[:2]
+    H = x.shape[1]
     E = x[0, 0].numel()
     cfg = CONFIG["scan"]
     block = min(cfg["BLOCK"], triton.next_power_of_2(E))

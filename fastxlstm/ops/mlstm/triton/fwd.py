@@ -150,7 +150,7 @@ def _state_kernel(
     k_ptr, v_ptr, i_ptr, f_ptr, c0_ptr, n0_ptr, m0_ptr,
     cu_ptr, first_ptr,
     cs_ptr, ns_ptr, chs_ptr, tok_ptr, ct_ptr, nt_ptr, mt_ptr,
-    T_all, NC, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+    T_all, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     L: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr,
 ):
     # 64-bit scalar bases, 32-bit offsets inside a tile: keeps per-element address registers low.
