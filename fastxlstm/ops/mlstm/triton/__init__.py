@@ -77,6 +77,7 @@ def mlstm_step(q, k, v, i, f, state: Optional[MLSTMState] = None, *, eps: float 
     B, H, K = q.shape
     V = v.shape[-1]
     _check_device(q)
+    _check_dtype(q)
     if state is None:
         if inplace:
             raise ValueError("inplace=True needs a state to update")
@@ -311,9 +312,13 @@ def _check_device(q):
         raise ValueError(f"the triton backend needs CUDA tensors (or TRITON_INTERPRET=1), got {q.device}")
 
 
-def _check(q, k, v, chunk_size):
-    _check_device(q)
+def _check_dtype(q):
     if q.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise ValueError(f"the triton backend takes float32, bfloat16 or float16 inputs, got {q.dtype}")
+
+
+def _check(q, k, v, chunk_size):
+    _check_device(q)
+    _check_dtype(q)
     if chunk_size < 16 or chunk_size & (chunk_size - 1):
         raise ValueError(f"the triton backend needs a power-of-two chunk_size >= 16, got {chunk_size}")
