@@ -146,7 +146,8 @@ def _field_docs(cls) -> dict[str, str]:
 
 def _register_generate(sub) -> None:
     p = sub.add_parser("generate", help="generate text from a saved model, streamed as it comes")
-    p.add_argument("--model", required=True, help="model directory (ours or a Hugging Face xLSTM)")
+    p.add_argument("--model", default=None, help="model directory, ours or a Hugging Face xLSTM (default: "
+                   "where `fastxlstm train` saves its model with no flags)")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", help="prompt text")
     src.add_argument("--prompt-file", help="read the prompt text from this file ('-' for stdin)")
@@ -168,6 +169,7 @@ def _register_generate(sub) -> None:
                    help="weight dtype (default: bfloat16 on cuda, float32 on cpu)")
     p.add_argument("--backend", default=None, help="mLSTM kernels: auto, triton, native, reference")
     p.add_argument("--no-cuda-graph", action="store_true", help="decode eagerly on cuda (for debugging)")
+    p.add_argument("--compile", action="store_true", help="run the decode step through torch.compile")
     p.add_argument("--stats", action="store_true", help="print timings to stderr at the end")
     p.set_defaults(run=_run_generate)
 
@@ -179,6 +181,16 @@ def _run_generate(args) -> int:
     from .generation import GenerationStats, stream
     from .tokenizer import load_tokenizer
 
+    if args.model is None:
+        import dataclasses
+        import os
+
+        from .train_config import TrainConfig
+
+        args.model = next(f.default for f in dataclasses.fields(TrainConfig) if f.name == "out")
+        if not os.path.isdir(args.model):
+            raise FileNotFoundError(f"no model at {args.model}: train the default one with `fastxlstm train`, "
+                                    "or pass --model DIR")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype_name = args.dtype or ("bfloat16" if torch.device(device).type == "cuda" else "float32")
     overrides = {"backend": args.backend} if args.backend else {}
@@ -197,7 +209,7 @@ def _run_generate(args) -> int:
                     top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
                     repetition_penalty=args.repetition_penalty, seed=args.seed, eos_token_id=eos,
                     stop=args.stop or None, tokenizer=tokenizer, add_bos=False if args.no_bos else None,
-                    cuda_graph=False if args.no_cuda_graph else None, stats=stats)
+                    cuda_graph=False if args.no_cuda_graph else None, compile=args.compile, stats=stats)
     reason = None
     for ev in events:
         sys.stdout.write(ev.text)

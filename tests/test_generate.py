@@ -299,6 +299,25 @@ def test_cli_streams_the_generation(saved_model, capsys):
     assert rc == 2 and "top_p" in capsys.readouterr().err
 
 
+def test_cli_default_model_is_the_trained_default(saved_model, tmp_path, monkeypatch, capsys):
+    import shutil
+
+    from fastxlstm.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["generate", "--prompt", "x"]) == 2
+    assert "fastxlstm train" in capsys.readouterr().err
+    shutil.copytree(saved_model, tmp_path / "runs" / "tiny")      # where `fastxlstm train` saves by default
+    assert main(["generate", "--prompt", "The cat", "--max-new-tokens", "5", "--device", "cpu"]) == 0
+    assert capsys.readouterr().out == generate(load_saved(saved_model), "The cat", max_new_tokens=5) + "\n"
+
+
+def load_saved(path):
+    from fastxlstm.checkpoint import load
+
+    return load(path)
+
+
 def test_cli_entry_point_runs(saved_model):
     r = subprocess.run([sys.executable, "-m", "fastxlstm", "generate", "--model", str(saved_model),
                         "--prompt", "Hi", "--max-new-tokens", "4", "--device", "cpu"],
