@@ -6,13 +6,14 @@
     prefill(model, prompts) -> (state, last logits)   a prompt's state, to fork, save or continue
     fork / select_rows / concat / save_state / load_state
 
-Files: api.py (the functions above), engine.py (prefill, eager and CUDA-graph decode),
-sampling.py (token choice), states.py (state values and their files).
+Files: api.py (generate, stream), engine.py (prefill, eager and CUDA-graph decode), sampling.py
+(token choice), scoring.py (score), states.py (state values and their files).
 """
 
-from .api import ScoreResult, TokenEvent, encode_prompts, generate, score, stream
+from .api import TokenEvent, encode_prompts, generate, stream
 from .engine import GenerationStats, prefill
 from .sampling import SamplingParams
+from .scoring import ScoreResult, score
 from .states import concat, fork, load_state, save_state, select_rows
 
 __all__ = ["generate", "stream", "score", "prefill", "TokenEvent", "ScoreResult", "GenerationStats",
