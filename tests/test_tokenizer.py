@@ -5,7 +5,6 @@ import json
 import sys
 
 import pytest
-import torch
 
 from fastxlstm.config import ModelConfig
 from fastxlstm.generation import encode_prompts, generate
