@@ -33,7 +33,7 @@ def _prep_kernel(dh_ptr, h_ptr, tok_ptr, scal_ptr, eps, T_all, H: tl.constexpr, 
                  BT: tl.constexpr, BV: tl.constexpr):
     # 64-bit scalar bases, 32-bit offsets inside a tile (here and below): fewer address registers.
     pid_t = tl.program_id(0)
-    h = tl.program_id(1)
+    h = tl.program_id(1).to(tl.int64)
     r0 = pid_t.to(tl.int64) * BT
     ob = tl.arange(0, BT)
     vr = ob < T_all - r0
@@ -66,7 +66,7 @@ def _delta_kernel(q_ptr, dh_ptr, tok_ptr, scal_ptr, chs_ptr, start_ptr, end_ptr,
     pid_v = tl.program_id(1)
     pid = tl.program_id(2)
     gc = (pid // H).to(tl.int64)
-    h = pid % H
+    h = (pid % H).to(tl.int64)  # int64: h * T_all and friends must not wrap
     t0 = tl.load(start_ptr + gc)
     te = tl.load(end_ptr + gc)
     ot = tl.arange(0, L)
@@ -106,7 +106,7 @@ def _state_kernel(
     pid_v = tl.program_id(1)
     pid = tl.program_id(2)
     seq = pid // H
-    h = pid % H
+    h = (pid % H).to(tl.int64)  # int64: h * T_all and friends must not wrap
     bos = tl.load(cu_ptr + seq).to(tl.int64)
     eos = tl.load(cu_ptr + seq + 1).to(tl.int64)
     first = tl.load(first_ptr + seq).to(tl.int64)
@@ -162,7 +162,7 @@ def _dqk_kernel(
 ):
     pid_k = tl.program_id(0)
     pid_c = tl.program_id(1)
-    h = tl.program_id(2)
+    h = tl.program_id(2).to(tl.int64)
     NSUB: tl.constexpr = L // BT
     gc = (pid_c // NSUB).to(tl.int64)
     sub = pid_c % NSUB
@@ -275,7 +275,7 @@ def _dv_kernel(
 ):
     pid_v = tl.program_id(0)
     pid_c = tl.program_id(1)
-    h = tl.program_id(2)
+    h = tl.program_id(2).to(tl.int64)
     NSUB: tl.constexpr = L // BT
     gc = (pid_c // NSUB).to(tl.int64)
     sub = pid_c % NSUB

@@ -51,7 +51,7 @@ def _gate_kernel(i_ptr, f_ptr, m0_ptr, cu_ptr, first_ptr, chs_ptr, tok_ptr, mt_p
                  T_all, H: tl.constexpr, L: tl.constexpr):
     pid = tl.program_id(0)
     seq = pid // H
-    h = pid % H
+    h = (pid % H).to(tl.int64)  # int64: h * T_all and friends must not wrap
     bos = tl.load(cu_ptr + seq).to(tl.int64)
     eos = tl.load(cu_ptr + seq + 1).to(tl.int64)
     first = tl.load(first_ptr + seq).to(tl.int64)
@@ -86,7 +86,7 @@ def _delta_kernel(k_ptr, v_ptr, i_ptr, tok_ptr, chs_ptr, start_ptr, end_ptr, cs_
     pid_v = tl.program_id(1)
     pid = tl.program_id(2)
     gc = (pid // H).to(tl.int64)
-    h = pid % H
+    h = (pid % H).to(tl.int64)  # int64: h * T_all and friends must not wrap
     t0 = tl.load(start_ptr + gc)
     te = tl.load(end_ptr + gc)
     ot = tl.arange(0, L)
@@ -122,7 +122,7 @@ def _scan_kernel(x_ptr, x0_ptr, xt_ptr, chs_ptr, cu_ptr, first_ptr, H: tl.conste
     pid_e = tl.program_id(0)
     pid = tl.program_id(1)
     seq = pid // H
-    h = pid % H
+    h = (pid % H).to(tl.int64)  # int64: h * T_all and friends must not wrap
     bos = tl.load(cu_ptr + seq).to(tl.int64)
     eos = tl.load(cu_ptr + seq + 1).to(tl.int64)
     first = tl.load(first_ptr + seq).to(tl.int64)
@@ -158,7 +158,7 @@ def _state_kernel(
     pid_v = tl.program_id(1)
     pid = tl.program_id(2)
     seq = pid // H
-    h = pid % H
+    h = (pid % H).to(tl.int64)  # int64: h * T_all and friends must not wrap
     bos = tl.load(cu_ptr + seq).to(tl.int64)
     eos = tl.load(cu_ptr + seq + 1).to(tl.int64)
     first = tl.load(first_ptr + seq).to(tl.int64)
@@ -226,7 +226,7 @@ def _out_kernel(
 ):
     pid_v = tl.program_id(0)
     pid_c = tl.program_id(1)
-    h = tl.program_id(2)
+    h = tl.program_id(2).to(tl.int64)
     NSUB: tl.constexpr = L // BT
     gc = (pid_c // NSUB).to(tl.int64)
     sub = pid_c % NSUB
