@@ -47,7 +47,7 @@ def convert_official(config: dict, state_dict: dict[str, torch.Tensor]) -> XLSTM
     model = XLSTMStackLM(cfg)
     ours = _map_state_dict(cfg, slstm_backend, state_dict)
     missing, unexpected = model.load_state_dict(ours, strict=False)
-    missing = [k for k in missing if not (cfg.tie_weights and k == "lm_head.weight")]
+    missing = [k for k in missing if not (cfg.tie_word_embeddings and k == "lm_head.weight")]
     if missing or unexpected:
         raise ValueError(f"state_dict does not fit the config: missing {missing}, unexpected {unexpected}")
     return model
@@ -66,7 +66,8 @@ def stack_config_from_official(config: dict) -> tuple[StackConfig, str]:
     if slstm_at and sblock is None:
         raise ValueError(f"slstm_at={slstm_at} needs a slstm_block in the config")
     kw: dict = dict(embedding_dim=E, num_blocks=N, slstm_at=tuple(slstm_at), vocab_size=lm["vocab_size"],
-                    tie_weights=lm["tie_weights"], add_post_blocks_norm=lm["add_post_blocks_norm"], backend="auto")
+                    tie_word_embeddings=lm["tie_weights"], add_post_blocks_norm=lm["add_post_blocks_norm"],
+                    backend="auto")
     if mblock is not None:
         m = _fields("mlstm_block.mlstm", mblock["mlstm"] or {}, _MLSTM_LAYER)
         inner = _proj_dim(E, m, "mlstm_block.mlstm")
@@ -136,7 +137,7 @@ def _map_state_dict(cfg: StackConfig, slstm_backend: str, sd: dict[str, torch.Te
     out["embedding.weight"] = take("token_embedding.weight")
     if "lm_head.weight" in sd:
         head = take("lm_head.weight")
-        if not cfg.tie_weights:
+        if not cfg.tie_word_embeddings:
             out["lm_head.weight"] = head
     if cfg.add_post_blocks_norm:
         out["stack.post_norm.weight"] = take("xlstm_block_stack.post_blocks_norm.weight") + 1.0

@@ -40,7 +40,7 @@ class StackConfig:
     """Indices of the sLSTM blocks; all others are mLSTM. xLSTM[7:1] with 8 blocks: (7,) or (3,)."""
     vocab_size: int | None = None
     """Token ids lie in [0, vocab_size); needed by XLSTMStackLM, unused by the sequence module."""
-    tie_weights: bool = False
+    tie_word_embeddings: bool = False
     """Share the LM head with the token embedding."""
     add_post_blocks_norm: bool = True
     """LayerNorm after the last block."""
@@ -234,7 +234,7 @@ class XLSTMStackLM(nn.Module):
         self.embedding = nn.Embedding(cfg.vocab_size, cfg.embedding_dim)
         self.stack = XLSTMStack(cfg)
         self.lm_head = nn.Linear(cfg.embedding_dim, cfg.vocab_size, bias=False)
-        if cfg.tie_weights:
+        if cfg.tie_word_embeddings:
             self.lm_head.weight = self.embedding.weight
         self.reset_parameters()
 
@@ -242,7 +242,7 @@ class XLSTMStackLM(nn.Module):
     def reset_parameters(self) -> None:
         """Embedding and (untied) LM head small_init(E), as the official LM; the stack's own inits."""
         small_init_(self.embedding.weight, self.cfg.embedding_dim)
-        if not self.cfg.tie_weights:
+        if not self.cfg.tie_word_embeddings:
             small_init_(self.lm_head.weight, self.cfg.embedding_dim)
 
     def forward(self, input_ids: torch.Tensor, state: list[LayerState] | None = None

@@ -81,7 +81,7 @@ def test_official_initialisation():
 
 
 def test_weight_tying():
-    model = XLSTMStackLM(StackConfig(**{**TINY, "tie_weights": True}))
+    model = XLSTMStackLM(StackConfig(**{**TINY, "tie_word_embeddings": True}))
     assert model.lm_head.weight is model.embedding.weight
 
 
