@@ -9,18 +9,16 @@ JSON lines, a loss-curve PNG at the end.
 Nothing is lost: resumable checkpoints (weights loadable by ``fastxlstm.load``, optimizer,
 scheduler, step, RNG states, data position) are written to a temporary directory and renamed, the
 last ``keep_last`` are kept, a manifest of sizes and SHA-256 sums names any corrupt file on resume,
-and SIGINT/SIGTERM save one and exit. On the CPU, N steps straight and N/2 + resume + N/2 give
+and SIGINT/SIGTERM save one and exit (the on-disk layout: ``train_state.py``). On the CPU, N steps straight and N/2 + resume + N/2 give
 bit-identical weights.
 """
 
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 import math
 import os
-import re
 import shutil
 import signal
 import time
@@ -34,6 +32,7 @@ from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from . import distributed as dist
+from . import train_state as ckpt
 from .checkpoint import save as save_model
 from .config import PRESETS, ModelConfig
 from .data import Batches, Dataset, eval_windows, load_data, windows
@@ -41,13 +40,8 @@ from .model import XLSTMLarge
 from .tokenizer import HFTokenizer
 from .train_config import Parallel, TrainConfig
 
-CKPT_DIR = "checkpoints"
-MANIFEST = "manifest.json"
-TRAINER_STATE = "trainer.pt"
-TRAIN_CONFIG = "train_config.json"
 METRICS = "metrics.jsonl"
 PLOT = "loss.png"
-_STEP_DIR = re.compile(r"^step_(\d+)$")
 
 
 @dataclass(frozen=True)
@@ -87,51 +81,15 @@ def resolve_configs(preset: str | None, model_overrides: dict, train_overrides: 
     resume = train_d.get("resume")
     if resume:
         out = TrainConfig.from_dict({k: v for k, v in train_d.items() if k == "out"}).out
-        ckpt = find_checkpoint(out, resume)
-        verify_checkpoint(ckpt, hashes=False)           # sizes only here; the run checks the sums too
-        saved_train = json.loads((ckpt / TRAIN_CONFIG).read_text())
-        saved_model = json.loads((ckpt / "config.json").read_text())["config"]
+        path = ckpt.find_checkpoint(out, resume)
+        ckpt.verify_checkpoint(path, hashes=False)           # sizes only here; the run checks the sums too
+        saved_train = json.loads((path / ckpt.TRAIN_CONFIG).read_text())
+        saved_model = json.loads((path / "config.json").read_text())["config"]
         base_model = PRESETS[_preset(preset)].to_dict() if preset else saved_model
         return (ModelConfig.from_dict({**base_model, **model_d}),
-                TrainConfig.from_dict({**saved_train, **train_d, "resume": str(ckpt)}))
+                TrainConfig.from_dict({**saved_train, **train_d, "resume": str(path)}))
     return (ModelConfig.from_dict({**PRESETS[_preset(preset or "tiny")].to_dict(), **model_d}),
             TrainConfig.from_dict(train_d))
-
-
-def find_checkpoint(out: str | os.PathLike, resume: str) -> Path:
-    """The checkpoint ``resume`` names: a directory, or 'latest' for the newest under OUT/checkpoints."""
-    if resume != "latest":
-        path = Path(resume)
-        if not (path / MANIFEST).is_file() and not path.is_dir():
-            raise FileNotFoundError(f"resume: checkpoint {path} does not exist")
-        return path
-    root = Path(out) / CKPT_DIR
-    steps = sorted((int(m.group(1)), p) for p in root.glob("step_*") if (m := _STEP_DIR.match(p.name)))
-    if not steps:
-        raise FileNotFoundError(f"resume: no checkpoint in {root} (start without --resume, or pass --out of the run)")
-    return steps[-1][1]
-
-
-def verify_checkpoint(path: Path, *, hashes: bool = True) -> None:
-    """Raise naming the checkpoint and the file when anything in it is missing, truncated or (with
-    ``hashes``, by its SHA-256 sum) altered."""
-    manifest = path / MANIFEST
-    if not manifest.is_file():
-        raise RuntimeError(f"checkpoint {path} is incomplete or corrupt: {MANIFEST} is missing")
-    try:
-        files = json.loads(manifest.read_text())["files"]
-    except (ValueError, KeyError, UnicodeDecodeError) as e:
-        raise RuntimeError(f"checkpoint {path} is corrupt: {MANIFEST} is unreadable ({e})") from None
-    for name, meta in files.items():
-        f = path / name
-        if not f.is_file():
-            raise RuntimeError(f"checkpoint {path} is incomplete: {name} is missing")
-        size = f.stat().st_size
-        if size != meta["bytes"]:
-            raise RuntimeError(f"checkpoint {path} is corrupt: {name} has {size} bytes, {meta['bytes']} were "
-                               f"written (truncated?)")
-        if hashes and _sha256(f) != meta["sha256"]:
-            raise RuntimeError(f"checkpoint {path} is corrupt: {name} does not match its SHA-256 sum")
 
 
 # --- the run -------------------------------------------------------------------------------------
@@ -232,7 +190,7 @@ class _Run:
         interrupted = signal.Signals(self.stop_signal).name if self.stop_signal is not None else None
         sample = None
         if interrupted:
-            self._print(f"{interrupted}: saved a checkpoint at step {self.step} in {self.out / CKPT_DIR}; "
+            self._print(f"{interrupted}: saved a checkpoint at step {self.step} in {self.out / ckpt.CKPT_DIR}; "
                         f"continue with: fastxlstm train --out {self.out} --resume")
         elif self.step >= cfg.max_steps:
             self._save_final_model()
@@ -324,39 +282,24 @@ class _Run:
     def _save_checkpoint(self) -> Path:
         """Write OUT/checkpoints/step_N atomically (temp dir, then rename); keep the last keep_last."""
         env, cfg = self.env, self.cfg
-        root = self.out / CKPT_DIR
-        final = root / f"step_{self.step:07d}"
-        tmp = root / f".tmp-step_{self.step:07d}"
         weights = self._plain_model()                    # collectives: every rank takes part
         optim_state = dist.optimizer_state_dict(self.model, self.optimizer)
+        tmp = None
         if env.is_rank0:
-            root.mkdir(parents=True, exist_ok=True)
-            for stale in root.glob(".tmp-step_*"):       # left by a crash while saving
-                shutil.rmtree(stale, ignore_errors=True)
-            tmp.mkdir()
+            tmp = ckpt.staging_dir(self.out / ckpt.CKPT_DIR, self.step)
             save_model(weights, tmp)
             state = {"step": self.step, "optimizer": optim_state, "scheduler": self.scheduler.state_dict(),
-                     "rng": _rng_state(), "data": {"next_step": self.step, "sampler":
-                                                   "stateful" if cfg.stateful else "random", "seed": cfg.seed},
+                     "rng": ckpt.rng_state(), "data": {"next_step": self.step, "seed": cfg.seed,
+                                                       "sampler": "stateful" if cfg.stateful else "random"},
                      "world_size": env.world_size}
-            torch.save(state, tmp / TRAINER_STATE)
-            (tmp / TRAIN_CONFIG).write_text(json.dumps({**cfg.to_dict(), "resume": None, "stop_at_step": None}, indent=2) + "\n")
-        dist.barrier()
+            torch.save(state, tmp / ckpt.TRAINER_STATE)
+            _write_config(tmp / ckpt.TRAIN_CONFIG, cfg)
+        tmp = dist.broadcast_object(tmp)
         if self.carry is not None:                       # each rank's carried recurrent state
             torch.save([[tuple(t.cpu() for t in s) for s in c] if c is not None else None for c in self.carry],
                        tmp / f"carry_rank{env.rank}.pt")
         dist.barrier()
-        if env.is_rank0:
-            files = {f.name: {"bytes": f.stat().st_size, "sha256": _sha256(f)} for f in sorted(tmp.iterdir())}
-            (tmp / MANIFEST).write_text(json.dumps({"step": self.step, "files": files}, indent=2) + "\n")
-            _fsync_dir(tmp)
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-            _fsync_dir(root)
-            steps = sorted(p for p in root.iterdir() if _STEP_DIR.match(p.name))
-            for old in steps[:-cfg.keep_last]:
-                shutil.rmtree(old, ignore_errors=True)
+        final = ckpt.publish(tmp, self.step, cfg.keep_last) if env.is_rank0 else None
         dist.barrier()
         return final
 
@@ -365,7 +308,7 @@ class _Run:
         error = None
         if env.is_rank0:
             try:
-                verify_checkpoint(path)
+                ckpt.verify_checkpoint(path)
             except RuntimeError as e:
                 error = str(e)
         error = dist.broadcast_object(error)
@@ -376,11 +319,11 @@ class _Run:
             diff = {k: (saved.get(k), v) for k, v in self.model_cfg.to_dict().items() if saved.get(k) != v}
             raise ValueError(f"checkpoint {path} holds another model: " +
                              ", ".join(f"{k} {a!r} there, {b!r} here" for k, (a, b) in diff.items()))
-        state = torch.load(path / TRAINER_STATE, map_location="cpu", weights_only=True)
+        state = torch.load(path / ckpt.TRAINER_STATE, map_location="cpu", weights_only=True)
         dist.load_full_state_dict(self.model, load_file(path / "model.safetensors"))
         dist.load_optimizer_state_dict(self.model, self.optimizer, state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
-        _set_rng_state(state["rng"])
+        ckpt.set_rng_state(state["rng"])
         self.step = state["step"]
         if self.carry is not None:
             carry_file = path / f"carry_rank{env.rank}.pt"
@@ -396,7 +339,7 @@ class _Run:
             if metrics.is_file():
                 kept = [line for line in metrics.read_text().splitlines()
                         if line.strip() and json.loads(line)["step"] <= self.step]
-                _atomic_text(metrics, "".join(line + "\n" for line in kept))
+                ckpt.atomic_text(metrics, "".join(line + "\n" for line in kept))
         self._print(f"resumed from {path} at step {self.step}")
 
     def _plain_model(self) -> XLSTMLarge | None:
@@ -418,7 +361,7 @@ class _Run:
             tok = self.data.tokenizer
             if isinstance(tok, HFTokenizer):
                 shutil.copyfile(tok.path, self.out / "tokenizer.json")
-            (self.out / TRAIN_CONFIG).write_text(json.dumps({**self.cfg.to_dict(), "resume": None, "stop_at_step": None}, indent=2) + "\n")
+            _write_config(self.out / ckpt.TRAIN_CONFIG, self.cfg)
             self._print(f"saved the model to {self.out} (load it with fastxlstm.load({str(self.out)!r}))")
         dist.barrier()
 
@@ -517,39 +460,9 @@ def _checkpointed(forward, x, state=None, *, backend):
     return checkpoint(forward, x, state, backend=backend, use_reentrant=False)
 
 
-def _rng_state() -> dict:
-    state = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def _set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _atomic_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+def _write_config(path: Path, cfg: TrainConfig) -> None:
+    """The run's TrainConfig as --resume reads it back (without this invocation's resume/stop)."""
+    path.write_text(json.dumps({**cfg.to_dict(), "resume": None, "stop_at_step": None}, indent=2) + "\n")
 
 
 def _preset(name: str) -> str:
@@ -593,6 +506,7 @@ def _plot(out: Path) -> None:
     ax.plot([r["step"] for r in val], [r["val_loss"] for r in val], "o-", label="validation", ms=4)
     ax.set_xlabel("step")
     ax.set_ylabel("loss (nats per token)")
+    ax.set_yscale("log")
     ax.set_title(f"fastxlstm train: {out}")
     ax.grid(alpha=0.3)
     ax.legend()
