@@ -84,6 +84,7 @@ def run_stage(impl: str, cfg, batch: int, args, device, *, activation_checkpoint
     row = {"impl": impl, "batch": batch, "seq": args.seq, "tokens_per_step": batch * args.seq,
            "activation_checkpointing": activation_checkpointing}
     model = opt = None
+    t_stage = time.perf_counter()
     try:
         torch.manual_seed(0)
         with torch.device(device):
@@ -115,6 +116,7 @@ def run_stage(impl: str, cfg, batch: int, args, device, *, activation_checkpoint
     except Exception as e:                                     # report and go on with the other stages
         row.update(error=f"{type(e).__name__}: {str(e)[:500]}")
     finally:
+        row["stage_wall_s"] = round(time.perf_counter() - t_stage, 1)
         del model, opt
         gc.collect()
         if device.type == "cuda":
