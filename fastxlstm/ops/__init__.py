@@ -27,6 +27,7 @@ Layouts never change between backends; weights never depend on the backend.
 from __future__ import annotations
 
 import enum
+import functools
 import logging
 
 import torch
@@ -56,6 +57,7 @@ class Backend(str, enum.Enum):
 from . import mlstm as mlstm_impls  # noqa: E402
 
 
+@functools.cache
 def triton_available() -> bool:
     # a probe, not an import: Triton is imported only by the kernels in ops/*/triton/
     import importlib.util

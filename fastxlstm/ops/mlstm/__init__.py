@@ -3,6 +3,7 @@ signatures of ``reference``; registering a backend is one line in IMPLS (tests p
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.util
 from types import ModuleType
@@ -16,8 +17,10 @@ IMPLS: dict[Backend, str] = {
 }
 
 
+@functools.cache
 def available() -> list[Backend]:
-    """Backends whose module is part of this installation (Triton may still fail to import)."""
+    """Backends whose module is part of this installation (Triton may still fail to import).
+    Cached: the installation does not change in a process, and ops call this on every launch."""
     return [b for b, name in IMPLS.items() if importlib.util.find_spec(f"{__name__}.{name}") is not None]
 
 
