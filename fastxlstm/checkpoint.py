@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from .config import ModelConfig
 from .model import XLSTMLarge
+from .stack import StackConfig, XLSTMStackLM
 
 FORMAT_VERSION = 1
 WEIGHTS = "model.safetensors"
@@ -30,7 +31,10 @@ INDEX = "model.safetensors.index.json"
 CONFIG = "config.json"
 
 # model classes by architecture name; other model families register here
-ARCHITECTURES: dict[str, tuple[type, type]] = {"xlstm_large": (ModelConfig, XLSTMLarge)}
+ARCHITECTURES: dict[str, tuple[type, type]] = {
+    "xlstm_large": (ModelConfig, XLSTMLarge),
+    "xlstm_stack": (StackConfig, XLSTMStackLM),
+}
 
 # Hugging Face / published xLSTM-7B key -> our key (the one rename the published layout has)
 HF_KEY_RENAMES = {"backbone.embeddings.weight": "embedding.weight"}

@@ -208,3 +208,15 @@ def test_load_holds_one_copy_of_the_weights(tmp_path):
     # safetensors maps the file, so a meta-built load stays well under one anonymous copy (0.3x here);
     # building the model first and then copying the weights in measures 1.3x.
     assert ratio < 1.0, f"peak anonymous memory during load was {ratio:.2f}x the weights"
+
+
+def test_original_stack_round_trips(tmp_path):
+    from fastxlstm import StackConfig, XLSTMStackLM
+
+    cfg = StackConfig(vocab_size=50, embedding_dim=32, num_blocks=3, slstm_at=(1,))
+    model = XLSTMStackLM(cfg)
+    save(model, tmp_path)
+    loaded = load(tmp_path)
+    assert isinstance(loaded, XLSTMStackLM) and loaded.cfg == cfg
+    x = ids(vocab=50)
+    assert torch.equal(model(x)[0], loaded(x)[0])
