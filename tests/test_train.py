@@ -135,6 +135,14 @@ def test_torchrun_matches_one_process(corpus, tmp_path, parallel):
     wa, wb = load_file(one / "model.safetensors"), load_file(two / "model.safetensors")
     for name in wa:
         torch.testing.assert_close(wa[name], wb[name], rtol=1e-4, atol=1e-5)
+    if parallel == "fsdp":                                  # sharded resume: stop at 2, resume, same weights
+        split = tmp_path / "split"
+        for extra in (["--stop-at-step", "2", *args, "--parallel", "fsdp"], ["--resume", "--no-progress"]):
+            res = subprocess.run([*cmd[:9], "--out", str(split), *extra], capture_output=True, text=True,
+                                 timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+            assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+        wc = load_file(split / "model.safetensors")
+        assert all(torch.equal(wb[name], wc[name]) for name in wb)
 
 
 def test_lr_schedule():
