@@ -95,3 +95,9 @@ def test_bad_data_names_the_problem(tmp_path, make, message):
     path = make(tmp_path)
     with pytest.raises((ValueError, FileNotFoundError), match=message):
         load_data(TrainConfig(data=str(path)))
+
+
+def test_stdlib_sources():
+    d = load_data(TrainConfig(data="stdlib"))
+    assert len(d.train) > 1_000_000 and d.vocab_size == 256
+    assert b"def " in bytes(d.val[:100_000].astype(np.uint8))

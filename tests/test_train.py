@@ -223,3 +223,11 @@ def test_tokenizer_json(corpus, tmp_path):
     row = _metrics(out)[-1]
     assert row["val_bpb"] < row["val_loss"] / 0.6931471805599453   # more than one byte per token
     assert (out / "tokenizer.json").is_file()                          # next to the weights, for generate
+
+
+def test_without_matplotlib_the_plot_is_skipped_with_a_note(corpus, tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)      # import fails as if not installed
+    out = tmp_path / "run"
+    assert _train("--data", corpus, "--out", out, "--max-steps", 1, "--sample-tokens", 0) == 0
+    assert "matplotlib is not installed" in capsys.readouterr().out
+    assert not (out / "loss.png").exists() and (out / "model.safetensors").is_file()
