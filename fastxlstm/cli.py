@@ -65,6 +65,10 @@ def _register_train(sub) -> None:
                     "checkpoint's own configs are the base and flags given override them.")
     p.add_argument("--preset", default=argparse.SUPPRESS, choices=sorted(PRESETS),
                    help="model preset (default: tiny, or the checkpoint's model with --resume)")
+    p.add_argument("--arch", default=argparse.SUPPRESS, choices=["xlstm_large", "xlstm_stack"],
+                   help="xlstm_large (default; presets) or xlstm_stack, the original mLSTM/sLSTM stack: its "
+                        "StackConfig fields come from --config FILE, the shared ones (--embedding-dim, "
+                        "--num-blocks, --vocab-size, --chunk-size, --backend ...) also from flags")
     p.add_argument("--config", default=argparse.SUPPRESS, metavar="FILE",
                    help='a JSON or TOML file {"preset": ..., "model": {...}, "train": {...}}; flags override it')
     _add_dataclass_flags(p.add_argument_group("training (TrainConfig)"), TrainConfig, "train")
@@ -79,7 +83,8 @@ def _run_train(args) -> int:
     given = vars(args)
     model_over = {k[len("model."):]: v for k, v in given.items() if k.startswith("model.")}
     train_over = {k[len("train."):]: v for k, v in given.items() if k.startswith("train.")}
-    model_cfg, train_cfg = resolve_configs(given.get("preset"), model_over, train_over, given.get("config"))
+    model_cfg, train_cfg = resolve_configs(given.get("preset"), model_over, train_over, given.get("config"),
+                                           given.get("arch"))
     result = train(model_cfg, train_cfg)
     if result.interrupted_by:
         return 128 + {"SIGINT": 2, "SIGTERM": 15}[result.interrupted_by]

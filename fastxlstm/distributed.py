@@ -79,10 +79,18 @@ def wrap(model: nn.Module, parallel: Parallel, *, device: torch.device,
         return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
-    for block in model.backbone.blocks:
+    for block in blocks_of(model):
         fully_shard(block, mp_policy=mp)
     fully_shard(model, mp_policy=mp)
     return model
+
+
+def blocks_of(model: nn.Module) -> nn.ModuleList:
+    """The residual blocks (the units of sharding and activation checkpointing) of either model family."""
+    for owner in ("backbone", "stack"):
+        if hasattr(model, owner):
+            return getattr(model, owner).blocks
+    raise TypeError(f"{type(model).__name__} has no backbone.blocks or stack.blocks to wrap")
 
 
 def unwrap(model: nn.Module) -> nn.Module:

@@ -33,10 +33,10 @@ from tqdm.auto import tqdm
 
 from . import distributed as dist
 from . import train_state as ckpt
+from .checkpoint import ARCHITECTURES
 from .checkpoint import save as save_model
 from .config import PRESETS, ModelConfig
 from .data import Batches, Dataset, eval_windows, load_data, windows
-from .model import XLSTMLarge
 from .tokenizer import HFTokenizer
 from .train_config import Parallel, TrainConfig
 
@@ -70,26 +70,40 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig) -> TrainResult:
 
 
 def resolve_configs(preset: str | None, model_overrides: dict, train_overrides: dict,
-                    config_file: str | None = None) -> tuple[ModelConfig, TrainConfig]:
-    """Configs of a run from a preset, a JSON/TOML file ({"preset", "model": {...}, "train": {...}}) and
-    explicit overrides, in rising precedence. With ``resume``, the checkpoint's own configs take the
-    place of the preset and the defaults, so ``--resume`` alone continues the same run."""
+                    config_file: str | None = None, arch: str | None = None) -> tuple[object, TrainConfig]:
+    """Configs of a run from a preset, a JSON/TOML file ({"arch", "preset", "model": {...}, "train": {...}})
+    and explicit overrides, in rising precedence. ``arch`` is xlstm_large (the default; presets apply)
+    or xlstm_stack (the original mLSTM/sLSTM stack: StackConfig fields, byte vocabulary by default).
+    With ``resume``, the checkpoint's own configs take the place of the preset and the defaults, so
+    ``--resume`` alone continues the same run."""
     file = _read_config_file(config_file) if config_file else {}
     train_d = {**file.get("train", {}), **train_overrides}
     model_d = {**file.get("model", {}), **model_overrides}
     preset = preset or file.get("preset")
+    arch = arch or file.get("arch")
     resume = train_d.get("resume")
     if resume:
         out = TrainConfig.from_dict({k: v for k, v in train_d.items() if k == "out"}).out
         path = ckpt.find_checkpoint(out, resume)
         ckpt.verify_checkpoint(path, hashes=False)           # sizes only here; the run checks the sums too
         saved_train = json.loads((path / ckpt.TRAIN_CONFIG).read_text())
-        saved_model = json.loads((path / "config.json").read_text())["config"]
-        base_model = PRESETS[_preset(preset)].to_dict() if preset else saved_model
-        return (ModelConfig.from_dict({**base_model, **model_d}),
+        saved = json.loads((path / "config.json").read_text())
+        if arch and arch != saved["architecture"]:
+            raise ValueError(f"checkpoint {path} holds an {saved['architecture']} model, not {arch}")
+        base = _model_base(saved["architecture"], preset) if preset else saved["config"]
+        cfg_cls = _arch(saved["architecture"])[0]
+        return (cfg_cls.from_dict({**base, **model_d}),
                 TrainConfig.from_dict({**saved_train, **train_d, "resume": str(path)}))
-    return (ModelConfig.from_dict({**PRESETS[_preset(preset or "tiny")].to_dict(), **model_d}),
-            TrainConfig.from_dict(train_d))
+    arch = arch or "xlstm_large"
+    return _arch(arch)[0].from_dict({**_model_base(arch, preset), **model_d}), TrainConfig.from_dict(train_d)
+
+
+def model_class(model_cfg) -> type:
+    """The model class of a config (XLSTMLarge for ModelConfig, XLSTMStackLM for StackConfig)."""
+    for cfg_cls, model_cls in ARCHITECTURES.values():
+        if type(model_cfg) is cfg_cls:
+            return model_cls
+    raise TypeError(f"no model architecture takes a {type(model_cfg).__name__}")
 
 
 # --- the run -------------------------------------------------------------------------------------
@@ -108,14 +122,17 @@ class _Run:
         self.batches = Batches(self.data.train, cfg, rank=env.rank, world=env.world_size)
         self.val_starts = eval_windows(self.data.val, cfg, rank=env.rank, world=env.world_size)
         torch.manual_seed(cfg.seed)
+        self.model_cls = model_class(model_cfg)
+        if cfg.stateful and not hasattr(model_cfg, "num_heads"):
+            raise ValueError("stateful training is implemented for the xlstm_large architecture only")
         with torch.device(dev):
-            model = XLSTMLarge(model_cfg)
+            model = self.model_cls(model_cfg)
         self.inner = model                               # the plain module: names, config, sampling
         if cfg.activation_checkpointing:
-            for block in model.backbone.blocks:
+            for block in dist.blocks_of(model):
                 block.forward = functools.partial(_checkpointed, block.forward)
         if cfg.compile:
-            for block in model.backbone.blocks:
+            for block in dist.blocks_of(model):
                 block.compile()
         self.model = dist.wrap(model, cfg.parallel, device=dev,
                                param_dtype=torch.bfloat16 if self.bf16 and dev.type == "cuda" else None)
@@ -137,8 +154,9 @@ class _Run:
         first_val = None
         if cfg.resume:
             self._resume(Path(cfg.resume))
-        self._print(f"fastxlstm train: {self.inner.num_params():,} parameters "
-                    f"({self.inner.num_params(exclude_embedding=True):,} without the embedding) on "
+        n_all = sum(p.numel() for p in self.inner.parameters())
+        self._print(f"fastxlstm train: {self.model_cls.__name__}, {n_all:,} parameters "
+                    f"({n_all - self.inner.embedding.weight.numel():,} without the embedding) on "
                     f"{env.world_size} x {env.device.type}, {'bf16 autocast' if self.bf16 else 'fp32'}"
                     f"{', ' + cfg.parallel.value if cfg.parallel is not Parallel.NONE else ''}; "
                     f"{self.data.describe()}; {cfg.batch_size} x {cfg.seq_len} tokens per step; "
@@ -315,8 +333,9 @@ class _Run:
         if error:
             raise RuntimeError(error)
         saved = json.loads((path / "config.json").read_text())["config"]
-        if saved != self.model_cfg.to_dict():
-            diff = {k: (saved.get(k), v) for k, v in self.model_cfg.to_dict().items() if saved.get(k) != v}
+        ours = json.loads(json.dumps(self.model_cfg.to_dict()))
+        if saved != ours:
+            diff = {k: (saved.get(k), v) for k, v in ours.items() if saved.get(k) != v}
             raise ValueError(f"checkpoint {path} holds another model: " +
                              ", ".join(f"{k} {a!r} there, {b!r} here" for k, (a, b) in diff.items()))
         state = torch.load(path / ckpt.TRAINER_STATE, map_location="cpu", weights_only=True)
@@ -342,7 +361,7 @@ class _Run:
                 ckpt.atomic_text(metrics, "".join(line + "\n" for line in kept))
         self._print(f"resumed from {path} at step {self.step}")
 
-    def _plain_model(self) -> XLSTMLarge | None:
+    def _plain_model(self) -> torch.nn.Module | None:
         """An unsharded plain model for saving (rank 0; None elsewhere under FSDP)."""
         if self.cfg.parallel is not Parallel.FSDP:
             return self.inner
@@ -350,7 +369,7 @@ class _Run:
         if not self.env.is_rank0:
             return None
         with torch.device("meta"):
-            plain = XLSTMLarge(self.model_cfg)
+            plain = self.model_cls(self.model_cfg)
         plain.load_state_dict(full, assign=True)
         return plain
 
@@ -419,7 +438,7 @@ def lr_factor(step: int, *, warmup: int, total: int, min_ratio: float) -> float:
 
 
 @torch.no_grad()
-def sample(model: XLSTMLarge, tokenizer, prompt: str, max_tokens: int, *, temperature: float = 0.7,
+def sample(model: torch.nn.Module, tokenizer, prompt: str, max_tokens: int, *, temperature: float = 0.7,
            seed: int = 0, autocast=nullcontext, world_size: int = 1) -> str:
     """Prompt + ``max_tokens`` sampled tokens (greedy at temperature 0), decoding over carried state.
     Under FSDP every rank must call it (the forward passes are collective); all draw the same tokens."""
@@ -465,10 +484,23 @@ def _write_config(path: Path, cfg: TrainConfig) -> None:
     path.write_text(json.dumps({**cfg.to_dict(), "resume": None, "stop_at_step": None}, indent=2) + "\n")
 
 
-def _preset(name: str) -> str:
-    if name not in PRESETS:
-        raise ValueError(f"unknown preset {name!r}; choose from {', '.join(PRESETS)}")
-    return name
+def _arch(name: str) -> tuple[type, type]:
+    if name not in ARCHITECTURES:
+        raise ValueError(f"unknown architecture {name!r}; choose from {', '.join(ARCHITECTURES)}")
+    return ARCHITECTURES[name]
+
+
+def _model_base(arch: str, preset: str | None) -> dict:
+    """The model fields flags and files override: a preset's (xlstm_large) or the stack's defaults."""
+    if arch == "xlstm_large":
+        name = preset or "tiny"
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; choose from {', '.join(PRESETS)}")
+        return PRESETS[name].to_dict()
+    _arch(arch)
+    if preset:
+        raise ValueError(f"presets are xlstm_large models; for {arch} give its fields (--config FILE or flags)")
+    return {"vocab_size": 256}
 
 
 def _read_config_file(path: str) -> dict:
@@ -485,9 +517,9 @@ def _read_config_file(path: str) -> dict:
         raise RuntimeError(f"config file {path}: TOML needs Python >= 3.11 (use JSON)") from None
     except ValueError as e:
         raise ValueError(f"config file {path} cannot be parsed: {e}") from None
-    unknown = sorted(set(data) - {"preset", "model", "train"})
+    unknown = sorted(set(data) - {"arch", "preset", "model", "train"})
     if not isinstance(data, dict) or unknown:
-        raise ValueError(f"config file {path}: top-level keys must be preset, model and train; got {unknown}")
+        raise ValueError(f"config file {path}: top-level keys must be arch, preset, model and train; got {unknown}")
     return data
 
 

@@ -231,3 +231,27 @@ def test_without_matplotlib_the_plot_is_skipped_with_a_note(corpus, tmp_path, ca
     assert _train("--data", corpus, "--out", out, "--max-steps", 1, "--sample-tokens", 0) == 0
     assert "matplotlib is not installed" in capsys.readouterr().out
     assert not (out / "loss.png").exists() and (out / "model.safetensors").is_file()
+
+
+def test_original_stack_trains_and_resumes(corpus, tmp_path):
+    """xLSTM[1:1] of the original stack (an sLSTM block after an mLSTM block) through the same loop."""
+    cfg_file = tmp_path / "stack.json"
+    cfg_file.write_text(json.dumps({"arch": "xlstm_stack", "model": {"num_blocks": 2, "slstm_at": [1]}}))
+    common = ["--config", cfg_file, "--embedding-dim", 32, "--data", corpus, "--max-steps", 4, "--eval-every", 0,
+              "--sample-tokens", 0]
+    assert _train(*common, "--out", tmp_path / "straight") == 0
+    assert _train(*common, "--out", tmp_path / "split", "--stop-at-step", 2) == 0
+    assert main(["train", "--out", str(tmp_path / "split"), "--resume", "--no-progress"]) == 0
+    model = load(tmp_path / "straight")
+    assert type(model).__name__ == "XLSTMStackLM" and model.cfg.slstm_at == (1,) and model.cfg.embedding_dim == 32
+    a, b = load_file(tmp_path / "straight" / "model.safetensors"), load_file(tmp_path / "split" / "model.safetensors")
+    assert all(torch.equal(a[name], b[name]) for name in a)
+    rows = _metrics(tmp_path / "straight")
+    assert rows[-1]["val_loss"] < rows[0]["val_loss"]
+
+
+def test_stack_rejects_large_only_fields(capsys):
+    assert main(["train", "--arch", "xlstm_stack", "--num-heads", "2"]) == 2
+    assert "unknown StackConfig field(s): num_heads" in capsys.readouterr().err
+    assert main(["train", "--arch", "xlstm_stack", "--preset", "125m"]) == 2
+    assert "presets are xlstm_large models" in capsys.readouterr().err
