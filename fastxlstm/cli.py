@@ -60,7 +60,7 @@ def _register_train(sub) -> None:
 
     p = sub.add_parser(
         "train", help="train a model (with no flags: a tiny model on the embedded corpus, on the CPU in minutes)",
-        description="Train an xLSTM-Large language model. Flags map onto the fields of ModelConfig (override the "
+        description="Train an xLSTM language model (xLSTM-Large, or the original stack with --arch). Flags map onto the fields of ModelConfig (override the "
                     "preset) and TrainConfig; under torchrun add --parallel ddp or fsdp. With --resume, the "
                     "checkpoint's own configs are the base and flags given override them.")
     p.add_argument("--preset", default=argparse.SUPPRESS, choices=sorted(PRESETS),
@@ -70,7 +70,7 @@ def _register_train(sub) -> None:
                         "StackConfig fields come from --config FILE, the shared ones (--embedding-dim, "
                         "--num-blocks, --vocab-size, --chunk-size, --backend ...) also from flags")
     p.add_argument("--config", default=argparse.SUPPRESS, metavar="FILE",
-                   help='a JSON or TOML file {"preset": ..., "model": {...}, "train": {...}}; flags override it')
+                   help='a JSON or TOML file {"arch": ..., "preset": ..., "model": {...}, "train": {...}}; flags override it')
     _add_dataclass_flags(p.add_argument_group("training (TrainConfig)"), TrainConfig, "train")
     _add_dataclass_flags(p.add_argument_group("model (ModelConfig; override the preset)"), ModelConfig, "model",
                          skip=("bos_token_id", "eos_token_id", "pad_token_id"))
@@ -96,6 +96,7 @@ def _add_dataclass_flags(parser, cls, prefix: str, skip: tuple[str, ...] = ()) -
     docstring. Unset flags stay out of the namespace (SUPPRESS), so only what was typed overrides."""
     import dataclasses
     import enum
+    import types
     import typing
 
     hints = typing.get_type_hints(cls)
@@ -104,7 +105,7 @@ def _add_dataclass_flags(parser, cls, prefix: str, skip: tuple[str, ...] = ()) -
         if f.name in skip:
             continue
         kind, optional = hints[f.name], False
-        if typing.get_origin(kind) in (typing.Union, __import__("types").UnionType):
+        if typing.get_origin(kind) in (typing.Union, types.UnionType):
             args = [a for a in typing.get_args(kind) if a is not type(None)]
             kind, optional = args[0], True
         default = f.default if f.default is not dataclasses.MISSING else None
