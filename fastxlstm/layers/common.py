@@ -33,7 +33,8 @@ class _SoftCap(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         (t,) = ctx.saved_tensors
-        return grad * (1 - t * t), None
+        out = t * t                                   # grad * (1 - t^2) in two passes, one buffer
+        return torch.addcmul(grad, grad, out, value=-1, out=out), None
 
 
 class RMSNorm(nn.Module):
