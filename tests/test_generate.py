@@ -468,3 +468,13 @@ def test_cuda_decode_memory_does_not_grow():
     mem = stats.memory_allocated                  # sampled while decoding, not after the release
     assert set(mem) >= {64, 1024, 1025}
     assert mem[1024] == mem[1025] == mem[64], mem
+
+
+def test_original_stack_is_refused_with_a_clear_error():
+    from fastxlstm import StackConfig, XLSTMStackLM, generate, score
+
+    model = XLSTMStackLM(StackConfig(vocab_size=50, embedding_dim=32, num_blocks=2, slstm_at=(1,)))
+    with pytest.raises(ValueError, match="XLSTMStackLM"):
+        generate(model, [[1, 2, 3]], max_new_tokens=2)
+    with pytest.raises(ValueError, match="XLSTMStackLM"):
+        score(model, [1, 2, 3, 4])

@@ -15,7 +15,7 @@ import torch
 
 from ..ops import MLSTMState
 from ..tokenizer import IncrementalDecoder, check_tokenizer, load_tokenizer
-from .engine import GenerationStats, decode_steps, model_device, prefill
+from .engine import GenerationStats, check_model, decode_steps, model_device, prefill
 from .sampling import SamplingParams, row_keys
 from .states import check_state
 
@@ -96,6 +96,7 @@ def stream(model, prompts, *, max_new_tokens: int = 128, temperature: float = 0.
 def encode_prompts(model, prompts, *, tokenizer=None, add_bos: bool | None = None,
                    max_prompt_tokens: int | None = None):
     """Validate and tokenize prompts -> (token lists, text_mode, single, tokenizer or None)."""
+    check_model(model)
     cfg = model.cfg
     single = isinstance(prompts, str)
     if single:

@@ -63,6 +63,15 @@ def model_device(model) -> torch.device:
     return next(model.parameters()).device
 
 
+def check_model(model) -> None:
+    """Generation runs xLSTM-Large models: their state is one flat MLSTMState per block."""
+    from ..model import XLSTMLarge
+
+    if not isinstance(model, XLSTMLarge):
+        raise ValueError(f"generation supports XLSTMLarge models, got {type(model).__name__} "
+                         "(the original mLSTM/sLSTM stack is not supported by generate/score yet)")
+
+
 def prefill_piece(model) -> int:
     """Prefill piece length: bounded logits, a whole number of chunks, fixed for the model."""
     cfg = model.cfg
@@ -76,6 +85,7 @@ def prefill(model, prompts: list[list[int]], state: list[MLSTMState] | None = No
     """Consume each prompt (exact length, no padding) and return (state after each prompt,
     logits (B, V) at each prompt's last token, float32 or float64 for a float64 model). ``state``: rows to start from, or None
     for zeros. Prompts are assumed validated (see ``api.encode_prompts``)."""
+    check_model(model)
     device = model_device(model)
     B = len(prompts)
     if state is not None:

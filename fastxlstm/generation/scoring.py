@@ -11,7 +11,7 @@ import torch
 
 from ..ops import MLSTMState
 from ..tokenizer import check_tokenizer, load_tokenizer
-from .engine import model_device, prefill_piece
+from .engine import check_model, model_device, prefill_piece
 
 __all__ = ["score", "ScoreResult"]
 
@@ -57,6 +57,7 @@ def score(model, text, *, tokenizer=None, add_bos: bool | None = None, piece_tok
             was split into pieces.
         progress: called with the number of tokens consumed so far after each forward call.
     """
+    check_model(model)
     cfg = model.cfg
     device = model_device(model)
     if isinstance(text, (str, bytes)) or (isinstance(text, (list, tuple)) and text and isinstance(text[0], int)):
