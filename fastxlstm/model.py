@@ -37,8 +37,8 @@ class Block(nn.Module):
         self.norm_ffn = RMSNorm(cfg.embedding_dim, **norm)
         self.ffn = SwiGLU(cfg.embedding_dim, cfg.ffn_dim, use_bias=cfg.use_bias)
 
-    def forward(self, x, state: MLSTMState | None = None, *, backend: Backend):
-        h, state = self.mlstm_layer(self.norm_mlstm(x), state, backend=backend)
+    def forward(self, x, state: MLSTMState | None = None, *, backend: Backend, cu_seqlens=None):
+        h, state = self.mlstm_layer(self.norm_mlstm(x), state, backend=backend, cu_seqlens=cu_seqlens)
         x = x + h
         return x + self.ffn(self.norm_ffn(x)), state
 
@@ -81,17 +81,23 @@ class XLSTMLarge(nn.Module):
             log.info("fastxlstm: mLSTM backend %s on %s", self._backends[key].value, key)
         return self._backends[key]
 
-    def forward(self, input_ids: torch.Tensor, state: list[MLSTMState] | None = None
-                ) -> tuple[torch.Tensor, list[MLSTMState]]:
+    def forward(self, input_ids: torch.Tensor, state: list[MLSTMState] | None = None, *,
+                cu_seqlens: torch.Tensor | None = None) -> tuple[torch.Tensor, list[MLSTMState]]:
         """input_ids (B, T) integer -> logits (B, T, vocab) (float32, or float64 for a float64 model) and
-        the state after the last token."""
-        self._check_inputs(input_ids, state)
+        the state after the last token.
+
+        cu_seqlens: packed documents: input_ids is (1, T) holding N documents one after another,
+        cu_seqlens (N + 1,) their offsets from 0 to T; every document starts from its own state
+        (zeros, or row n of ``state``), exactly as if run alone, and the returned state has one row
+        per document.
+        """
+        self._check_inputs(input_ids, state, batch=None if cu_seqlens is None else len(cu_seqlens) - 1)
         backend = self.backend_for(input_ids.device)
         x = self.embedding(input_ids)
         states = state if state is not None else [None] * len(self.backbone.blocks)
         new_states = []
-        for block, s in zip(self.backbone.blocks, states):
-            x, s = block(x, s, backend=backend)
+        for block, s in zip(self.backbone.blocks, states):  # cu_seqlens is checked by ops.mlstm
+            x, s = block(x, s, backend=backend, cu_seqlens=cu_seqlens)
             new_states.append(s)
         logits = self.lm_head(self.backbone.out_norm(x))
         if logits.dtype in (torch.float16, torch.bfloat16):
@@ -145,7 +151,7 @@ class XLSTMLarge(nn.Module):
         backends = ", ".join(f"{k}: {v.value}" for k, v in self._backends.items()) or self.cfg.backend.value
         return f"params={self.num_params():,}, backend={backends}"
 
-    def _check_inputs(self, input_ids: torch.Tensor, state) -> None:
+    def _check_inputs(self, input_ids: torch.Tensor, state, batch: int | None = None) -> None:
         if not isinstance(input_ids, torch.Tensor):
             raise TypeError(f"input_ids must be a torch.Tensor, got {type(input_ids).__name__}")
         if input_ids.is_floating_point() or input_ids.is_complex() or input_ids.dtype == torch.bool:
@@ -164,7 +170,7 @@ class XLSTMLarge(nn.Module):
         if not isinstance(state, (list, tuple)) or len(state) != c.num_blocks:
             raise ValueError(f"state must be a list of {c.num_blocks} MLSTMState (one per block), "
                              f"got {type(state).__name__} of length {len(state) if hasattr(state, '__len__') else '?'}")
-        B = input_ids.shape[0]
+        B = input_ids.shape[0] if batch is None else batch
         expected = {"c": (B, c.num_heads, c.qk_head_dim, c.v_head_dim), "n": (B, c.num_heads, c.qk_head_dim),
                     "m": (B, c.num_heads)}
         for idx, s in enumerate(state):

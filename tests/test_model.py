@@ -140,3 +140,21 @@ def test_soft_cap_value_and_gradient():
     with torch.no_grad():
         assert torch.allclose(soft_cap(x, 30.0), 30 * torch.tanh(x / 30))
     assert soft_cap(x, None) is x
+
+
+def test_packed_documents_equal_each_document_alone():
+    model = random_model()
+    lengths = [5, 17, 1, 30]
+    docs = [torch.randint(0, CFG.vocab_size, (1, n)) for n in lengths]
+    cu = torch.tensor([0] + list(torch.tensor(lengths).cumsum(0)))
+    _, init = model(torch.randint(0, CFG.vocab_size, (len(docs), 3)))
+    for state in (None, init):
+        packed, packed_state = model(torch.cat(docs, 1), state, cu_seqlens=cu)
+        for n, doc in enumerate(docs):
+            row = None if state is None else [MLSTMState(*(t[n:n + 1] for t in s)) for s in state]
+            alone, alone_state = model(doc, row)
+            assert_close(f"doc {n}", alone, packed[:, cu[n]:cu[n + 1]], torch.float64)
+            for a, b in zip(alone_state, packed_state):
+                assert_close(f"doc {n} state", a.c, b.c[n:n + 1], torch.float64)
+    with pytest.raises(ValueError, match="batch"):
+        model(torch.cat(docs, 1), [MLSTMState(*(t[:2] for t in s)) for s in init], cu_seqlens=cu)

@@ -34,8 +34,8 @@ class MLSTMLayer(nn.Module):
                                                  force_float32=norm_reduction_force_float32)
         self.out_proj = nn.Linear(v_dim, embedding_dim, bias=use_bias)
 
-    def forward(self, x: torch.Tensor, state: MLSTMState | None = None, *,
-                backend: Backend = Backend.NATIVE) -> tuple[torch.Tensor, MLSTMState]:
+    def forward(self, x: torch.Tensor, state: MLSTMState | None = None, *, backend: Backend = Backend.NATIVE,
+                cu_seqlens: torch.Tensor | None = None) -> tuple[torch.Tensor, MLSTMState]:
         B, T, _ = x.shape
         H = self.num_heads
         q = self.q(x).view(B, T, H, self.qk_head_dim)
@@ -43,12 +43,12 @@ class MLSTMLayer(nn.Module):
         v = self.v(x).view(B, T, H, self.v_head_dim)
         i = soft_cap(self.igate_preact(x), self.gate_soft_cap)       # (B, T, H)
         f = soft_cap(self.fgate_preact(x), self.gate_soft_cap)       # (B, T, H)
-        if T == 1 and state is not None:
+        if T == 1 and state is not None and cu_seqlens is None:
             h, state = ops.mlstm_step(q[:, 0], k[:, 0], v[:, 0], i[:, 0], f[:, 0], state,
                                       backend=backend, eps=self.cell_eps)
             h = h.unsqueeze(1)
         else:
             h, state = ops.mlstm(q, k, v, i, f, state, backend=backend, chunk_size=self.chunk_size,
-                                 eps=self.cell_eps)
+                                 eps=self.cell_eps, cu_seqlens=cu_seqlens)
         h = self.multihead_norm(h)                                    # (B, T, H*Dv)
         return self.out_proj(torch.sigmoid(self.ogate_preact(x)) * h), state
