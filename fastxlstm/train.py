@@ -474,9 +474,9 @@ def _adamw(model: torch.nn.Module, cfg: TrainConfig, *, fused: bool) -> torch.op
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=fused or None)
 
 
-def _checkpointed(forward, x, state=None, *, backend):
+def _checkpointed(forward, x, state=None, **kwargs):
     from torch.utils.checkpoint import checkpoint
-    return checkpoint(forward, x, state, backend=backend, use_reentrant=False)
+    return checkpoint(forward, x, state, use_reentrant=False, **kwargs)
 
 
 def _write_config(path: Path, cfg: TrainConfig) -> None:
