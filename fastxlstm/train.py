@@ -528,7 +528,7 @@ def _plot(out: Path) -> None:
     try:
         from matplotlib.figure import Figure
     except ImportError:
-        print(f"matplotlib is not installed, so no {PLOT} was drawn: pip install 'fastxlstm[plot]'")
+        print(f"matplotlib is not installed, so no {PLOT} was drawn: pip install matplotlib")
         return
     rows = [json.loads(line) for line in (out / METRICS).read_text().splitlines() if line.strip()]
     fig = Figure(figsize=(7, 4.2))
