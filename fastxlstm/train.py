@@ -123,8 +123,12 @@ class _Run:
         self.val_starts = eval_windows(self.data.val, cfg, rank=env.rank, world=env.world_size)
         torch.manual_seed(cfg.seed)
         self.model_cls = model_class(model_cfg)
-        if cfg.stateful and not hasattr(model_cfg, "num_heads"):
-            raise ValueError("stateful training is implemented for the xlstm_large architecture only")
+        if (cfg.stateful or cfg.document_end_id is not None) and not hasattr(model_cfg, "num_heads"):
+            raise ValueError("stateful and packed-document (document_end_id) training are implemented for the "
+                             "xlstm_large architecture only")
+        if cfg.document_end_id is not None and cfg.document_end_id >= model_cfg.vocab_size:
+            raise ValueError(f"document_end_id {cfg.document_end_id} is not a token id of a vocabulary of "
+                             f"{model_cfg.vocab_size}")
         with torch.device(dev):
             model = self.model_cls(model_cfg)
         self.inner = model                               # the plain module: names, config, sampling
@@ -225,7 +229,7 @@ class _Run:
             x, y = self.batches.micro_batch(self.step, a)
             x, y = x.to(self.env.device, non_blocking=True), y.to(self.env.device, non_blocking=True)
             with self._grad_sync(a == cfg.grad_accum - 1), self._autocast():
-                logits, state = model(x, self.carry[a] if self.carry is not None else None)
+                logits, state = self._forward(model, x, self.carry[a] if self.carry is not None else None)
                 loss = F.cross_entropy(logits.view(-1, logits.shape[-1]), y.reshape(-1))
                 (loss / cfg.grad_accum).backward()
             if self.carry is not None:
@@ -238,6 +242,16 @@ class _Run:
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return total, grad_norm
+
+    def _forward(self, model, x, state=None):
+        """model(x, state), or with packed documents one (1, B*T) row whose state restarts at every
+        row start and after every document_end_id."""
+        if self.cfg.document_end_id is None:
+            return model(x, state)
+        B, T = x.shape
+        flat = x.reshape(1, B * T)
+        logits, _ = model(flat, cu_seqlens=document_offsets(flat[0], T, self.cfg.document_end_id))
+        return logits.view(B, T, -1), None
 
     def _grad_sync(self, sync: bool):
         """Reduce gradients across ranks only on the last micro-step."""
@@ -262,7 +276,7 @@ class _Run:
         for lo in range(0, len(self.val_starts), micro):
             x, y = windows(self.data.val, self.val_starts[lo:lo + micro], cfg.seq_len)
             with self._autocast():
-                logits, _ = model(x.to(self.env.device))
+                logits, _ = self._forward(model, x.to(self.env.device))
             total[0] += F.cross_entropy(logits.view(-1, logits.shape[-1]).float(), y.to(self.env.device).reshape(-1),
                                         reduction="sum").double()
             total[1] += y.numel()
@@ -280,7 +294,7 @@ class _Run:
         for a in range(self.cfg.grad_accum):
             x, y = self.batches.micro_batch(0, a)
             with self._autocast():
-                logits, _ = model(x.to(self.env.device), None)
+                logits, _ = self._forward(model, x.to(self.env.device))
             total += F.cross_entropy(logits.view(-1, logits.shape[-1]), y.to(self.env.device).reshape(-1))
         return dist.all_reduce(total / self.cfg.grad_accum).item() / self.env.world_size
 
@@ -472,6 +486,15 @@ def _adamw(model: torch.nn.Module, cfg: TrainConfig, *, fused: bool) -> torch.op
             (decay if p.ndim >= 2 and "embedding" not in name else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=fused or None)
+
+
+def document_offsets(tokens: torch.Tensor, row_len: int, end_id: int) -> torch.Tensor:
+    """cu_seqlens of a flat batch of rows: a document starts at every row start and after every
+    ``end_id`` token. tokens (N,) with N a multiple of row_len -> sorted offsets from 0 to N."""
+    n = tokens.numel()
+    rows = torch.arange(0, n + 1, row_len, device=tokens.device)
+    after_end = (tokens == end_id).nonzero().flatten() + 1
+    return torch.unique(torch.cat([rows, after_end]))
 
 
 def _checkpointed(forward, x, state=None, **kwargs):

@@ -80,6 +80,10 @@ class TrainConfig:
     stateful: bool = False
     """Carry the recurrent state (detached) from each step to the next: every batch row reads its own
     contiguous stream of the data instead of random windows."""
+    document_end_id: int | None = None
+    """Token id that ends a document (e.g. the tokenizer's EOS; 10 is a newline for bytes). When set,
+    batches are packed documents: the recurrent state restarts after every occurrence, exactly as if
+    each document ran alone (xlstm_large, not with stateful)."""
     eval_every: int = 200
     """Validation loss and bits per byte every this many steps (and at the end); 0: only at the end."""
     eval_batches: int = 8
@@ -120,6 +124,10 @@ class TrainConfig:
                     value < lo or (lo_open and value == lo) or value > hi or (hi_open and value == hi):
                 raise ValueError(f"{name} must be a number in {'(' if lo_open else '['}{lo}, {hi}"
                                  f"{')' if hi_open else ']'}, got {value!r}")
+        if self.document_end_id is not None:
+            _check_int("document_end_id", self.document_end_id, lo=0)
+            if self.stateful:
+                raise ValueError("document_end_id (packed documents) and stateful (carried state) exclude each other")
         if self.stop_at_step is not None:
             _check_int("stop_at_step", self.stop_at_step, lo=1)
         if self.batch_size % self.grad_accum:

@@ -4,6 +4,7 @@ FSDP2 under torchrun against one process, and clear errors for bad flags and dat
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -255,3 +256,35 @@ def test_stack_rejects_large_only_fields(capsys):
     assert "unknown StackConfig field(s): num_heads" in capsys.readouterr().err
     assert main(["train", "--arch", "xlstm_stack", "--preset", "125m"]) == 2
     assert "presets are xlstm_large models" in capsys.readouterr().err
+
+
+def test_document_offsets():
+    from fastxlstm.train import document_offsets
+
+    E = 9
+    tokens = torch.tensor([1, E, 2, 3, E, 4, 5, E, 6, 7])     # two rows of 5
+    assert document_offsets(tokens, 5, E).tolist() == [0, 2, 5, 8, 10]
+    assert document_offsets(torch.tensor([E, 1, 2, 3]), 2, E).tolist() == [0, 1, 2, 4]
+
+
+def test_packed_documents_train_and_match_each_document_alone(corpus, tmp_path):
+    out = tmp_path / "packed"
+    assert _train("--data", corpus, "--out", out, "--max-steps", 4, "--eval-every", 0, "--document-end-id", 10,
+                  "--ckpt-every", 0) == 0
+    rows = _metrics(out)
+    assert all(math.isfinite(r["loss"]) for r in rows) and "val_loss" in rows[-1]
+    # the loss the trainer computes on a packed batch equals running every document piece alone
+    from fastxlstm.train import document_offsets
+
+    model = load(out).double()
+    x = torch.tensor([list(b"ab\ncd\nef"), list(b"g\nhijklm")])
+    cu = document_offsets(x.reshape(-1), x.shape[1], 10)
+    packed, _ = model(x.reshape(1, -1), cu_seqlens=cu)
+    for a, b in zip(cu[:-1].tolist(), cu[1:].tolist()):
+        alone, _ = model(x.reshape(1, -1)[:, a:b])
+        torch.testing.assert_close(packed[:, a:b], alone, rtol=1e-10, atol=1e-10)
+
+
+def test_packed_documents_reject_stateful(capsys):
+    assert _train("--document-end-id", 10, "--stateful") == 2
+    assert "exclude each other" in capsys.readouterr().err
