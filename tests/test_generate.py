@@ -470,11 +470,174 @@ def test_cuda_decode_memory_does_not_grow():
     assert mem[1024] == mem[1025] == mem[64], mem
 
 
-def test_original_stack_is_refused_with_a_clear_error():
-    from fastxlstm import StackConfig, XLSTMStackLM, generate, score
+# --- the original xLSTM stack (XLSTMStackLM): nested LayerState states ----------------------------------
 
-    model = XLSTMStackLM(StackConfig(vocab_size=50, embedding_dim=32, num_blocks=2, slstm_at=(1,)))
-    with pytest.raises(ValueError, match="XLSTMStackLM"):
-        generate(model, [[1, 2, 3]], max_new_tokens=2)
-    with pytest.raises(ValueError, match="XLSTMStackLM"):
-        score(model, [1, 2, 3, 4])
+STACK_CFG = dict(vocab_size=50, embedding_dim=32, num_blocks=3, slstm_at=(1,), chunk_size=4)
+
+
+def random_stack(seed=0, scale=0.3, dtype=torch.float64, **changes):
+    from fastxlstm import StackConfig, XLSTMStackLM
+
+    g = torch.Generator().manual_seed(seed)
+    model = XLSTMStackLM(StackConfig(**{**STACK_CFG, **changes})).to(dtype)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float64) * scale)
+    return model
+
+
+@pytest.fixture(scope="module")
+def stack():
+    return random_stack()
+
+
+def stack_prompts(lengths, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, 50, (n,), generator=g).tolist() for n in lengths]
+
+
+def assert_states_equal(a, b, atol=0.0):
+    from fastxlstm.generation.states import named_tensors
+
+    na, nb = named_tensors(a), named_tensors(b)
+    assert [n for n, _ in na] == [n for n, _ in nb]
+    for (name, x), (_, y) in zip(na, nb):
+        assert (x is None) == (y is None), name
+        if x is not None:
+            torch.testing.assert_close(x, y, rtol=0, atol=atol, msg=name)
+
+
+def test_stack_greedy_equals_argmax_of_full_forward(stack):
+    prompt = stack_prompts([9])[0]
+    new = generate(stack, [prompt], max_new_tokens=12)[0]
+    assert len(new) == 12
+    seq = list(prompt)
+    for t in new:
+        logits, _ = stack(torch.tensor([seq]))
+        assert t == int(logits[0, -1].argmax())
+        seq.append(t)
+    assert len(set(new)) > 1, "a constant output would make this test vacuous"
+
+
+def test_stack_mixed_length_batch_equals_each_prompt_alone(stack):
+    prompts = stack_prompts([3, 11, 6, 11, 1])
+    batch = generate(stack, prompts, max_new_tokens=8)
+    assert batch == [generate(stack, [p], max_new_tokens=8)[0] for p in prompts]
+    kw = dict(max_new_tokens=8, temperature=1.0, top_k=20, repetition_penalty=1.2)
+    seeds = [21, 22, 23, 24, 25]
+    batch = generate(stack, prompts, seed=seeds, **kw)
+    assert batch == [generate(stack, [p], seed=[s], **kw)[0] for p, s in zip(prompts, seeds)]
+
+
+def test_stack_prefill_state_equals_a_single_full_forward(stack, monkeypatch):
+    import fastxlstm.generation.engine as engine
+
+    prompts = stack_prompts([5, 14, 5])
+    monkeypatch.setattr(engine, "_LOGIT_BUDGET", 8 * 50)            # pieces of 8: the state is carried
+    assert engine.prefill_piece(stack) == 8
+    state, logits = prefill(stack, prompts)
+    assert state[0].conv is not None and type(state[1].cell).__name__ == "SLSTMState"
+    for r, p in enumerate(prompts):
+        full, st = stack(torch.tensor([p]))
+        torch.testing.assert_close(logits[r], full[0, -1], rtol=0, atol=1e-10)
+        assert_states_equal(select_rows(state, [r]), st, atol=1e-10)
+
+
+def test_stack_fork_and_saved_state_continue_exactly(stack, tmp_path):
+    from fastxlstm.generation import concat
+
+    prompt = stack_prompts([10])[0]
+    kw = dict(max_new_tokens=8, temperature=1.0)
+    original = generate(stack, [prompt], seed=[7], **kw)[0]
+    state, logits = prefill(stack, [prompt[:-1]])
+    forks = fork(state, 3)
+    out = generate(stack, [prompt[-1:]] * 3, state=forks, seed=[7, 7, 8], **kw)
+    assert out[0] == original and out[1] == original and out[2] != original
+    assert generate(stack, [prompt[-1:]], state=state, seed=[7], **kw)[0] == original
+    assert_states_equal(concat([state, state, state]), forks)
+    save_state(tmp_path / "s.safetensors", state, metadata={"tokens": prompt[:-1]}, logits=logits)
+    restored, extra, meta = load_state(tmp_path / "s.safetensors", model=stack)
+    assert meta == {"tokens": prompt[:-1]}
+    assert torch.equal(extra["logits"], logits)
+    assert_states_equal(restored, state)
+    assert generate(stack, [prompt[-1:]], state=restored, seed=[7], **kw)[0] == original
+    # a stack state does not fit another stack, nor an XLSTMLarge
+    with pytest.raises(ValueError, match="expected"):
+        load_state(tmp_path / "s.safetensors", model=random_stack(slstm_at=(2,)))
+    with pytest.raises(ValueError, match="shape"):
+        load_state(tmp_path / "s.safetensors", model=random_stack(embedding_dim=64))
+    with pytest.raises(ValueError, match="expected"):
+        generate(random_model(ModelConfig(**{**CFG.to_dict(), "num_blocks": 3})), [[1]], state=state)
+    with pytest.raises(ValueError, match="batch 2"):
+        generate(stack, [[1], [2]], state=state)
+
+
+def test_state_files_without_a_structure_still_load(model, tmp_path):
+    """Files written before the stack was supported (one MLSTMState per block, flat keys)."""
+    from safetensors.torch import save_file
+
+    state, _ = prefill(model, [[1, 2, 3]])
+    flat = {f"blocks.{b}.{n}": t for b, s in enumerate(state) for n, t in zip(s._fields, s)}
+    save_file(flat, str(tmp_path / "old.safetensors"),
+              metadata={"format": "fastxlstm-state/1", "num_blocks": str(len(state)), "metadata": "{}"})
+    restored, extra, meta = load_state(tmp_path / "old.safetensors", model=model)
+    assert_states_equal(restored, state)
+    assert extra == {} and meta == {}
+
+
+def test_stack_scoring_in_pieces_equals_one_pass(stack):
+    ids = stack_prompts([41])[0]
+    logits, _ = stack(torch.tensor([ids]))
+    lp = torch.log_softmax(logits[0, :-1].double(), -1).gather(-1, torch.tensor(ids[1:])[:, None]).sum()
+    whole = score(stack, ids, piece_tokens=1000)
+    assert whole.tokens == 40 and abs(whole.log_likelihood - lp.item()) < 1e-9
+    for p in (1, 3, 8):
+        assert abs(score(stack, ids, piece_tokens=p).log_likelihood - whole.log_likelihood) < 1e-9
+    assert score(stack, ids).tokens == 40                          # the default piece (no bos in the config)
+    with pytest.raises(ValueError, match="no bos_token_id"):
+        score(stack, ids, add_bos=True)
+
+
+def test_stack_decodes_eagerly_only(stack, fake_graphs):
+    prompt = stack_prompts([4])[0]
+    ref = generate(stack, [prompt], max_new_tokens=6, cuda_graph=False)
+    assert generate(stack, [prompt], max_new_tokens=6) == ref        # "graphs supported": eager anyway
+    assert fake_graphs == []
+    with pytest.raises(ValueError, match="cuda_graph=True needs an XLSTMLarge"):
+        generate(stack, [prompt], max_new_tokens=6, cuda_graph=True)
+
+
+def test_other_models_are_refused_with_a_clear_error():
+    from fastxlstm import StackConfig
+    from fastxlstm.stack import XLSTMStack
+
+    with pytest.raises(ValueError, match="XLSTMLarge and XLSTMStackLM"):
+        generate(XLSTMStack(StackConfig(embedding_dim=32, num_blocks=1, vocab_size=50)), [[1, 2]])
+
+
+@pytest.fixture(scope="module")
+def saved_stack(tmp_path_factory):
+    from fastxlstm.checkpoint import save
+
+    d = tmp_path_factory.mktemp("tiny_stack")
+    save(random_stack(seed=3, dtype=torch.float32, vocab_size=256), d)
+    return d
+
+
+def test_cli_generates_from_a_saved_stack(saved_stack, capsys):
+    from fastxlstm.checkpoint import load
+    from fastxlstm.cli import main
+
+    rc = main(["generate", "--model", str(saved_stack), "--prompt", "The cat", "--max-new-tokens", "10",
+               "--temperature", "0.8", "--seed", "4", "--device", "cpu", "--stats"])
+    out = capsys.readouterr()
+    assert rc == 0, out.err
+    model = load(saved_stack)
+    assert type(model).__name__ == "XLSTMStackLM"
+    expected = generate(model, "The cat", max_new_tokens=10, temperature=0.8, seed=4)
+    assert out.out == expected + "\n"
+    assert "10 tokens" in out.err
+    r = subprocess.run([sys.executable, "-m", "fastxlstm", "generate", "--model", str(saved_stack),
+                        "--prompt", "Hi", "--max-new-tokens", "4", "--device", "cpu"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr

@@ -13,9 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..ops import MLSTMState
 from ..tokenizer import IncrementalDecoder, check_tokenizer, load_tokenizer
-from .engine import GenerationStats, check_model, decode_steps, model_device, prefill
+from .engine import GenerationStats, check_model, config_id, decode_steps, model_device, prefill
 from .sampling import SamplingParams, row_keys
 from .states import check_state
 
@@ -39,7 +38,8 @@ def generate(model, prompts, *, max_new_tokens: int = 128, **options):
     """Generate continuations of ``prompts``; greedy unless a sampling option is given.
 
     Args:
-        model: an XLSTMLarge (any device and dtype).
+        model: an XLSTMLarge or an XLSTMStackLM (any device and dtype; the stack decodes eagerly,
+            never in a CUDA graph).
         prompts: a list of token-id lists (returns a list of new-token-id lists), a list of
             strings (returns the list of generated texts) or one string (returns one text).
         max_new_tokens: tokens generated per row at most (>= 1).
@@ -63,7 +63,7 @@ def stream(model, prompts, *, max_new_tokens: int = 128, temperature: float = 0.
            top_p: float = 1.0, min_p: float = 0.0, repetition_penalty: float = 1.0,
            seed: int | Sequence[int] | None = None, eos_token_id: int | Sequence[int] | None | str = "config",
            stop: str | Sequence[str] | None = None, tokenizer=None, add_bos: bool | None = None,
-           state: list[MLSTMState] | None = None, max_prompt_tokens: int | None = None,
+           state: list | None = None, max_prompt_tokens: int | None = None,
            cuda_graph: bool | None = None, steps_per_graph: int | None = None, compile: bool = False,
            stats: GenerationStats | None = None) -> Iterator[TokenEvent]:
     """Yield a TokenEvent per generated token as soon as it exists (rows interleaved step by step).
@@ -98,6 +98,7 @@ def encode_prompts(model, prompts, *, tokenizer=None, add_bos: bool | None = Non
     """Validate and tokenize prompts -> (token lists, text_mode, single, tokenizer or None)."""
     check_model(model)
     cfg = model.cfg
+    bos_id = config_id(cfg, "bos_token_id")
     single = isinstance(prompts, str)
     if single:
         prompts = [prompts]
@@ -115,8 +116,8 @@ def encode_prompts(model, prompts, *, tokenizer=None, add_bos: bool | None = Non
         tokenizer = tokenizer if tokenizer is not None else load_tokenizer(None, cfg.vocab_size)
         check_tokenizer(tokenizer, cfg.vocab_size)
     if add_bos is None:
-        add_bos = text_mode and cfg.bos_token_id is not None
-    if add_bos and cfg.bos_token_id is None:
+        add_bos = text_mode and bos_id is not None
+    if add_bos and bos_id is None:
         raise ValueError("add_bos=True, but the model config has no bos_token_id")
     out = []
     for r, p in enumerate(prompts):
@@ -133,10 +134,10 @@ def encode_prompts(model, prompts, *, tokenizer=None, add_bos: bool | None = Non
             if bad:
                 raise ValueError(f"prompt {r} holds non-integer token ids, e.g. {bad[0]!r}")
         if not ids:
-            hint = f" (e.g. the BOS id {cfg.bos_token_id})" if cfg.bos_token_id is not None else ""
+            hint = f" (e.g. the BOS id {bos_id})" if bos_id is not None else ""
             raise ValueError(f"prompt {r} is empty: give at least one token{hint} to generate from")
         if add_bos:
-            ids = [cfg.bos_token_id] + ids
+            ids = [bos_id] + ids
         out_of_range = [t for t in ids if not 0 <= t < cfg.vocab_size]
         if out_of_range:
             raise ValueError(f"prompt {r} has token id {out_of_range[0]} outside [0, {cfg.vocab_size}) "
@@ -292,7 +293,8 @@ def _eos_ids(eos_token_id, cfg) -> set[int]:
     if isinstance(eos_token_id, str):
         if eos_token_id != "config":
             raise ValueError(f"eos_token_id must be 'config', None, an id or a list of ids, got {eos_token_id!r}")
-        return set() if cfg.eos_token_id is None else {cfg.eos_token_id}
+        eos = config_id(cfg, "eos_token_id")
+        return set() if eos is None else {eos}
     if eos_token_id is None:
         return set()
     ids = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)

@@ -7,10 +7,14 @@ prefill: every prompt is consumed at its exact length by the chunkwise forward. 
     the (rows, piece, vocab) logits stay bounded; the piece length depends only on the model, never
     on the batch, so a prompt is cut the same way alone or in a batch.
 decode: one step is ``model(token (B, 1), state)`` (the step kernels) plus the token choice, all
-    fixed-shape. On CUDA, ``steps_per_graph`` steps are captured in one CUDA graph over static
-    buffers (the state is copied back into them once per replay, not once per step) and replays are
-    pipelined with the copy of their tokens to the host; on the CPU the same code runs eagerly. Memory does not grow
-    with the number of generated tokens.
+    fixed-shape. On CUDA, for an XLSTMLarge, ``steps_per_graph`` steps are captured in one CUDA
+    graph over static buffers (the state is copied back into them once per replay, not once per
+    step) and replays are pipelined with the copy of their tokens to the host; on the CPU the same
+    code runs eagerly. Memory does not grow with the number of generated tokens. The original stack (XLSTMStackLM) always decodes eagerly:
+    its forward validates token ids on the host, which a CUDA graph cannot capture.
+
+Both model kinds are supported: XLSTMLarge (state: one MLSTMState per block) and XLSTMStackLM
+(state: one LayerState(conv, cell) per block); the state is handled leaf by leaf (states.tree_map).
 """
 
 from __future__ import annotations
@@ -20,9 +24,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..ops import MLSTMState
 from .sampling import SamplingParams, choose
-from .states import check_state
+from .states import check_state, tree_map
 
 __all__ = ["prefill", "decode_steps", "GenerationStats"]
 
@@ -64,24 +67,40 @@ def model_device(model) -> torch.device:
 
 
 def check_model(model) -> None:
-    """Generation runs xLSTM-Large models: their state is one flat MLSTMState per block."""
+    """Generation runs XLSTMLarge and the original stack's language model (XLSTMStackLM)."""
+    from ..model import XLSTMLarge
+    from ..stack import XLSTMStackLM
+
+    if not isinstance(model, (XLSTMLarge, XLSTMStackLM)):
+        raise ValueError(f"generation supports XLSTMLarge and XLSTMStackLM models, got {type(model).__name__}")
+
+
+def supports_cuda_graph(model) -> bool:
+    """Whether the decode step can be captured in a CUDA graph: XLSTMLarge only (the stack's
+    forward checks token ids on the host, a sync that graph capture forbids)."""
     from ..model import XLSTMLarge
 
-    if not isinstance(model, XLSTMLarge):
-        raise ValueError(f"generation supports XLSTMLarge models, got {type(model).__name__} "
-                         "(the original mLSTM/sLSTM stack is not supported by generate/score yet)")
+    return isinstance(getattr(model, "_orig_mod", model), XLSTMLarge)
+
+
+def config_id(cfg, name: str) -> int | None:
+    """A special token id of the config (bos/eos/pad), None where the config has no such field."""
+    return getattr(cfg, name, None)
+
+
+_DEFAULT_CHUNK = 64
 
 
 def prefill_piece(model) -> int:
     """Prefill piece length: bounded logits, a whole number of chunks, fixed for the model."""
     cfg = model.cfg
-    piece = max(_LOGIT_BUDGET // cfg.vocab_size, cfg.chunk_size)
-    return max(piece // cfg.chunk_size * cfg.chunk_size, cfg.chunk_size)
+    chunk = getattr(cfg, "chunk_size", None) or _DEFAULT_CHUNK
+    piece = max(_LOGIT_BUDGET // cfg.vocab_size, chunk)
+    return max(piece // chunk * chunk, chunk)
 
 
 @torch.inference_mode()
-def prefill(model, prompts: list[list[int]], state: list[MLSTMState] | None = None
-            ) -> tuple[list[MLSTMState], torch.Tensor]:
+def prefill(model, prompts: list[list[int]], state: list | None = None) -> tuple[list, torch.Tensor]:
     """Consume each prompt (exact length, no padding) and return (state after each prompt,
     logits (B, V) at each prompt's last token, float32 or float64 for a float64 model). ``state``: rows to start from, or None
     for zeros. Prompts are assumed validated (see ``api.encode_prompts``)."""
@@ -92,7 +111,7 @@ def prefill(model, prompts: list[list[int]], state: list[MLSTMState] | None = No
         check_state(model, state, B)
     cfg = model.cfg
     piece = prefill_piece(model)
-    out_state: list[MLSTMState] | None = None       # allocated from the first result (float32/float64)
+    out_state: list | None = None                   # allocated from the first result (float32/float64)
     out_logits: torch.Tensor | None = None
     by_length: dict[int, list[int]] = {}
     for r, p in enumerate(prompts):
@@ -103,17 +122,15 @@ def prefill(model, prompts: list[list[int]], state: list[MLSTMState] | None = No
             sub = rows[start:start + per_call]
             idx = torch.tensor(sub, dtype=torch.long, device=device)
             ids = torch.tensor([prompts[r] for r in sub], dtype=torch.long, device=device)
-            st = None if state is None else [MLSTMState(*(t.index_select(0, idx) for t in s)) for s in state]
+            st = None if state is None else tree_map(lambda t: t.index_select(0, idx), state)
             for a in range(0, length, piece):
                 logits, st = model(ids[:, a:a + piece], st)
             last = logits[:, -1] if logits.dtype == torch.float64 else logits[:, -1].float()
             if out_state is None:
                 out_logits = last.new_empty(B, last.shape[-1])
-                out_state = [MLSTMState(*(t.new_empty(B, *t.shape[1:]) for t in s)) for s in st]
+                out_state = tree_map(lambda t: t.new_empty(B, *t.shape[1:]), st)
             out_logits.index_copy_(0, idx, last)
-            for dst, src in zip(out_state, st):
-                for d, s in zip(dst, src):
-                    d.index_copy_(0, idx, s)
+            tree_map(lambda d, s: d.index_copy_(0, idx, s), out_state, st)
     return out_state, out_logits
 
 
@@ -187,9 +204,7 @@ class _GraphDecoder:
 
     def _body(self, n: int) -> None:
         tok, st = _run_steps(self.model, self.tok, self.state, self.chooser, n, self.out)
-        for dst, src in zip(self.state, st):
-            for d, s in zip(dst, src):
-                d.copy_(s)
+        tree_map(lambda d, s: d.copy_(s), self.state, st)
         self.tok.copy_(tok)
 
     def _launch(self) -> None:
@@ -257,15 +272,20 @@ def default_steps_per_graph(batch_size: int) -> int:
     return max(4, min(32, 1 << (batch_size - 1).bit_length()))
 
 
-def decode_steps(model, state: list[MLSTMState], last_logits: torch.Tensor, params: SamplingParams,
+def decode_steps(model, state: list, last_logits: torch.Tensor, params: SamplingParams,
                  keys: torch.Tensor, max_new_tokens: int, *, seen: torch.Tensor | None = None,
                  cuda_graph: bool | None = None, steps_per_graph: int | None = None,
                  compile: bool = False, stats: GenerationStats | None = None):
     """Yield the new tokens as CPU (B, k) blocks, k >= 1, exactly max_new_tokens per row in all.
     Stop iterating to stop early. ``state`` is consumed (the decoder updates it in place).
     ``compile``: run the decode step through ``torch.compile`` (compiled in the first step; on
-    CUDA the compiled step is then captured in the graph like the eager one)."""
+    CUDA the compiled step is then captured in the graph like the eager one).
+    ``cuda_graph`` (default: on CUDA, for an XLSTMLarge) needs an XLSTMLarge: the original stack
+    (XLSTMStackLM) decodes eagerly."""
     device = last_logits.device
+    if cuda_graph and not supports_cuda_graph(model):
+        raise ValueError(f"cuda_graph=True needs an XLSTMLarge; a {type(model).__name__} decodes eagerly "
+                         "(pass cuda_graph=None or False)")
     if compile:
         model = torch.compile(model, dynamic=False)
     B = last_logits.shape[0]
@@ -277,7 +297,7 @@ def decode_steps(model, state: list[MLSTMState], last_logits: torch.Tensor, para
     if remaining <= 0:
         return
     if cuda_graph is None:
-        cuda_graph = _graphs_supported(device)
+        cuda_graph = _graphs_supported(device) and supports_cuda_graph(model)
     if cuda_graph and not _graphs_supported(device):
         raise ValueError(f"cuda_graph=True needs a CUDA model, this one is on {device}")
     tok = first[:, None]

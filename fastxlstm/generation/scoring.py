@@ -9,9 +9,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..ops import MLSTMState
 from ..tokenizer import check_tokenizer, load_tokenizer
-from .engine import check_model, model_device, prefill_piece
+from .engine import check_model, config_id, model_device, prefill_piece
 
 __all__ = ["score", "ScoreResult"]
 
@@ -24,8 +23,9 @@ class ScoreResult:
     """Sum of ln p(token | everything before it) over the predicted tokens."""
     tokens: int
     """Number of predicted tokens (all but the first)."""
-    state: list[MLSTMState]
-    """The state after the last token (continue generating or scoring from here)."""
+    state: list
+    """The state after the last token (continue generating or scoring from here): one MLSTMState
+    (XLSTMLarge) or LayerState (XLSTMStackLM) per block."""
 
     @property
     def nll(self) -> float:
@@ -59,6 +59,7 @@ def score(model, text, *, tokenizer=None, add_bos: bool | None = None, piece_tok
     """
     check_model(model)
     cfg = model.cfg
+    bos_id = config_id(cfg, "bos_token_id")
     device = model_device(model)
     if isinstance(text, (str, bytes)) or (isinstance(text, (list, tuple)) and text and isinstance(text[0], int)):
         pieces: Iterable = [text]
@@ -101,11 +102,11 @@ def score(model, text, *, tokenizer=None, add_bos: bool | None = None, piece_tok
         else:
             raise ValueError(f"piece {i} must be a string or a list of token ids, got {type(piece).__name__}")
         if first:
-            bos = add_bos if add_bos is not None else (is_text and cfg.bos_token_id is not None)
+            bos = add_bos if add_bos is not None else (is_text and bos_id is not None)
             if bos:
-                if cfg.bos_token_id is None:
+                if bos_id is None:
                     raise ValueError("add_bos=True, but the model config has no bos_token_id")
-                ids = [cfg.bos_token_id] + ids
+                ids = [bos_id] + ids
             first = False
         bad = [t for t in ids if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < cfg.vocab_size]
         if bad:
