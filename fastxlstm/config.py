@@ -115,11 +115,15 @@ class ModelConfig:
     @classmethod
     def from_dict(cls, d: dict) -> "ModelConfig":
         """Inverse of to_dict; unknown keys are an error, never silently dropped."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown ModelConfig field(s): {', '.join(unknown)}")
-        return cls(**d)
+        return cls(**known_fields(cls, d))
+
+
+def known_fields(cls, d: dict) -> dict:
+    """``d`` checked against the fields of dataclass ``cls``: unknown keys raise, naming them."""
+    unknown = sorted(set(d) - {f.name for f in dataclasses.fields(cls)})
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} field(s): {', '.join(unknown)}")
+    return d
 
 
 def _enum(kind, value, name):

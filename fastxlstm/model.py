@@ -10,7 +10,6 @@ load as they are.
 from __future__ import annotations
 
 import logging
-import math
 
 import torch
 from torch import nn

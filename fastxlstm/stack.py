@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from .config import known_fields
 from .layers.common import GatedFFN, LayerState, round_up, small_init_, wang_init_
 from .layers.original_mlstm import OriginalMLSTMLayer
 from .layers.slstm import SLSTMLayer
@@ -129,9 +129,7 @@ class StackConfig:
     @classmethod
     def from_dict(cls, d: dict) -> "StackConfig":
         """Inverse of to_dict; unknown keys are an error, never silently dropped."""
-        unknown = sorted(set(d) - {f.name for f in dataclasses.fields(cls)})
-        if unknown:
-            raise ValueError(f"unknown StackConfig field(s): {', '.join(unknown)}")
+        d = known_fields(cls, d)
         return cls(**{**d, "slstm_at": tuple(d.get("slstm_at", ()))})
 
 

@@ -13,6 +13,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Literal
 
+from .config import known_fields
+
 
 class Parallel(str, enum.Enum):
     """How a torchrun job spreads the model over its ranks."""
@@ -155,11 +157,7 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
         """Inverse of to_dict; unknown keys are an error, never silently dropped."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown TrainConfig field(s): {', '.join(unknown)}")
-        return cls(**d)
+        return cls(**known_fields(cls, d))
 
 
 def _check_int(name: str, value, *, lo: int) -> None:

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import ops
-from ..ops import Backend, SLSTMState
+from ..ops import Backend
 from .common import CausalConv1d, LayerState, MultiHeadLayerNorm, small_init_
 
 
