@@ -12,9 +12,12 @@ TOL = {
     torch.float64: dict(rmse=1e-10, max_abs=1e-10),
     torch.float32: dict(rmse=1e-5, max_abs=1e-4),
     "tf32": dict(rmse=2e-3, max_abs=1e-2),
-    # float32 gradients: dh/den and (dh . h)/den amplify rounding where den sits near its floor
-    # exp(-m); native autograd in float32 lands at 1.5e-5 rel-RMSE on the same inputs (T=70).
-    "float32_grad": dict(rmse=5e-5, max_abs=2e-4),
+    # float32 through the mLSTM denominator: h = num/den and the gradients dh/den, (dh . h)/den
+    # amplify rounding where den = |n . q| cancels or sits near its floor exp(-m). Measured on the
+    # CPU (T=63, 20 seeds): native chunkwise fp32 h lands at 1.1e-5..2.5e-5 rel-RMSE against
+    # float64, the fp32 recurrent loop up to 7.7e-5 (that one also amplifies along the sequence);
+    # native autograd fp32 gradients at 1.5e-5 (T=70).
+    "float32_den": dict(rmse=5e-5, max_abs=2e-4),
     torch.float16: dict(rmse=5e-3, max_abs=3e-2),
     torch.bfloat16: dict(rmse=2e-2, max_abs=8e-2),
 }

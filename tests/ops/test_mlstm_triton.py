@@ -26,7 +26,7 @@ DEVICE = "cuda" if CUDA else "cpu"
 NAMES = ["q", "k", "v", "i", "f", "c0", "n0", "m0"]
 # fp32 inputs get exact fp32 dots (input_precision="ieee"), on the GPU as in the interpreter.
 TOL_FWD = {torch.float32: torch.float32, torch.float16: torch.float16, torch.bfloat16: torch.bfloat16}
-TOL_BWD = {torch.float32: "float32_grad", torch.float16: torch.float16, torch.bfloat16: torch.bfloat16}
+TOL_BWD = {torch.float32: "float32_den", torch.float16: torch.float16, torch.bfloat16: torch.bfloat16}
 
 
 @pytest.fixture
@@ -81,7 +81,7 @@ def check_against_reference(B, T, H, K, V, *, dtype, chunk_size, with_state=True
     out = run(lambda *a: tri.mlstm(*a, chunk_size=chunk_size, eps=eps, cu_seqlens=cu), x)
     tag = f"T={T} L={chunk_size} {dtype}"
     assert out[0].dtype == dtype
-    assert_close(f"h {tag}", ref[0], out[0], TOL_FWD[dtype])
+    assert_close(f"h {tag}", ref[0], out[0], TOL_BWD[dtype])  # h goes through the denominator too
     for name, a, b in zip("cnm", ref[1], out[1]):
         assert b.dtype == torch.float32
         assert_close(f"state.{name} {tag}", a, b, TOL_FWD[dtype])

@@ -37,6 +37,9 @@ CONFIG = dict(
     bwd_dv=dict(BT=64, BK=64, BV=128, W=8, S=3),
     delta=dict(BK=128, BV=128, W=8, S=2),
     scan=dict(BLOCK=1024, W=4),
+    # dtype of the chunk-start states kept for the backward with bf16 inputs: "bfloat16" halves
+    # their memory and traffic, "float32" keeps the gate gradients' state dots exact.
+    chunk_states="bfloat16",
     step=dict(BK=32, BV=64, W=4),
 )
 
@@ -119,7 +122,7 @@ def _chunkwise(q: Tensor, k: Tensor, v: Tensor, i: Tensor, f: Tensor, c0: Tensor
     N = cu.numel() - 1
     T_all, L = B * T, chunk_size
     start, end, first = _chunk_table(cu, num_chunks, L)
-    sdt = q.dtype if q.dtype == torch.bfloat16 else torch.float32
+    sdt = _chunk_state_dtype(q)
     cs = q.new_empty(num_chunks, H, K, V, dtype=sdt)
     ns = q.new_empty(num_chunks, H, K, dtype=torch.float32)
     chs = q.new_empty(num_chunks, H, 3, dtype=torch.float32)
@@ -129,7 +132,7 @@ def _chunkwise(q: Tensor, k: Tensor, v: Tensor, i: Tensor, f: Tensor, c0: Tensor
     prec = _precision(q)
     if CONFIG["state_pass"] == "scan":
         fwd._gate_kernel[(N * H,)](i, f, m0, cu, first, chs, tok, mT, T_all, H=H, L=L, num_warps=4)
-        cfg = CONFIG["delta"]
+        cfg = _tiles("delta", q)
         BK, BV = _tile(K, cfg["BK"]), _tile(V, cfg["BV"])
         fwd._delta_kernel[(triton.cdiv(K, BK), triton.cdiv(V, BV), num_chunks * H)](
             k, v, i, tok, chs, start, end, cs, ns, T_all, H=H, K=K, V=V, L=L, BK=BK, BV=BV, PREC=prec,
@@ -137,12 +140,12 @@ def _chunkwise(q: Tensor, k: Tensor, v: Tensor, i: Tensor, f: Tensor, c0: Tensor
         _scan(cs, c0, cT, chs, cu, first, L, reverse=False)
         _scan(ns, n0, nT, chs, cu, first, L, reverse=False)
     else:
-        cfg = CONFIG["fwd_state"]
+        cfg = _tiles("fwd_state", q)
         BK, BV = _tile(K, cfg["BK"]), _tile(V, cfg["BV"])
         fwd._state_kernel[(triton.cdiv(K, BK), triton.cdiv(V, BV), N * H)](
             k, v, i, f, c0, n0, m0, cu, first, cs, ns, chs, tok, cT, nT, mT,
             T_all, H=H, K=K, V=V, L=L, BK=BK, BV=BV, PREC=prec, num_warps=cfg["W"], num_stages=cfg["S"])
-    cfg = CONFIG["fwd_out"]
+    cfg = _tiles("fwd_out", q)
     BT, BK, BV = min(cfg["BT"], L), _tile(K, cfg["BK"]), _tile(V, cfg["BV"])
     fwd._out_kernel[(triton.cdiv(V, BV), num_chunks * (L // BT), H)](
         q, k, v, i, cs, ns, chs, tok, start, end, h, K ** -0.5, eps, T_all,
@@ -154,7 +157,7 @@ def _chunkwise(q: Tensor, k: Tensor, v: Tensor, i: Tensor, f: Tensor, c0: Tensor
 def _(q, k, v, i, f, c0, n0, m0, cu, num_chunks, chunk_size, eps):
     B, T, H, K = q.shape
     V = v.shape[-1]
-    sdt = q.dtype if q.dtype == torch.bfloat16 else torch.float32
+    sdt = _chunk_state_dtype(q)
     return (q.new_empty(B, T, H, V), torch.empty_like(c0), torch.empty_like(n0), torch.empty_like(m0),
             q.new_empty(num_chunks, H, K, V, dtype=sdt), q.new_empty(num_chunks, H, K, dtype=torch.float32),
             q.new_empty(num_chunks, H, 3, dtype=torch.float32), q.new_empty(3, H, B * T, dtype=torch.float32))
@@ -173,7 +176,7 @@ def _chunkwise_bwd(dh: Tensor, dcT: Tensor, dnT: Tensor, dmT: Tensor, q: Tensor,
     T_all, L = B * T, chunk_size
     start, end, first = _chunk_table(cu, num_chunks, L)
     scale = K ** -0.5
-    scal = q.new_empty(3, H, T_all, dtype=torch.float32)
+    scal = q.new_empty(4, H, T_all, dtype=torch.float32)
     bwd._prep_kernel[(triton.cdiv(T_all, 64), H)](dh, h, tok, scal, eps, T_all, H=H, V=V, BT=64,
                                                    BV=_tile(V, 64), num_warps=4)
     dcs = torch.empty_like(cs)
@@ -181,7 +184,7 @@ def _chunkwise_bwd(dh: Tensor, dcT: Tensor, dnT: Tensor, dmT: Tensor, q: Tensor,
     dc0, dn0 = torch.empty_like(c0), torch.empty_like(n0)
     prec = _precision(q)
     if CONFIG["state_pass"] == "scan":
-        cfg = CONFIG["delta"]
+        cfg = _tiles("delta", q)
         BK, BV = _tile(K, cfg["BK"]), _tile(V, cfg["BV"])
         bwd._delta_kernel[(triton.cdiv(K, BK), triton.cdiv(V, BV), num_chunks * H)](
             q, dh, tok, scal, chs, start, end, dcs, dns, scale, T_all, H=H, K=K, V=V, L=L, BK=BK, BV=BV,
@@ -189,26 +192,28 @@ def _chunkwise_bwd(dh: Tensor, dcT: Tensor, dnT: Tensor, dmT: Tensor, q: Tensor,
         _scan(dcs, dcT, dc0, chs, cu, first, L, reverse=True)
         _scan(dns, dnT, dn0, chs, cu, first, L, reverse=True)
     else:
-        cfg = CONFIG["bwd_state"]
+        cfg = _tiles("bwd_state", q)
         BK, BV = _tile(K, cfg["BK"]), _tile(V, cfg["BV"])
         bwd._state_kernel[(triton.cdiv(K, BK), triton.cdiv(V, BV), N * H)](
             q, dh, tok, scal, chs, cu, first, dcT, dnT, dcs, dns, dc0, dn0, scale, T_all,
             H=H, K=K, V=V, L=L, BK=BK, BV=BV, PREC=prec, num_warps=cfg["W"], num_stages=cfg["S"])
-    cfg = CONFIG["bwd_dqk"]
+    cfg = _tiles("bwd_dqk", q)
     BT, BK, BV = min(cfg["BT"], L), _tile(K, cfg["BK"]), _tile(V, cfg["BV"])
     NKT = triton.cdiv(K, BK)
     dq, dk = torch.empty_like(q), torch.empty_like(k)
-    part = q.new_empty(2, NKT, H, T_all, dtype=torch.float32)
+    part = q.new_empty(NKT, H, T_all, dtype=torch.float32)
     bwd._dqk_kernel[(NKT, num_chunks * (L // BT), H)](
         q, k, v, i, dh, cs, ns, dcs, dns, chs, tok, scal, start, end, dq, dk, part, scale, T_all,
         H=H, K=K, V=V, L=L, BT=BT, BK=BK, BV=BV, PREC=prec, num_warps=cfg["W"], num_stages=cfg["S"])
-    cfg = CONFIG["bwd_dv"]
+    cfg = _tiles("bwd_dv", q)
     BT, BK, BV = min(cfg["BT"], L), _tile(K, cfg["BK"]), _tile(V, cfg["BV"])
     dv = torch.empty_like(v)
     bwd._dv_kernel[(triton.cdiv(V, BV), num_chunks * (L // BT), H)](
         q, k, i, dh, dcs, chs, tok, scal, start, end, dv, scale, T_all,
         H=H, K=K, V=V, L=L, BT=BT, BK=BK, BV=BV, PREC=prec, num_warps=cfg["W"], num_stages=cfg["S"])
-    di, df, dm0 = _gate_grads(i, f, m0, c0, n0, dc0, dn0, cT, nT, dcT, dnT, dmT, tok, scal, part, cu)
+    bdot = _boundary_dots(cs, ns, dcs, dns, cT, nT, dcT, dnT, cu, start, end)
+    di, df, dm0 = _gate_grads(i, f, m0, c0, n0, dc0, dn0, cT, nT, dcT, dnT, dmT, tok, scal, part, cu, bdot, start,
+                              L)
     return dq, dk, dv, di, df, dc0, dn0, dm0
 
 
@@ -241,12 +246,32 @@ torch.library.register_autograd("fastxlstm::mlstm_chunkwise", _backward, setup_c
 
 # ----------------------------------------------------------------------------- helpers
 
-def _gate_grads(i, f, m0, c0, n0, dc0, dn0, cT, nT, dcT, dnT, dmT, tok, scal, part, cu):
+def _boundary_dots(cs, ns, dcs, dns, cT, nT, dcT, dnT, cu, start, end):
+    """<dC, C> + <dn, n> at every chunk end (the final state's at a document's last chunk): the
+    gradient of the forget gates' log-sum at that boundary with the stabilisers held fixed."""
+    # TODO(kernel): fuse into the backward state pass; here as a reduction over stored states.
+    N = cu.numel() - 1
+    seq = torch.searchsorted(cu[1:], start, right=True)
+    last = end == cu[seq + 1]
+    nxt = torch.arange(1, start.numel() + 1, device=start.device).clamp(max=start.numel() - 1)
+    inner = torch.empty(start.numel(), cs.shape[1], device=cs.device, dtype=torch.float32)
+    for a in range(0, start.numel(), 64):  # bounded temporaries at long sequences
+        b = min(a + 64, start.numel())
+        inner[a:b] = ((dcs[a:b].float() * cs[nxt[a:b]].float()).sum((-1, -2))
+                      + (dns[a:b] * ns[nxt[a:b]]).sum(-1))
+    final = (dcT * cT).sum((-1, -2)) + (dnT * nT).sum(-1)          # (N, H)
+    return torch.where(last[:, None], final[seq.clamp(max=N - 1)], inner)
+
+
+def _gate_grads(i, f, m0, c0, n0, dc0, dn0, cT, nT, dcT, dnT, dmT, tok, scal, part, cu, bdot, start, L):
     """Gradients of the gates and of m0 from per-token scalars (see bwd.py for the derivation):
     di = k.dk + G, db = q.dq - k.dk + g - G (+ <dC_T, C_T> at each document end), df = reverse
     cumsum of db within the document times sigmoid(-f); g is the stabiliser partial at each token
     (plus the final state's at the last), G collects g over the tokens whose stabiliser m_t was set
-    by the input gate at token j (m_t = i_j + sum of log forget since j), or by m0."""
+    by the input gate at token j (m_t = i_j + sum of log forget since j), or by m0.
+    The q.dq - k.dk part of that cumsum is summed within each chunk only and started from the
+    chunk end's <dC, C> + <dn, n> (``bdot``): equal in exact arithmetic, but a cumsum over the
+    whole document subtracts large partial sums whose bf16 rounding swamps small gradients."""
     B, T, H = i.shape
     T_all = B * T
     dev = i.device
@@ -266,11 +291,18 @@ def _gate_grads(i, f, m0, c0, n0, dc0, dn0, cT, nT, dcT, dnT, dmT, tok, scal, pa
     owner = torch.cummax(marker.expand(H, T_all), dim=1).values
     G = torch.zeros(H, 2 * T_all, device=dev, dtype=torch.float64).scatter_add_(1, owner, g.double())
     G_rec = G[:, 1::2]
-    qdq, kdk = part.sum(1).double()
-    db = qdq - kdk + g.double() - G_rec + torch.where(is_end, final_dot[seq].t(), 0.0).double()
+    qdq, kdk = scal[3].double(), part.sum(0).double()
     di = kdk + G_rec
-    R = torch.cat([db.flip(1).cumsum(1).flip(1), db.new_zeros(H, 1)], dim=1)
-    dl = R[:, :T_all] - R[:, cu[seq + 1]]
+
+    def rev_cumsum(x):  # (H, T_all + 1): suffix sums, zero past the end
+        return torch.cat([x.flip(1).cumsum(1).flip(1), x.new_zeros(H, 1)], dim=1)
+
+    chunk = torch.searchsorted(start, pos, right=True) - 1          # chunk of each token
+    chunk_end = torch.minimum(start[chunk] + L, cu[seq + 1])
+    R_m = rev_cumsum(g.double() - G_rec)
+    R_qk = rev_cumsum(qdq - kdk)
+    dl = (R_m[:, :T_all] - R_m[:, cu[seq + 1]] + R_qk[:, :T_all] - R_qk[:, chunk_end]
+          + bdot[chunk].t().double())
     df = dl * torch.sigmoid(-f_ht.double())
     starts = cu[:-1].clamp(max=T_all - 1)
     dm0 = (c0 * dc0).sum((-1, -2)) + (n0 * dn0).sum(-1) + G[:, 2 * starts].t().float()
@@ -298,6 +330,23 @@ def _scan(x, x0, xt, chs, cu, first, L, *, reverse):
     block = min(cfg["BLOCK"], triton.next_power_of_2(E))
     fwd._scan_kernel[(triton.cdiv(E, block), (cu.numel() - 1) * H)](
         x, x0, xt, chs, cu, first, H=H, E=E, L=L, BLOCK=block, REVERSE=reverse, num_warps=cfg["W"])
+
+
+def _tiles(name: str, q) -> dict:
+    """CONFIG's tiles for a kernel; fp32 operands take twice the shared memory per tile, so they
+    get one pipeline stage and Dv tiles of at most 64 (the bf16 defaults overflow the H200's
+    227 KiB at chunk 256 with fp32 inputs)."""
+    cfg = dict(CONFIG[name])
+    if q.dtype == torch.float32:
+        cfg["S"] = 1
+        cfg["BV"] = min(cfg["BV"], 64)
+    return cfg
+
+
+def _chunk_state_dtype(q) -> torch.dtype:
+    if q.dtype == torch.bfloat16 and CONFIG["chunk_states"] == "bfloat16":
+        return torch.bfloat16
+    return torch.float32
 
 
 def _precision(q) -> str:

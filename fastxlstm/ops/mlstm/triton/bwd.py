@@ -10,7 +10,7 @@ Nothing is recomputed from scratch: the forward saved the chunk-start states, th
 per-token gate scalars and s; the backward re-reads q, k, v and recomputes the L x L gate weights
 and score blocks.
 
-_prep_kernel       grid (cdiv(T_all, BT), H): per token 1/den, ds and the stabiliser partial g.
+_prep_kernel       grid (cdiv(T_all, BT), H): per token 1/den, ds, the stabiliser partial g and q . dq.
 _delta_kernel      grid (cdiv(Dqk, BK), cdiv(Dv, BV), N_chunks * H): each chunk's own term
                    (q~ * w0)^T dO of the reverse recurrence dC_start = exp(g + m_start - m_end)
                    dC_end + (q~ * w0)^T dO (dn likewise with ds); fwd._scan_kernel(REVERSE) then
@@ -18,7 +18,7 @@ _delta_kernel      grid (cdiv(Dqk, BK), cdiv(Dv, BV), N_chunks * H): each chunk'
 _state_kernel      the same recurrence in one sequential launch (CONFIG["state_pass"] == "loop").
 _dqk_kernel        grid (cdiv(Dqk, BK), N_chunks * L / BT, H): dq and dk for BT rows and a BK
                    slice; dP = dO V^T + ds is rebuilt from Dv tiles; the diagonal block is shared
-                   by dq and dk. Also stores q . dq and k . dk partial sums per BK slice.
+                   by dq and dk. Also stores k . dk partial sums per BK slice.
 _dv_kernel         grid (cdiv(Dv, BV), N_chunks * L / BT, H): dv = sum_t (S * W)^T dO + w_end K dC_end.
 """
 
@@ -54,6 +54,11 @@ def _prep_kernel(dh_ptr, h_ptr, tok_ptr, scal_ptr, eps, T_all, H: tl.constexpr, 
     tl.store(scal_ptr + (h * T_all + r0) + ob, inv_den, mask=vr)
     tl.store(scal_ptr + ((H + h) * T_all + r0) + ob, ds, mask=vr)
     tl.store(scal_ptr + ((2 * H + h) * T_all + r0) + ob, -eps * dhh * inv_den, mask=vr)
+    # q . dq in closed form: scaling q_t by a scales num_t and s_t alike, so h_t moves only through
+    # eps (or not at all below the floor). Summing q * dq instead cancels two terms of size dh . h
+    # and, in bf16, leaves rounding noise far above the true value in the gate gradients.
+    tl.store(scal_ptr + ((3 * H + h) * T_all + r0) + ob, tl.where(tl.abs(s) > floor, eps * dhh * inv_den, dhh),
+             mask=vr)
 
 
 @triton.jit
@@ -215,13 +220,18 @@ def _dqk_kernel(
         w_end = tl.where(vr, tl.exp(g - b_r + i_r - m_end), 0.0)
         dq = (dq + ds_r[:, None] * n_p[None, :]) * w0[:, None]
         dk = (dk + dn_e[None, :]) * w_end[:, None]
+        # k . dk for the gate gradients: the intra-chunk terms are summed in fp32 from the score
+        # blocks (k_s . dk_s = sum_t dP~_ts S_ts), not from dk, whose operands were rounded to bf16.
+        kdk = tl.sum(k_r.to(tl.float32) * dk, 1)
 
         # diagonal block, shared by dq and dk
         causal = (ob[None, :] <= ob[:, None]) & vr[None, :] & vr[:, None]
         w = tl.where(causal, tl.exp(b_r[:, None] - b_r[None, :] + i_r[None, :] - m_r[:, None]), 0.0)
-        dpw = ((dp_diag + ds_r[:, None]) * w).to(dt)
+        dpw32 = (dp_diag + ds_r[:, None]) * w
+        dpw = dpw32.to(dt)
         dq += tl.dot(dpw, k_r, input_precision=PREC)
         dk += tl.dot(tl.trans(dpw), q_r, input_precision=PREC) * scale
+        kdk += tl.sum(dpw32 * tl.dot(q_r, tl.trans(k_r), input_precision=PREC), 0) * scale
 
         # earlier key blocks of the chunk -> dq
         for jb in range(0, sub):
@@ -257,14 +267,14 @@ def _dqk_kernel(
             w = tl.where(vc[:, None] & vr[None, :],
                          tl.exp(b_c[:, None] - b_r[None, :] + i_r[None, :] - m_c[:, None]), 0.0)
             qt = tl.load(q_ptr + c0 * (H * K) + h * K + pid_k * BK + qk_off, mask=vc[:, None] & mk[None, :], other=0.0)
-            dk += tl.dot(tl.trans(((dp + ds_c[:, None]) * w * scale).to(dt)), qt, input_precision=PREC)
+            dpw32 = (dp + ds_c[:, None]) * w * scale
+            dk += tl.dot(tl.trans(dpw32.to(dt)), qt, input_precision=PREC)
+            kdk += tl.sum(dpw32 * tl.dot(qt, tl.trans(k_r), input_precision=PREC), 0)
 
         dq = dq * scale
         tl.store(dq_ptr + qk_base + qk_off, dq.to(dq_ptr.dtype.element_ty), mask=qk_msk)
         tl.store(dk_ptr + qk_base + qk_off, dk.to(dk_ptr.dtype.element_ty), mask=qk_msk)
-        NKT = tl.num_programs(0)
-        tl.store(part_ptr + (((0 * NKT + pid_k) * H + h) * T_all + r0) + ob, tl.sum(q_r.to(tl.float32) * dq, 1), mask=vr)
-        tl.store(part_ptr + (((1 * NKT + pid_k) * H + h) * T_all + r0) + ob, tl.sum(k_r.to(tl.float32) * dk, 1), mask=vr)
+        tl.store(part_ptr + ((pid_k * H + h) * T_all + r0) + ob, kdk, mask=vr)
 
 
 @triton.jit
