@@ -191,12 +191,15 @@ def _chunkwise_bwd(dh: Tensor, dcT: Tensor, dnT: Tensor, dmT: Tensor, q: Tensor,
             PREC=prec, num_warps=cfg["W"], num_stages=cfg["S"])
         _scan(dcs, dcT, dc0, chs, cu, first, L, reverse=True)
         _scan(dns, dnT, dn0, chs, cu, first, L, reverse=True)
+        inner = _inner_boundary_dots(cs, ns, dcs, dns)
     else:
         cfg = _tiles("bwd_state", q)
         BK, BV = _tile(K, cfg["BK"]), _tile(V, cfg["BV"])
+        bparts = q.new_zeros(num_chunks, H, triton.cdiv(K, BK) * triton.cdiv(V, BV), dtype=torch.float32)
         bwd._state_kernel[(triton.cdiv(K, BK), triton.cdiv(V, BV), N * H)](
-            q, dh, tok, scal, chs, cu, first, dcT, dnT, dcs, dns, dc0, dn0, scale, T_all,
+            q, dh, tok, scal, chs, cu, first, dcT, dnT, dcs, dns, dc0, dn0, cs, ns, bparts, scale, T_all,
             H=H, K=K, V=V, L=L, BK=BK, BV=BV, PREC=prec, num_warps=cfg["W"], num_stages=cfg["S"])
+        inner = bparts.sum(-1)
     cfg = _tiles("bwd_dqk", q)
     BT, BK, BV = min(cfg["BT"], L), _tile(K, cfg["BK"]), _tile(V, cfg["BV"])
     NKT = triton.cdiv(K, BK)
@@ -211,7 +214,7 @@ def _chunkwise_bwd(dh: Tensor, dcT: Tensor, dnT: Tensor, dmT: Tensor, q: Tensor,
     bwd._dv_kernel[(triton.cdiv(V, BV), num_chunks * (L // BT), H)](
         q, k, i, dh, dcs, chs, tok, scal, start, end, dv, scale, T_all,
         H=H, K=K, V=V, L=L, BT=BT, BK=BK, BV=BV, PREC=prec, num_warps=cfg["W"], num_stages=cfg["S"])
-    bdot = _boundary_dots(cs, ns, dcs, dns, cT, nT, dcT, dnT, cu, start, end)
+    bdot = _boundary_dots(inner, cT, nT, dcT, dnT, cu, start, end)
     di, df, dm0 = _gate_grads(i, f, m0, c0, n0, dc0, dn0, cT, nT, dcT, dnT, dmT, tok, scal, part, cu, bdot, start,
                               L)
     return dq, dk, dv, di, df, dc0, dn0, dm0
@@ -246,19 +249,25 @@ torch.library.register_autograd("fastxlstm::mlstm_chunkwise", _backward, setup_c
 
 # ----------------------------------------------------------------------------- helpers
 
-def _boundary_dots(cs, ns, dcs, dns, cT, nT, dcT, dnT, cu, start, end):
-    """<dC, C> + <dn, n> at every chunk end (the final state's at a document's last chunk): the
-    gradient of the forget gates' log-sum at that boundary with the stabilisers held fixed."""
-    # TODO(kernel): fuse into the backward state pass; here as a reduction over stored states.
+def _inner_boundary_dots(cs, ns, dcs, dns):
+    """<dC, C> + <dn, n> at every chunk end against the next chunk's start state (the scan state
+    pass; the loop pass computes these in its kernel). The last entry pairs with nothing."""
+    nxt = torch.arange(1, cs.shape[0] + 1, device=cs.device).clamp(max=cs.shape[0] - 1)
+    inner = torch.empty(cs.shape[:2], device=cs.device, dtype=torch.float32)
+    for a in range(0, cs.shape[0], 64):  # bounded temporaries at long sequences
+        b = min(a + 64, cs.shape[0])
+        inner[a:b] = ((dcs[a:b].float() * cs[nxt[a:b]].float()).sum((-1, -2))
+                      + (dns[a:b] * ns[nxt[a:b]]).sum(-1))
+    return inner
+
+
+def _boundary_dots(inner, cT, nT, dcT, dnT, cu, start, end):
+    """The gradient of the forget gates' log-sum at every chunk end, stabilisers held fixed:
+    <dC, C> + <dn, n> against the next chunk's start state (``inner``), or against the final
+    state at a document's last chunk."""
     N = cu.numel() - 1
     seq = torch.searchsorted(cu[1:], start, right=True)
     last = end == cu[seq + 1]
-    nxt = torch.arange(1, start.numel() + 1, device=start.device).clamp(max=start.numel() - 1)
-    inner = torch.empty(start.numel(), cs.shape[1], device=cs.device, dtype=torch.float32)
-    for a in range(0, start.numel(), 64):  # bounded temporaries at long sequences
-        b = min(a + 64, start.numel())
-        inner[a:b] = ((dcs[a:b].float() * cs[nxt[a:b]].float()).sum((-1, -2))
-                      + (dns[a:b] * ns[nxt[a:b]]).sum(-1))
     final = (dcT * cT).sum((-1, -2)) + (dnT * nT).sum(-1)          # (N, H)
     return torch.where(last[:, None], final[seq.clamp(max=N - 1)], inner)
 

@@ -103,7 +103,7 @@ def _delta_kernel(q_ptr, dh_ptr, tok_ptr, scal_ptr, chs_ptr, start_ptr, end_ptr,
 @triton.jit
 def _state_kernel(
     q_ptr, dh_ptr, tok_ptr, scal_ptr, chs_ptr, cu_ptr, first_ptr, dct_ptr, dnt_ptr,
-    dcs_ptr, dns_ptr, dc0_ptr, dn0_ptr,
+    dcs_ptr, dns_ptr, dc0_ptr, dn0_ptr, cs_ptr, ns_ptr, bdot_ptr,
     scale, T_all, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     L: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr,
 ):
@@ -133,9 +133,19 @@ def _state_kernel(
         j = n_chunks - 1 - jj
         gc = first + j
         cst = (gc * H + h) * K
-        tl.store(dcs_ptr + cst * V + c_tile + kv_off, dc.to(dcs_ptr.dtype.element_ty), mask=mkv)
+        dc_st = dc.to(dcs_ptr.dtype.element_ty)
+        tl.store(dcs_ptr + cst * V + c_tile + kv_off, dc_st, mask=mkv)
         if pid_v == 0:
             tl.store(dns_ptr + cst + pid_k * BK + ok, dn, mask=mk)
+        # <dC, C> at this chunk's end (the next chunk's start state) for the gate gradients; the
+        # document's last chunk uses the final state instead (in __init__.py).
+        if j < n_chunks - 1:
+            nst = cst + H * K
+            c_nx = tl.load(cs_ptr + nst * V + c_tile + kv_off, mask=mkv, other=0.0).to(tl.float32)
+            part = tl.sum(tl.sum(dc_st.to(tl.float32) * c_nx, 1), 0)
+            if pid_v == 0:
+                part += tl.sum(dn * tl.load(ns_ptr + nst + pid_k * BK + ok, mask=mk, other=0.0), 0)
+            tl.store(bdot_ptr + ((gc * H + h) * tl.num_programs(0) + pid_k) * tl.num_programs(1) + pid_v, part)
         t0 = bos + j * L
         valid = ot < eos - t0
         b_r = tl.load(tok_ptr + (h * T_all + t0) + ot, mask=valid, other=0.0)
