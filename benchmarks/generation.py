@@ -5,12 +5,15 @@ parameter names are the official ones). Measured, each stage guarded by a time b
 run still reports what it finished:
   ceilings   device copy bandwidth (-> decode roofline: non-embedding weights + fp32 state read and
              written per step) and the bf16 matmul rate (-> prefill roofline 2 N_nonemb FLOP/token)
+  fused      the fused decode step (generation/fused.py) vs model(token, state): logits, states,
+             the extra weight memory, GPU kernels per step of each
   check      our prefill logits vs the official model's; CUDA-graph decode tokens == eager
   prefill    tokens/s at 1x2048 and 8x2048 (ours: generation.prefill; official: model(tokens))
   ttft       time to the first new token at prompts of 128, 8k and 32k tokens, batch 1
   decode     tokens/s at batch 1, 16, 64 after prompts of 128 and 8k: ours through generate()
-             (CUDA graph, steps after warm-up/capture), the official model through its own
-             generate() (batch 1) and with its step + argmax captured in a CUDA graph
+             (CUDA graph, steps after warm-up/capture) with the fused step (the default) and
+             without it (fused=False), the official model through its own generate() (batch 1)
+             and with its step + argmax captured in a CUDA graph
   hf         transformers' xLSTMForCausalLM.generate with the same weights, and our bridge under it
   memory     allocated memory after 1k and after 16k generated tokens (ours, batch 1)
 
@@ -34,6 +37,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from fastxlstm.config import PRESETS, ModelConfig  # noqa: E402
 from fastxlstm.generation import GenerationStats, generate, prefill  # noqa: E402
+from fastxlstm.generation.fused import FusedStep  # noqa: E402
 from fastxlstm.model import XLSTMLarge  # noqa: E402
 
 SHAPES = {
@@ -57,6 +61,8 @@ class Bench:
         return self.args.budget_s - (time.perf_counter() - self.t_start)
 
     def stage(self, name, need_s, fn, *a):
+        if self.args.stages and name.split("_after_")[0] not in self.args.stages and name not in ("env", "build"):
+            return None
         if self.left() < need_s:
             self.results["stages"][name] = {"skipped": f"time budget ({self.left():.0f} s left, needs ~{need_s} s)"}
             print(f"[{name}] skipped: time", flush=True)
@@ -204,6 +210,37 @@ class Bench:
                                                      == generate(self.ours, p, cuda_graph=False, **kw))
         return r
 
+    def fused_check(self):
+        """One decode step after a 70-token prompt: the fused step against model(token, state)."""
+        ids = self.tokens(1, 71, seed=8).to(self.device)            # batch 1: the decode stage reuses its compile
+        with torch.inference_mode():
+            _, state = self.ours(ids[:, :70])
+            ref, ref_state = self.ours(ids[:, 70:], state)
+            step = FusedStep(self.ours)
+            out, out_state = step(ids[:, 70:], state)
+            rel = lambda a, b: ((a.double() - b.double()).norm() / b.double().norm()).item()  # noqa: E731
+            r = {"fused_step_logits_rel_l2_vs_model": rel(out, ref),
+                 "fused_step_argmax_agreement": (out.argmax(-1) == ref.argmax(-1)).float().mean().item(),
+                 "fused_step_state_c_rel_l2_vs_model": max(rel(a.c, b.c) for a, b in zip(out_state, ref_state)),
+                 "fused_extra_weight_gib": step.extra_bytes / 2**30}
+            if self.cuda:
+                step(ids[:, 70:], state)                        # compiled by now: count the kernels of a step
+                r["kernels_per_step_fused"] = self.kernels(lambda: step(ids[:, 70:], state))
+                r["kernels_per_step_model"] = self.kernels(lambda: self.ours(ids[:, 70:], state))
+        del step
+        return r
+
+    def kernels(self, fn):
+        """GPU kernels launched by fn (torch.profiler; None where it is unavailable)."""
+        try:
+            from torch.profiler import ProfilerActivity, profile
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                fn()
+                self.sync()
+            return sum(e.count for e in prof.key_averages() if e.device_type.name == "CUDA")
+        except Exception as e:  # a diagnostic only
+            return f"{type(e).__name__}: {e}"
+
     # --- prefill and time to first token --------------------------------------------------------------
     def prefill_bench(self):
         r = {}
@@ -274,6 +311,13 @@ class Bench:
                 row["ours_eager"] = True
             row.update({"ours_tok_s": stats.decode_tokens_per_s, "ours_step_ms": 1e3 * stats.decode_s / stats.decode_steps,
                    "ours_capture_s": stats.capture_s, "ours_peak_gib": stats.peak_memory / 2**30})
+            if self.cuda and not self.args.no_unfused:       # the same decode through model(token, state)
+                plain = GenerationStats()
+                generate(self.ours, prompts, max_new_tokens=1 + 1 + steps, eos_token_id=None, stats=plain,
+                         fused=False)
+                row.update(ours_unfused_tok_s=plain.decode_tokens_per_s,
+                           ours_unfused_step_ms=1e3 * plain.decode_s / plain.decode_steps,
+                           fused_speedup=stats.decode_tokens_per_s / plain.decode_tokens_per_s)
             if B == 1:
                 self.b1_rate = stats.decode_tokens_per_s
             if self.cuda and hasattr(self, "bw"):
@@ -407,6 +451,7 @@ class Bench:
         if self.stage("build", 0, self.build) is None:
             return self.results
         self.stage("ceilings", 10, self.ceilings)
+        self.stage("fused", 15, self.fused_check)
         self.stage("check", 15, self.check)
         self.stage("prefill", 20, self.prefill_bench)
         self.stage(f"decode_after_{self.args.decode_prompts[0]}", 20, self.decode, self.args.decode_prompts[0],
@@ -442,6 +487,9 @@ def main(argv=None):
     p.add_argument("--decode-steps", type=int, default=128)
     p.add_argument("--ttft-lengths", type=int, nargs="+", default=[128, 8192, 32768])
     p.add_argument("--memory-tokens", type=int, default=16384)
+    p.add_argument("--no-unfused", action="store_true", help="skip our unfused decode (fused=False) rows")
+    p.add_argument("--stages", nargs="+", default=None,
+                   help="run only these stages (ceilings fused check prefill decode ttft transformers memory)")
     args = p.parse_args(argv)
     results = Bench(args).run()
     print(json.dumps(results, indent=1))

@@ -6,8 +6,9 @@
     prefill(model, prompts) -> (state, last logits)   a prompt's state, to fork, save or continue
     fork / select_rows / concat / save_state / load_state
 
-Files: api.py (generate, stream), engine.py (prefill, eager and CUDA-graph decode), sampling.py
-(token choice), scoring.py (score), states.py (state values and their files).
+Files: api.py (generate, stream), engine.py (prefill, eager and CUDA-graph decode), fused.py (the
+fused XLSTMLarge decode step used on CUDA), sampling.py (token choice), scoring.py (score),
+states.py (state values and their files).
 """
 
 from .api import TokenEvent, encode_prompts, generate, stream

@@ -65,7 +65,7 @@ def stream(model, prompts, *, max_new_tokens: int = 128, temperature: float = 0.
            stop: str | Sequence[str] | None = None, tokenizer=None, add_bos: bool | None = None,
            state: list | None = None, max_prompt_tokens: int | None = None,
            cuda_graph: bool | None = None, steps_per_graph: int | None = None, compile: bool = False,
-           stats: GenerationStats | None = None) -> Iterator[TokenEvent]:
+           fused: bool | None = None, stats: GenerationStats | None = None) -> Iterator[TokenEvent]:
     """Yield a TokenEvent per generated token as soon as it exists (rows interleaved step by step).
 
     Args:
@@ -83,6 +83,10 @@ def stream(model, prompts, *, max_new_tokens: int = 128, temperature: float = 0.
         steps_per_graph: decode steps per graph replay (tokens arrive in blocks of this many);
             default 4 at batch 1 rising to 32 at batch >= 32, where the state copy is larger.
         compile: run the decode step through torch.compile (optional; the first step compiles).
+        fused: decode an XLSTMLarge through the fused step (one GEMM for the q/k/v/gate
+            projections, one for the FFN's gate and up, fused elementwise work; the same tokens to
+            the dtype's rounding). Default: on CUDA. It holds a copy of those weights while decoding
+            (9 GB for the 7B in bf16); False decodes through ``model(token, state)``.
         stats: a GenerationStats to fill with timings and memory.
     Stopping the iteration early stops the generation.
     """
@@ -90,7 +94,7 @@ def stream(model, prompts, *, max_new_tokens: int = 128, temperature: float = 0.
                 top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty, seed=seed,
                 eos_token_id=eos_token_id, stop=stop, tokenizer=tokenizer, add_bos=add_bos, state=state,
                 max_prompt_tokens=max_prompt_tokens, cuda_graph=cuda_graph, steps_per_graph=steps_per_graph,
-                compile=compile, stats=stats).run()
+                compile=compile, fused=fused, stats=stats).run()
 
 
 def encode_prompts(model, prompts, *, tokenizer=None, add_bos: bool | None = None,
@@ -154,7 +158,7 @@ class _Job:
     def __init__(self, model, prompts, *, max_new_tokens=128, temperature=0.0, top_k=0, top_p=1.0,
                  min_p=0.0, repetition_penalty=1.0, seed=None, eos_token_id="config", stop=None,
                  tokenizer=None, add_bos=None, state=None, max_prompt_tokens=None, cuda_graph=None,
-                 steps_per_graph=None, compile=False, stats=None):
+                 steps_per_graph=None, compile=False, fused=None, stats=None):
         if not hasattr(model, "cfg") or not callable(model):
             raise TypeError(f"model must be a fastxlstm model, got {type(model).__name__}")
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
@@ -189,7 +193,9 @@ class _Job:
         if not isinstance(compile, bool):
             raise ValueError(f"compile must be True or False, got {compile!r}")
         self.cuda_graph, self.steps_per_graph, self.stats = cuda_graph, steps_per_graph, stats
-        self.compile = compile
+        if fused not in (None, True, False):
+            raise ValueError(f"fused must be None, True or False, got {fused!r}")
+        self.compile, self.fused = compile, fused
 
     def run(self) -> Iterator[TokenEvent]:
         model, B = self.model, len(self.prompts)
@@ -216,7 +222,7 @@ class _Job:
         live = B
         steps = decode_steps(model, state, logits, self.params, row_keys(self.seeds), self.max_new_tokens,
                              seen=seen, cuda_graph=self.cuda_graph, steps_per_graph=self.steps_per_graph,
-                             compile=self.compile, stats=stats)
+                             compile=self.compile, fused=self.fused, stats=stats)
         del state, logits
         try:
             for block in steps:

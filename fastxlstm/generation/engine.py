@@ -7,7 +7,8 @@ prefill: every prompt is consumed at its exact length by the chunkwise forward. 
     the (rows, piece, vocab) logits stay bounded; the piece length depends only on the model, never
     on the batch, so a prompt is cut the same way alone or in a batch.
 decode: one step is ``model(token (B, 1), state)`` (the step kernels) plus the token choice, all
-    fixed-shape. On CUDA, for an XLSTMLarge, ``steps_per_graph`` steps are captured in one CUDA
+    fixed-shape; on CUDA an XLSTMLarge steps through fused.FusedStep (the same step in far fewer
+    kernels). On CUDA, for an XLSTMLarge, ``steps_per_graph`` steps are captured in one CUDA
     graph over static buffers (the state is copied back into them once per replay, not once per
     step) and replays are pipelined with the copy of their tokens to the host; on the CPU the same
     code runs eagerly. Memory does not grow with the number of generated tokens. The original stack (XLSTMStackLM) always decodes eagerly:
@@ -24,6 +25,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .fused import FusedStep
 from .sampling import SamplingParams, choose
 from .states import check_state, tree_map
 
@@ -275,19 +277,25 @@ def default_steps_per_graph(batch_size: int) -> int:
 def decode_steps(model, state: list, last_logits: torch.Tensor, params: SamplingParams,
                  keys: torch.Tensor, max_new_tokens: int, *, seen: torch.Tensor | None = None,
                  cuda_graph: bool | None = None, steps_per_graph: int | None = None,
-                 compile: bool = False, stats: GenerationStats | None = None):
+                 compile: bool = False, fused: bool | None = None, stats: GenerationStats | None = None):
     """Yield the new tokens as CPU (B, k) blocks, k >= 1, exactly max_new_tokens per row in all.
     Stop iterating to stop early. ``state`` is consumed (the decoder updates it in place).
     ``compile``: run the decode step through ``torch.compile`` (compiled in the first step; on
-    CUDA the compiled step is then captured in the graph like the eager one).
+    CUDA the compiled step is then captured in the graph like the eager one); with the fused step,
+    it compiles the fused step's pieces (which are compiled on CUDA anyway).
     ``cuda_graph`` (default: on CUDA, for an XLSTMLarge) needs an XLSTMLarge: the original stack
-    (XLSTMStackLM) decodes eagerly."""
+    (XLSTMStackLM) decodes eagerly.
+    ``fused`` (default: on CUDA, for an XLSTMLarge): decode through ``fused.FusedStep`` (concatenated
+    projections, fused elementwise work; same results to the dtype's rounding), built here and
+    freed when the decoding ends; False runs ``model(token, state)`` itself."""
     device = last_logits.device
     if cuda_graph and not supports_cuda_graph(model):
         raise ValueError(f"cuda_graph=True needs an XLSTMLarge; a {type(model).__name__} decodes eagerly "
                          "(pass cuda_graph=None or False)")
-    if compile:
-        model = torch.compile(model, dynamic=False)
+    if fused is None:
+        fused = device.type == "cuda" and supports_cuda_graph(model)
+    elif fused and not supports_cuda_graph(model):
+        raise ValueError(f"fused=True needs an XLSTMLarge, got a {type(model).__name__} (pass fused=None or False)")
     B = last_logits.shape[0]
     chooser = _Chooser(params, keys, seen, device)
     with torch.inference_mode():
@@ -300,6 +308,10 @@ def decode_steps(model, state: list, last_logits: torch.Tensor, params: Sampling
         cuda_graph = _graphs_supported(device) and supports_cuda_graph(model)
     if cuda_graph and not _graphs_supported(device):
         raise ValueError(f"cuda_graph=True needs a CUDA model, this one is on {device}")
+    if fused:                                # built only now: a one-token generation needs no step
+        model = FusedStep(getattr(model, "_orig_mod", model), compile=True if compile else None)
+    elif compile:
+        model = torch.compile(model, dynamic=False)
     tok = first[:, None]
     t0 = time.perf_counter()
     if cuda_graph:

@@ -1,0 +1,186 @@
+"""A fused one-token decode step for XLSTMLarge: ``FusedStep(model)(ids (B, 1), state)`` returns what
+``model(ids, state)`` returns (logits (B, 1, V), the new state), to the model dtype's rounding.
+
+Why: the model's step is ~35 kernels per block (six input projections, norms in float32 with
+casts, soft caps, residual adds), ~1100 launches per 7B token; inside a CUDA graph the gaps between
+them, not the weight reads, set the speed at batch 1. Here each block is
+
+    [residual add + RMSNorm]  ONE GEMM for q|k|v|o|i|f  [split, gate soft caps]        (_mlstm_in)
+    mlstm_step (the Triton step kernel on CUDA)
+    [head norm x sigmoid(o)]  out_proj  [residual add + RMSNorm]  ONE GEMM for gate|up
+    [silu(gate) x up]  proj_down                                                    (_mlstm_out_ffn)
+
+with the FFN's residual add done by the next block's _mlstm_in (or the head). On CUDA the two
+pieces run through torch.compile, which fuses each bracket into one kernel; on the CPU they run
+eagerly (exactly the model's arithmetic, only the GEMMs are concatenated).
+
+Memory: the concatenated input and gate|up weights are a copy, built when the step is made and
+freed with it (the engine builds one per decode call): for the 7B, 32 x (12304 + 21888) x 4096
+bf16 = 9.0 GB while decoding, on top of the model's 13.7 GB. Every other weight is shared.
+The formulas mirror layers/common.py and layers/mlstm.py; tests/test_fused_decode.py holds them to
+the model's forward.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+from .. import ops
+from ..layers.common import soft_cap
+from ..ops import MLSTMState
+
+__all__ = ["FusedStep"]
+
+
+class _BlockWeights(NamedTuple):
+    norm_w: torch.Tensor
+    norm_b: torch.Tensor | None
+    w_in: torch.Tensor                # (2 Dqk_all + 2 Dv_all + 2 H, E): q | k | v | o | i | f
+    b_in: torch.Tensor                # zeros where the model's projection has no bias
+    head_w: torch.Tensor
+    head_b: torch.Tensor | None
+    out_w: torch.Tensor
+    out_b: torch.Tensor | None
+    ffn_norm_w: torch.Tensor
+    ffn_norm_b: torch.Tensor | None
+    w_up: torch.Tensor                # (2 F, E): gate | up
+    b_up: torch.Tensor | None
+    down_w: torch.Tensor
+    down_b: torch.Tensor | None
+
+
+class FusedStep:
+    """The decode step of ``model`` (an XLSTMLarge) with fused projections and elementwise work.
+
+    compile: run the pieces through torch.compile (default: on CUDA). The weights are read from the
+    model when this is built: rebuild after changing them.
+    """
+
+    def __init__(self, model, *, compile: bool | None = None):
+        from ..model import XLSTMLarge
+
+        if not isinstance(model, XLSTMLarge):
+            raise ValueError(f"the fused decode step needs an XLSTMLarge, got {type(model).__name__}")
+        cfg = model.cfg
+        self.model = model
+        self.device = model.embedding.weight.device
+        self.backend = model.backend_for(self.device)
+        self.num_heads = cfg.num_heads
+        self.eps, self.f32 = cfg.norm_eps, cfg.norm_reduction_force_float32
+        self.gate_cap, self.cell_eps, self.logit_cap = cfg.gate_soft_cap, cfg.cell_eps, cfg.output_logit_soft_cap
+        self.ffn_dim = model.backbone.blocks[0].ffn.proj_up.out_features
+        with torch.no_grad():
+            self.blocks = [self._fuse(b) for b in model.backbone.blocks]
+        out_norm = model.backbone.out_norm
+        self.out_norm = (out_norm.weight, out_norm.bias) if hasattr(out_norm, "weight") else None
+        layer = model.backbone.blocks[0].mlstm_layer
+        self.sizes = (layer.q.out_features, layer.k.out_features, layer.v.out_features,
+                      layer.ogate_preact.out_features, cfg.num_heads, cfg.num_heads)
+        use_compile = self.device.type == "cuda" if compile is None else compile
+        self._in, self._out, self._head = ((_compiled("in"), _compiled("out"), _compiled("head")) if use_compile
+                                           else (_mlstm_in, _mlstm_out_ffn, _head))
+
+    @staticmethod
+    def _fuse(block) -> _BlockWeights:
+        layer, ffn = block.mlstm_layer, block.ffn
+        ins = (layer.q, layer.k, layer.v, layer.ogate_preact, layer.igate_preact, layer.fgate_preact)
+        w_in = torch.cat([lin.weight for lin in ins])
+        # +0 is exact, so one bias vector serves projections with and without a bias
+        b_in = torch.cat([lin.bias if lin.bias is not None else lin.weight.new_zeros(lin.out_features)
+                          for lin in ins])
+        w_up = torch.cat([ffn.proj_up_gate.weight, ffn.proj_up.weight])
+        b_up = (torch.cat([ffn.proj_up_gate.bias, ffn.proj_up.bias]) if ffn.proj_up.bias is not None else None)
+        return _BlockWeights(block.norm_mlstm.weight, block.norm_mlstm.bias, w_in, b_in,
+                             layer.multihead_norm.weight, layer.multihead_norm.bias,
+                             layer.out_proj.weight, layer.out_proj.bias, block.norm_ffn.weight, block.norm_ffn.bias,
+                             w_up, b_up, ffn.proj_down.weight, ffn.proj_down.bias)
+
+    @property
+    def extra_bytes(self) -> int:
+        """Bytes of the fused weight copies this step holds."""
+        return sum(t.numel() * t.element_size() for b in self.blocks for t in (b.w_in, b.b_in, b.w_up, b.b_up)
+                   if t is not None)
+
+    def __call__(self, input_ids: torch.Tensor, state: list[MLSTMState]) -> tuple[torch.Tensor, list[MLSTMState]]:
+        if input_ids.dim() != 2 or input_ids.shape[1] != 1:
+            raise ValueError(f"the fused step takes one token per row, (B, 1), got {tuple(input_ids.shape)}")
+        if state is None or len(state) != len(self.blocks):
+            raise ValueError(f"the fused step needs a state of {len(self.blocks)} blocks")
+        x = self.model.embedding(input_ids[:, 0])                     # (B, E)
+        d = None
+        new_state = []
+        for w, s in zip(self.blocks, state):
+            x, q, k, v, o, i, f = self._in(x, d, w.norm_w, w.norm_b, w.w_in, w.b_in, self.sizes,
+                                           self.num_heads, self.eps, self.f32, self.gate_cap)
+            h, s = ops.mlstm_step(q, k, v, i, f, s, backend=self.backend, eps=self.cell_eps)
+            x, d = self._out(x, h, o, w.head_w, w.head_b, w.out_w, w.out_b, w.ffn_norm_w, w.ffn_norm_b,
+                             w.w_up, w.b_up, w.down_w, w.down_b, self.ffn_dim, self.eps, self.f32)
+            new_state.append(s)
+        nw, nb = self.out_norm if self.out_norm is not None else (None, None)
+        logits = self._head(x, d, self.out_norm is not None, nw, nb, self.model.lm_head.weight,
+                            self.eps, self.f32, self.logit_cap)
+        return logits.unsqueeze(1), new_state
+
+
+# --- the pieces: plain tensor functions (torch.compile sees the same arguments for every block) ---
+
+def _rms_norm(x, w, b, eps: float, f32: bool):
+    """layers.common.RMSNorm.forward as a function."""
+    dtype = x.dtype
+    if f32:
+        x = x.float()
+    x = (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)).to(dtype) * w
+    return x if b is None else x + b
+
+
+def _head_norm(h, w, b, eps: float, f32: bool):
+    """layers.common.MultiHeadLayerNorm.forward as a function: h (B, H, Dv) -> (B, H*Dv)."""
+    dtype = h.dtype
+    if f32:
+        h = h.float()
+    h = h - h.mean(-1, keepdim=True)
+    h = (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)).to(dtype)
+    h = h.flatten(-2) * w
+    return h if b is None else h + b
+
+
+def _mlstm_in(x, d, norm_w, norm_b, w_in, b_in, sizes: tuple, heads: int, eps: float, f32: bool, cap: float):
+    """x (+ the previous FFN output d) -> x, and the cell inputs q, k (B, H, Dqk), v, o (B, H, Dv)
+    and the soft-capped gates i, f (B, H), all contiguous (the step kernel wants them so)."""
+    if d is not None:
+        x = x + d
+    y = F.linear(_rms_norm(x, norm_w, norm_b, eps, f32), w_in, b_in)
+    q, k, v, o, i, f = y.split(sizes, dim=-1)
+    q, k, v = (t.unflatten(-1, (heads, -1)).contiguous() for t in (q, k, v))
+    return x, q, k, v, o, soft_cap(i, cap).contiguous(), soft_cap(f, cap).contiguous()
+
+
+def _mlstm_out_ffn(x, h, o, head_w, head_b, out_w, out_b, ffn_norm_w, ffn_norm_b, w_up, b_up, down_w, down_b,
+                   ffn_dim: int, eps: float, f32: bool):
+    """The layer's output (head norm x output gate, out_proj), its residual add, then the FFN;
+    returns x and the FFN output (its residual add is left to the next piece)."""
+    x = x + F.linear(torch.sigmoid(o) * _head_norm(h, head_w, head_b, eps, f32), out_w, out_b)
+    gate, up = F.linear(_rms_norm(x, ffn_norm_w, ffn_norm_b, eps, f32), w_up, b_up).split(ffn_dim, dim=-1)
+    return x, F.linear(F.silu(gate) * up, down_w, down_b)
+
+
+def _head(x, d, use_norm: bool, norm_w, norm_b, lm_w, eps: float, f32: bool, cap):
+    x = x + d
+    if use_norm:
+        x = _rms_norm(x, norm_w, norm_b, eps, f32)
+    logits = F.linear(x, lm_w)
+    if logits.dtype in (torch.float16, torch.bfloat16):
+        logits = logits.float()                                     # as the model: the cap needs the range
+    return soft_cap(logits, cap)
+
+
+@functools.cache
+def _compiled(name: str):
+    """torch.compile of a piece, made on first use (no import-time work). Default dynamic shapes:
+    static at first, a batch dimension goes symbolic once a second batch size is seen, so batch
+    sizes do not pile up recompilations."""
+    return torch.compile({"in": _mlstm_in, "out": _mlstm_out_ffn, "head": _head}[name])

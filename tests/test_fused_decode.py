@@ -1,0 +1,167 @@
+"""The fused decode step (generation/fused.py) equals the model's one-token forward, and generation
+through it equals generation through ``model(token, state)``."""
+
+import pytest
+import torch
+
+from fastxlstm.config import ModelConfig
+from fastxlstm.generation import generate, prefill
+from fastxlstm.generation.fused import FusedStep
+from fastxlstm.model import XLSTMLarge
+
+from .helpers import assert_close
+from .test_generate import CFG, fake_graphs, prompts_of, random_model  # noqa: F401  (fake_graphs: a fixture)
+
+VARIANTS = {
+    "default": {},
+    "bias, no out norm, tied": dict(use_bias=True, add_out_norm=False, tie_word_embeddings=True),
+    "norm in model dtype, no soft caps": dict(norm_reduction_force_float32=False, gate_soft_cap=0,
+                                              output_logit_soft_cap=0),
+}
+
+
+def variant(name, **over):
+    return ModelConfig(**{**CFG.to_dict(), **VARIANTS[name], **over})
+
+
+def step_both(model, B=3, seed=2):
+    """(model's logits and state, fused step's logits and state) for one token after a prompt."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, model.cfg.vocab_size, (B, 11), generator=g)
+    with torch.inference_mode():
+        _, state = model(ids[:, :10])
+        ref = model(ids[:, 10:], state)
+        out = FusedStep(model, compile=False)(ids[:, 10:], state)
+    return ref, out
+
+
+def assert_step_equal(ref, out, dtype):
+    (ref_logits, ref_state), (logits, state) = ref, out
+    assert logits.dtype == ref_logits.dtype
+    assert_close("logits", ref_logits, logits, dtype)
+    for b, (r, s) in enumerate(zip(ref_state, state)):
+        for name in "cnm":
+            assert getattr(s, name).dtype == getattr(r, name).dtype
+            assert_close(f"block {b} state.{name}", getattr(r, name), getattr(s, name), dtype)
+
+
+@pytest.mark.parametrize("name", list(VARIANTS))
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_fused_step_equals_the_model_step(name, dtype):
+    model = random_model(variant(name), dtype=dtype)
+    assert_step_equal(*step_both(model), dtype)
+
+
+def test_fused_step_in_bfloat16_equals_the_model_to_its_rounding():
+    torch.manual_seed(0)
+    model = XLSTMLarge(CFG).to(torch.bfloat16)          # init-scale weights: bf16 logits of a real model
+    assert_step_equal(*step_both(model), torch.bfloat16)
+
+
+def test_fused_weights_are_one_copy_of_the_input_and_ffn_projections():
+    model = random_model()
+    step = FusedStep(model, compile=False)
+    blk = model.backbone.blocks[0]
+    lay, ffn = blk.mlstm_layer, blk.ffn
+    rows_in = sum(l.out_features for l in (lay.q, lay.k, lay.v, lay.ogate_preact, lay.igate_preact, lay.fgate_preact))
+    per_block = (rows_in * (CFG.embedding_dim + 1) + 2 * ffn.proj_up.out_features * CFG.embedding_dim) * 8
+    assert step.extra_bytes == CFG.num_blocks * per_block
+    w = step.blocks[0].w_in
+    assert torch.equal(w[:lay.q.out_features], lay.q.weight)
+    assert step.blocks[0].norm_w is blk.norm_mlstm.weight                # everything else is shared
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(temperature=0.9, top_k=40, top_p=0.9, repetition_penalty=1.1)])
+def test_generation_through_the_fused_step_equals_the_model_step(kw):
+    model = random_model()
+    prompts = prompts_of([4, 9, 4])
+    fused = generate(model, prompts, max_new_tokens=12, seed=[1, 2, 3], fused=True, **kw)
+    plain = generate(model, prompts, max_new_tokens=12, seed=[1, 2, 3], fused=False, **kw)
+    assert fused == plain and all(len(r) == 12 for r in fused)
+
+
+def test_fused_step_in_the_graph_decoder(fake_graphs):  # noqa: F811
+    model = random_model()
+    prompts = prompts_of([5, 7])
+    graph = generate(model, prompts, max_new_tokens=11, fused=True, cuda_graph=True, steps_per_graph=4)
+    assert graph == generate(model, prompts, max_new_tokens=11, fused=False, cuda_graph=False)
+    assert len(fake_graphs) == 2                                          # 9 steps: graphs of 4 and 1
+
+
+def test_fused_is_the_default_on_cuda_only(monkeypatch):
+    import fastxlstm.generation.engine as engine
+
+    built = []
+    real = engine.FusedStep
+    monkeypatch.setattr(engine, "FusedStep", lambda *a, **k: built.append(1) or real(*a, **k))
+    model = random_model()
+    generate(model, [[1, 2]], max_new_tokens=3)
+    assert not built                                                     # CPU: the exact model step
+    generate(model, [[1, 2]], max_new_tokens=3, fused=True)
+    generate(model, [[1, 2]], max_new_tokens=1, fused=True)              # no step needed: none built
+    assert built == [1]
+
+
+def test_fused_needs_an_xlstm_large():
+    from fastxlstm import StackConfig, XLSTMStackLM
+
+    stack = XLSTMStackLM(StackConfig(vocab_size=50, embedding_dim=32, num_blocks=2, chunk_size=4))
+    with pytest.raises(ValueError, match="fused=True needs an XLSTMLarge"):
+        generate(stack, [[1, 2]], max_new_tokens=3, fused=True)
+    with pytest.raises(ValueError, match="needs an XLSTMLarge"):
+        FusedStep(stack)
+    with pytest.raises(ValueError, match="fused must be"):
+        generate(random_model(), [[1]], max_new_tokens=2, fused="yes")
+
+
+def test_fused_step_refuses_more_than_one_token():
+    model = random_model()
+    state, _ = prefill(model, [[1, 2, 3]])
+    with pytest.raises(ValueError, match="one token per row"):
+        FusedStep(model, compile=False)(torch.tensor([[1, 2]]), state)
+
+
+@pytest.mark.slow
+def test_compiled_fused_step_equals_eager_on_cpu():
+    from torch._dynamo.utils import counters
+
+    model = random_model(dtype=torch.float32)
+    prompts = prompts_of([5, 9])
+    counters.clear()
+    compiled = generate(model, prompts, max_new_tokens=6, fused=True, compile=True)
+    assert compiled == generate(model, prompts, max_new_tokens=6, fused=False)
+    assert counters["frames"]["ok"] > 0
+
+
+# --- GPU: the compiled pieces and the Triton step kernel, at the 7B head shape ------------------------
+
+# 7B head shape (E 4096, 8 heads: Dqk 256, Dv 512), two blocks, a small vocabulary to stay quick
+GPU_7B_HEADS = ModelConfig(vocab_size=4096, embedding_dim=4096, num_heads=8, num_blocks=2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("B", [1, 16])
+def test_gpu_fused_step_equals_the_model_step_bf16(B):
+    torch.manual_seed(0)
+    model = XLSTMLarge(GPU_7B_HEADS).to(device="cuda", dtype=torch.bfloat16)
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(0, GPU_7B_HEADS.vocab_size, (B, 70), generator=g).cuda()
+    with torch.inference_mode():
+        _, state = model(ids[:, :69])
+        ref_logits, ref_state = model(ids[:, 69:], state)
+        step = FusedStep(model)                                           # compiled on CUDA
+        for _ in range(2):                                                # the second call: compiled code
+            logits, new_state = step(ids[:, 69:], state)
+    assert_step_equal((ref_logits, ref_state), (logits, new_state), torch.bfloat16)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kw", [dict(), dict(temperature=0.9, top_k=40, seed=[1, 2, 3])])
+def test_gpu_fused_graph_decode_equals_model_step(kw):
+    from .test_generate import GPU_CFG
+
+    m = random_model(GPU_CFG, dtype=torch.float32).cuda()
+    prompts = prompts_of([5, 130, 12])
+    fused = generate(m, prompts, max_new_tokens=23, cuda_graph=True, steps_per_graph=4, **kw)
+    plain = generate(m, prompts, max_new_tokens=23, cuda_graph=False, fused=False, **kw)
+    assert fused == plain
