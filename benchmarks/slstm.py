@@ -179,39 +179,92 @@ def train_one(slstm_at, B, T, steps):
         torch.cuda.empty_cache()
 
 
-def sweep_launch(results, B=16, T=1024):
-    """Op-level forward+backward of the Triton kernels over a few launch shapes; the fastest is
-    made the default for the rest of this run (recorded)."""
+# Op-level launch variants per shape: (name, launch kwargs). The first of each list is the
+# default plan; forward variants are timed forward only, backward variants forward+backward with
+# the default forward. Every variant's h, dx and dR are checked against float64.
+FWD_VARIANTS = {
+    (16, 1024): [("default", {}), ("b16_n16_w4", dict(block_b=16, block_n=16, num_warps=4)),
+                 ("b16_n32_w8", dict(block_b=16, block_n=32, num_warps=8))],
+    (64, 4096): [("default", {}), ("b64_n16_w8", dict(block_b=64, block_n=16, num_warps=8)),
+                 ("b16_n32_w8", dict(block_b=16, block_n=32, num_warps=8)),
+                 ("b16_n16_w8", dict(block_b=16, block_n=16, num_warps=8))],
+}
+BWD_VARIANTS = {
+    (16, 1024): [("default", {}), ("b16_n16_w4", dict(bwd_block_n=16, bwd_num_warps=4)),
+                 ("b16_n32_w8", dict(bwd_block_n=32))],
+    (64, 4096): [("default", {}), ("b16_n16_w8", dict(bwd_block_n=16)),
+                 ("b32_n16_w8", dict(bwd_block_b=32, bwd_block_n=16))],
+}
+
+
+def op_inputs(B, T, seed=0):
+    """bf16 gate pre-activations and float32 R scaled as in tests/ops/test_slstm.py."""
+    D = E // HEADS
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    x = torch.randn(B, T, HEADS, 4, D, device="cuda", generator=g) * 2.0
+    x[:, :, :, 1] += 1.0
+    r = torch.randn(HEADS, D, 4, D, device="cuda", generator=g) * (0.8 / D ** 0.5)
+    dy = torch.randn(B, T, HEADS, D, device="cuda", generator=g)
+    return x.bfloat16().requires_grad_(), r.requires_grad_(), dy
+
+
+def op_errors(out, ref):
+    from tests.helpers import TOL, rel_errors
+
+    errs = {k: rel_errors(ref[k], out[k]) for k in ref}
+    tol = TOL[torch.bfloat16]
+    ok = all(a <= tol["rmse"] and b <= tol["max_abs"] for a, b in errs.values())
+    return {k: [float(f"{a:.3e}"), float(f"{b:.3e}")] for k, (a, b) in errs.items()}, ok
+
+
+def sweep_launch(results, shapes):
+    """Op-level (kernels + dR matmul) forward and forward+backward of the Triton sLSTM over launch
+    variants, each checked against the native backend in float64 on the same bf16 inputs. The
+    backward variants run with the fastest correct forward variant."""
+    from fastxlstm.ops.slstm import native
     from fastxlstm.ops.slstm import triton as slstm_triton
 
-    D = E // HEADS
-    x = torch.randn(B, T, HEADS, 4, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    r = (torch.randn(HEADS, D, 4, D, device="cuda") * 0.02).requires_grad_()
-    out, best = {}, None
-    # (block_n, block_k, warps, stages, full_k): the default first; the launch measured in run 2
-    # (64, 128, 4 warps, 3 stages) second; then spill-free shapes from off-device sm_90 compiles
-    for bn, bk, nw, ns, fk in ((64, 64, 8, 2, False), (64, 128, 4, None, False), (32, 64, 8, 2, False),
-                               (64, 32, 8, 2, False), (16, 256, 4, 3, True), (32, 32, 8, 2, False)):
-        name = f"n{bn}_k{bk}_w{nw}_s{ns}" + ("_fullk" if fk else "")
-        kw = dict(block_n=bn, block_k=bk, num_warps=nw, num_stages=ns, full_k=fk)
-        try:
-            def fb():
-                h, _ = slstm_triton.slstm(x, r, **kw)
-                torch.autograd.grad(h, [x, r], torch.ones_like(h))
+    for B, T in shapes:
+        key = f"{B}x{T}"
+        out = results.setdefault("op_sweep", {}).setdefault(key, {})
+        x, r, dy = op_inputs(B, T)
+        xd, rd = x.detach().double().requires_grad_(), r.detach().double().requires_grad_()
+        h64, _ = native.slstm(xd, rd)
+        dx64, dr64 = torch.autograd.grad(h64, [xd, rd], dy.double())
+        ref = dict(h=h64, dx=dx64, dr=dr64)
+        best = {}
+        for direction, variants in (("fwd", FWD_VARIANTS), ("bwd", BWD_VARIANTS)):
+            for name, kw in variants.get((B, T), [("default", {})]):
+                if direction == "bwd":
+                    kw = {**best.get("fwd", (None, {}))[1], **kw}
+                tag = f"{direction} {name}"
+                try:
+                    def f():
+                        with torch.no_grad():
+                            return slstm_triton.slstm(x, r, **kw)
 
-            def f():
-                with torch.no_grad():
-                    slstm_triton.slstm(x, r, **kw)
-            out[name] = dict(fwd_ms=timed(f, warmup=1, reps=5)[0], fwd_bwd_ms=timed(fb, warmup=1, reps=5)[0])
-            print("sweep", name, out[name], flush=True)
-            if best is None or out[name]["fwd_bwd_ms"] < out[best[0]]["fwd_bwd_ms"]:
-                best = (name, kw)
-        except Exception as e:
-            out[name] = f"{type(e).__name__}: {e}"[:300]
-    results["op_sweep_16x1024"] = out
-    if best is not None:
-        slstm_triton.slstm.__kwdefaults__.update(best[1])
-        results["triton_launch_used"] = best[0]
+                    def fb():
+                        h, _ = slstm_triton.slstm(x, r, **kw)
+                        return (h, *torch.autograd.grad(h, [x, r], dy.to(h.dtype)))
+
+                    h, dx, dr = fb()
+                    errs, ok = op_errors(dict(h=h, dx=dx, dr=dr), ref)
+                    row = dict(kw=kw, rel_rmse_max_abs=errs, correct=ok)
+                    if direction == "fwd":
+                        row["fwd_ms"] = timed(f, warmup=1, reps=5)[0]
+                    row["fwd_bwd_ms"], row["peak_gib"] = timed(fb, warmup=1, reps=5)
+                    out[tag] = row
+                    print("sweep", key, tag, json.dumps(row), flush=True)
+                    t_ms = row["fwd_ms"] if direction == "fwd" else row["fwd_bwd_ms"]
+                    if ok and (direction not in best or t_ms < best[direction][0]):
+                        best[direction] = (t_ms, kw)
+                except Exception as e:
+                    traceback.print_exc()
+                    out[tag] = f"{type(e).__name__}: {e}"[:500]
+        chosen = best.get("bwd", best.get("fwd", (None, {})))[1]
+        out["chosen"] = chosen
+    torch.cuda.empty_cache()
+    results["triton_launch_used"] = "defaults (plan() per shape); the sweep only reports"
 
 
 def main():
@@ -219,7 +272,7 @@ def main():
     p.add_argument("--shapes", default="16x1024,64x4096")
     p.add_argument("--train", action="store_true", help="also the xLSTM[7:1] vs all-mLSTM training ratio")
     p.add_argument("--slow", action="store_true", help="also fastxlstm native and official vanilla (minutes)")
-    p.add_argument("--sweep", action="store_true", help="op-level timing of a few Triton launch shapes first")
+    p.add_argument("--sweep", action="store_true", help="op-level timing and checking of Triton launch variants first")
     p.add_argument("--out", default="slstm_results.json")
     args = p.parse_args()
     results = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__)
@@ -229,17 +282,18 @@ def main():
         results.update(triton=triton.__version__, xlstm=getattr(xlstm, "__version__", "2.0.6"))
     except Exception as e:
         results["import_error"] = repr(e)
-    if args.sweep:
-        sweep_launch(results)
     shapes = [tuple(map(int, shape.split("x"))) for shape in args.shapes.split(",")]
+    if args.sweep:
+        sweep_launch(results, shapes)
+        json.dump(results, open(args.out, "w"), indent=1, default=str)
     for k, (B, T) in enumerate(shapes):
         run_shape(B, T, results, slow_ok=args.slow and k == 0)   # vanilla and native: first shape only
-        json.dump(results, open(args.out, "w"), indent=1)
+        json.dump(results, open(args.out, "w"), indent=1, default=str)
         if k == 0 and args.train:                               # before the long shape's JIT build
             train_ratio(results)
-            json.dump(results, open(args.out, "w"), indent=1)
-    json.dump(results, open(args.out, "w"), indent=1)
-    print(json.dumps(results, indent=1))
+            json.dump(results, open(args.out, "w"), indent=1, default=str)
+    json.dump(results, open(args.out, "w"), indent=1, default=str)
+    print(json.dumps(results, indent=1, default=str))
 
 
 if __name__ == "__main__":

@@ -54,7 +54,18 @@ def run(backend, x, r, state, forget_gate="sigmoid", seed=1):
     return h, s, grads
 
 
-def compare(name, ref, out, dtype):
+def poison(monkeypatch):
+    """Fill every fresh allocation with NaN, so an output element no kernel wrote fails."""
+    empty, empty_like = torch.empty, torch.empty_like
+
+    def nan(t):
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    monkeypatch.setattr(torch, "empty", lambda *a, **kw: nan(empty(*a, **kw)))
+    monkeypatch.setattr(torch, "empty_like", lambda *a, **kw: nan(empty_like(*a, **kw)))
+
+
+def compare(name, ref, out, dtype, grad_dtype=None):
     (h0, s0, g0), (h1, s1, g1) = ((h.cpu(), [t.cpu() for t in s], [t.cpu() for t in g]) for h, s, g in (ref, out))
     assert_close(f"{name} h", h0, h1, dtype)
     for field, a, b in zip(SLSTMState._fields, s0, s1):
@@ -64,7 +75,7 @@ def compare(name, ref, out, dtype):
         if a.abs().max() == 0:                             # e.g. dr at T=1 from a zero h0
             assert b.abs().max() == 0, f"{name} {gname}: expected zero"
         else:
-            assert_close(f"{name} {gname}", a, b, dtype)
+            assert_close(f"{name} {gname}", a, b, grad_dtype or dtype)
 
 
 @pytest.mark.parametrize("backend", FAST)
@@ -90,21 +101,54 @@ def test_forget_gates_and_partly_empty_state(backend, forget_gate):
     compare(f"{backend} {forget_gate}", ref, out, dtype)
 
 
-@pytest.mark.skipif(Backend.TRITON not in FAST, reason="Triton not installed")
-@pytest.mark.parametrize("T, launch", [(1, dict(block_k=16)), (5, dict(block_k=16)),
-                                       (5, dict(block_k=64, full_k=True))])
-def test_triton_several_column_blocks(T, launch):
-    """D = 40 in column blocks of 16: three per step, the last one partial; the reduction over
-    three slices or, with full_k, one; batch 19 spans two program rows."""
+def triton_grads(x, r, state, **launch):
     from fastxlstm.ops.slstm import triton as slstm_triton
 
-    ref = run(Backend.REFERENCE, *make_inputs(19, T, 2, 40, dtype=torch.float64, with_state=True))
-    x, r, state = make_inputs(19, T, 2, 40, dtype=torch.float32, with_state=True, device=DEVICE)
-    h, s = slstm_triton.slstm(x, r, state, block_n=16, **launch)
+    h, s = slstm_triton.slstm(x, r, state, **launch)
     g = torch.Generator().manual_seed(1)
     weights = [torch.randn(t.shape, generator=g, dtype=torch.float64).to(t) for t in (h, *s)]
     loss = sum((t * w).sum() for t, w in zip((h, *s), weights))
-    compare("triton blocks", ref, (h, s, torch.autograd.grad(loss, [x, r, *state])), torch.float32)
+    return h, s, torch.autograd.grad(loss, [x, r, *state])
+
+
+@pytest.mark.skipif(Backend.TRITON not in FAST, reason="Triton not installed")
+@pytest.mark.parametrize("T, launch", [(1, dict()), (5, dict()), (5, dict(block_b=32, bwd_block_b=32))])
+def test_triton_batch_tiles(T, launch):
+    """D = 40 (padded to 64 in the kernels); batch 19 spans two tiles of 16 (one of 32)."""
+    ref = run(Backend.REFERENCE, *make_inputs(19, T, 2, 40, dtype=torch.float64, with_state=True))
+    x, r, state = make_inputs(19, T, 2, 40, dtype=torch.float32, with_state=True, device=DEVICE)
+    compare("triton tiles", ref, triton_grads(x, r, state, **launch), torch.float32)
+
+
+@pytest.mark.skipif(Backend.TRITON not in FAST or DEVICE == "cuda", reason="interpreter only")
+def test_triton_split_indexing_in_interpreter(monkeypatch):
+    """The split path's slicing of R and its h / dpre exchange, without the barrier the
+    interpreter cannot run: 3 programs of 16 units per head (D 40, the last partial), 2 batch
+    tiles, T 1, every launch run twice, so the second run reads what all programs wrote in the
+    first (at T 1 each program's writes before the exchange do not depend on the others)."""
+    from fastxlstm.ops.slstm import triton as slstm_triton
+
+    plan, launch = slstm_triton.plan, slstm_triton.launch
+
+    def split_plan(B, H, D, device, block_b, block_n, num_warps):
+        meta = plan(B, H, D, device, block_b, None, num_warps)
+        return {**meta, "BLOCK_N": 16, "programs": -(-D // 16), "SPLIT": 1}   # split grid, no barrier
+
+    def launch_twice(*args, **kw):
+        launch(*args, **kw)
+        launch(*args, **kw)
+
+    monkeypatch.setattr(slstm_triton, "plan", split_plan)
+    monkeypatch.setattr(slstm_triton, "launch", launch_twice)
+    ref = run(Backend.REFERENCE, *make_inputs(19, 1, 2, 40, dtype=torch.float64, with_state=True))
+    x, r, state = make_inputs(19, 1, 2, 40, dtype=torch.float32, with_state=True)
+    compare("triton split", ref, triton_grads(x, r, state), torch.float32)
+
+    monkeypatch.setattr(slstm_triton, "launch", launch)    # one run, fresh buffers NaN: dh0 must miss dpre
+    poison(monkeypatch)
+    x, r, state = make_inputs(19, 1, 2, 40, dtype=torch.float32, with_state=True)
+    dh0 = triton_grads(x, r, state)[2][-1]
+    assert not torch.isfinite(dh0).all(), "one run saw every program's dpre: the test would not see the exchange"
 
 
 def test_reference_matches_formula_by_hand():
@@ -154,13 +198,46 @@ def test_bad_inputs_raise(bad, match):
         ops.slstm(x, r, state, forget_gate=bad.get("forget_gate", "sigmoid"))
 
 
+# GPU: the split kernels (programs of one head meeting at a global-memory barrier every step) at
+# the benchmark's head shape, against the float64 reference on the same rounded inputs.
+GRAD_TOL = {torch.float32: "float32_grad", torch.bfloat16: torch.bfloat16}
+
+
+def gpu_check(monkeypatch, B, T, dtype, *, with_state=True, forget_gate="sigmoid", **launch):
+    x, r, state = make_inputs(B, T, 4, 256, dtype=dtype, with_state=with_state, device="cuda")
+    ref_in = [t.detach().double().requires_grad_() for t in (x, r)]
+    ref_state = SLSTMState(*(t.detach().double().requires_grad_() for t in state)) if with_state else None
+    ref = run(Backend.REFERENCE, *ref_in, ref_state, forget_gate=forget_gate)
+    poison(monkeypatch)
+    from fastxlstm.ops.slstm import triton as slstm_triton
+
+    h, s = slstm_triton.slstm(x, r, state, forget_gate=forget_gate, **launch)
+    g = torch.Generator().manual_seed(1)
+    weights = [torch.randn(t.shape, generator=g, dtype=torch.float64).to(t) for t in (h, *s)]
+    loss = sum((t * w).sum() for t, w in zip((h, *s), weights))
+    grads = torch.autograd.grad(loss, [x, r, *(state or ())])
+    compare(f"triton {dtype} B{B} T{T}", ref, (h, s, grads), dtype, GRAD_TOL[dtype])
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_triton_gpu_real_shape(dtype):
-    """B 8, T 256, 4 heads of 64 (and bf16 inputs, float32 states) against native in float32."""
-    x, r, state = make_inputs(8, 256, 4, 64, dtype=dtype, with_state=True, device="cuda")
-    ref_in = [t.detach().float().requires_grad_() for t in (x, r)]
-    ref_state = SLSTMState(*(t.detach().float().requires_grad_() for t in state))
-    ref = run(Backend.NATIVE, *ref_in, ref_state)
-    out = run(Backend.TRITON, x, r, state)
-    compare(f"triton {dtype}", ref, out, torch.float32 if dtype == torch.float32 else torch.bfloat16)
+def test_triton_gpu_real_shape(monkeypatch, dtype):
+    """B 16, T 512, E 1024 in 4 heads of 256: 16 programs per head, one launch each way."""
+    gpu_check(monkeypatch, 16, 512, dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_gpu_several_launches(monkeypatch, dtype):
+    """B 48 in tiles of 16 x 16 programs per head: more programs than SMs (132 on an H200), so the
+    tiles run in launches one after another; exp forget gate, zero initial state."""
+    gpu_check(monkeypatch, 48, 64, dtype, with_state=False, forget_gate="exp", block_b=16, block_n=16,
+              bwd_block_n=16)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("launch", [dict(block_n=32, bwd_block_n=32), dict(block_b=32, num_warps=4),
+                                    dict(block_n=64, bwd_block_n=64)])
+def test_triton_gpu_launch_variants(monkeypatch, launch):
+    """Other slices (8 or 4 programs per head), a 32-row tile and 4 warps: the same function."""
+    gpu_check(monkeypatch, 20, 128, torch.bfloat16, **launch)

@@ -3,9 +3,17 @@
 The recurrent matmul runs in x's dtype (bf16 under autocast: tensor cores; float32 with IEEE
 products, so float32 results match the reference to rounding); states, gates and all gradients
 of the recurrence are float32. float64 is not supported here (use the native backend).
+
+Each head's R is split over ``cdiv(D, block_n)`` programs that keep their slice on chip and meet
+at a global-memory barrier every step (see fwd.py). That barrier needs every program of a launch
+resident at once, so a launch holds at most one program per SM: batch tiles beyond that run in
+further launches, one after another. Off CUDA (the Triton interpreter runs programs one after
+another) the split is 1: one program per (head, batch tile), the same kernel without the barrier.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import triton
@@ -17,38 +25,72 @@ from .bwd import slstm_bwd_kernel
 from .fwd import slstm_fwd_kernel
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# R slice per program (elements of all four gates) the default split aims for: 16 K elements is
+# 32 KiB of shared memory in bf16; the dot operands it is read into per step fit in registers
+# without spills at 8 warps (benchmarks/slstm_compile.py, sm_90). Slices grow up to twice that to
+# bring all batch tiles into one launch.
+SLICE_ELEMENTS = 16 * 1024
 
 
-def slstm(x, r, state: SLSTMState | None = None, *, forget_gate: str = "sigmoid", block_b: int = 16,
-          block_n: int | None = None, block_k: int | None = None, num_warps: int = 8,
-          num_stages: int | None = 2, full_k: bool = False) -> tuple[torch.Tensor, SLSTMState]:
-    """Same contract as ``reference.slstm``. Launch knobs: block_b batch rows per program (>= 16,
-    tl.dot's minimum); block_n output columns and block_k reduction slice per dot (powers of two
-    >= 16; None: min(D, 64)); num_warps per program; num_stages of Triton's software pipelining
-    (None: Triton's default); full_k reduces over all of D in one slice (block_k >= D), so the
-    column loop is innermost.
+@functools.lru_cache(maxsize=None)
+def sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
 
-    Defaults: off-device compiles for sm_90 (triton 3.9, cuobjdump) show 64 x 64 tiles with 8 warps
-    and 2 stages free of register spills in both kernels and every dtype; the 64 x 128 x 4-warp
-    launch measured on the H200 (run 2 in benchmarks/RESULTS.md) spilled 568 bytes per thread.
-    """
+
+def plan(B: int, H: int, D: int, device: torch.device, block_b: int, block_n: int | None,
+         num_warps: int) -> dict:
+    """Launch shape of one direction: BLOCK_B rows and BLOCK_N units per program, SPLIT programs
+    per head, and how many batch tiles one launch may hold (all without a barrier; else as many
+    as fit on the SMs, since programs that wait on each other must all be resident)."""
+    block_d = max(16, triton.next_power_of_2(D))
+    tiles = triton.cdiv(B, block_b)
+    if device.type != "cuda":
+        if block_n is not None and block_n < D:
+            raise ValueError(f"block_n {block_n} < D {D} splits a head over programs that wait on each other: "
+                             "CUDA only (the interpreter runs programs one after another)")
+        block_n = block_d
+    elif block_n is None:
+        sms = sm_count(device.index if device.index is not None else torch.cuda.current_device())
+        block_n = max(16, min(block_d, triton.next_power_of_2(SLICE_ELEMENTS // (4 * block_d))))
+        while block_n < block_d and (H * triton.cdiv(D, block_n) > sms or (
+                H * triton.cdiv(D, block_n) * tiles > sms and 4 * block_n * block_d <= SLICE_ELEMENTS)):
+            block_n *= 2
+    split = triton.cdiv(D, block_n)
+    per_launch = tiles
+    if split > 1:
+        sms = sm_count(device.index if device.index is not None else torch.cuda.current_device())
+        per_launch = sms // (H * split)
+        if per_launch < 1:
+            raise ValueError(f"{H} heads x {split} programs per head (block_n {block_n}, D {D}) exceed the "
+                             f"{sms} SMs that must run them at once; raise block_n")
+    # SPLIT (the barrier's group size) is the grid's first axis; a test sets it apart to 1
+    return dict(BLOCK_B=block_b, BLOCK_N=block_n, BLOCK_D=block_d, SPLIT=split, programs=split, tiles=tiles,
+                per_launch=per_launch, num_warps=num_warps)
+
+
+def slstm(x, r, state: SLSTMState | None = None, *, forget_gate: str = "sigmoid", block_b: int | None = None,
+          block_n: int | None = None, num_warps: int = 8, bwd_block_b: int = 16, bwd_block_n: int | None = None,
+          bwd_num_warps: int = 8) -> tuple[torch.Tensor, SLSTMState]:
+    """Same contract as ``reference.slstm``. Launch knobs, forward and (bwd_) backward: block_b
+    batch rows per program (power of two >= 16, tl.dot's minimum; forward default 16 up to B 16,
+    else 32; the backward holds all four gates' dpre rows per step, so 16); block_n hidden units
+    per program (power of two >= 16; None: on CUDA a slice of about SLICE_ELEMENTS of R, off CUDA
+    all of D); num_warps per program."""
     named = [("x", x), ("r", r)] + [(f"state.{k}", v) for k, v in (state._asdict().items() if state else ())]
     for name, t in named:
         if t.dtype not in SUPPORTED_DTYPES:
             raise ValueError(f"triton sLSTM supports {SUPPORTED_DTYPES}; {name} is {t.dtype}")
-    for name, v in (("block_b", block_b), ("block_n", block_n), ("block_k", block_k)):
+    knobs = (("block_b", block_b), ("block_n", block_n), ("bwd_block_b", bwd_block_b), ("bwd_block_n", bwd_block_n))
+    for name, v in knobs:
         if v is not None and (v < 16 or v & (v - 1)):
             raise ValueError(f"{name} must be a power of two >= 16 (tl.dot's minimum), got {v}")
     s0 = initial_state(x, r, state)
-    D = x.shape[-1]
-    block_d = max(16, triton.next_power_of_2(D))
-    meta = dict(BLOCK_B=block_b, BLOCK_N=block_n or min(block_d, 64), BLOCK_K=block_k or min(block_d, 64),
-                FULL_K=full_k, PRECISION="ieee" if x.dtype == torch.float32 else "tf32", num_warps=num_warps)
-    if num_stages is not None:
-        meta["num_stages"] = num_stages
-    if full_k and meta["BLOCK_K"] < D:
-        raise ValueError(f"full_k needs block_k >= D = {D}, got block_k {meta['BLOCK_K']}")
-    h, c, n, m, hT = _SLSTMTriton.apply(x, r, *s0, forget_gate == "exp", meta)
+    B, _, H, _, D = x.shape
+    block_b = block_b or (16 if B <= 16 else 32)
+    consts = dict(PRECISION="ieee" if x.dtype == torch.float32 else "tf32")
+    fwd = {**plan(B, H, D, x.device, block_b, block_n, num_warps), **consts}
+    bwd = {**plan(B, H, D, x.device, bwd_block_b, bwd_block_n, bwd_num_warps), **consts}
+    h, c, n, m, hT = _SLSTMTriton.apply(x, r, *s0, forget_gate == "exp", fwd, bwd)
     return h, SLSTMState(c, n, m, hT)
 
 
@@ -58,9 +100,17 @@ def slstm_step(x, r, state: SLSTMState | None = None, *,
     return _reference_step(x, r, state, forget_gate=forget_gate)
 
 
+def launch(kernel, meta: dict, H: int, args: list, **consts):
+    """Run the batch tiles in launches of at most meta['per_launch'] tiles (co-residency)."""
+    launch_meta = {k: v for k, v in meta.items() if k not in ("programs", "tiles", "per_launch")}
+    for tile0 in range(0, meta["tiles"], meta["per_launch"]):
+        n = min(meta["per_launch"], meta["tiles"] - tile0)
+        kernel[(meta["programs"], H, n)](*args, tile0, **launch_meta, **consts)
+
+
 class _SLSTMTriton(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, r, c0, n0, m0, h0, forget_exp: bool, meta: dict):
+    def forward(ctx, x, r, c0, n0, m0, h0, forget_exp: bool, meta: dict, bwd_meta: dict):
         B, T, H, _, D = x.shape
         x = x.contiguous()
         rd = r.to(x.dtype).contiguous()
@@ -68,21 +118,21 @@ class _SLSTMTriton(torch.autograd.Function):
         save = any(ctx.needs_input_grad[:6])
         f32 = dict(device=x.device, dtype=torch.float32)
         y = torch.empty(B, T, H, D, device=x.device, dtype=x.dtype)
-        c, n, m = (torch.empty(B, H, D, **f32) for _ in range(3))
-        hbuf = torch.empty(2, B, H, D, **f32)                   # h_{t-1} / h_t ping-pong
+        c, n, m, hT = (torch.empty(B, H, D, **f32) for _ in range(4))
+        hbuf = torch.empty(2, B, H, D, device=x.device, dtype=rd.dtype)   # h_t exchange, ping-pong
+        counters = torch.zeros(meta["tiles"] * H, device=x.device, dtype=torch.int32)
         if save:
             pre = torch.empty(B, T, H, 4, D, **f32)
             hist = [torch.empty(B, T + 1, H, D, **f32) for _ in range(4)]
         else:
             pre, hist = y, [y] * 4                                  # never written when SAVE is off
-        grid = (triton.cdiv(B, meta["BLOCK_B"]), H)
-        slstm_fwd_kernel[grid](x, rd, c0, n0, m0, h0, y, pre, *hist, c, n, m, hbuf, B, T, H, D,
-                               FORGET_EXP=forget_exp, SAVE=save, **meta)
+        launch(slstm_fwd_kernel, meta, H, [x, rd, c0, n0, m0, h0, y, pre, *hist, c, n, m, hT, hbuf, counters,
+                                           B, T, H, D], FORGET_EXP=forget_exp, SAVE=save)
         if save:
             ctx.save_for_backward(rd, pre, *hist)
-        ctx.meta, ctx.grid, ctx.forget_exp = meta, grid, forget_exp
+        ctx.meta, ctx.forget_exp = bwd_meta, forget_exp
         ctx.x_dtype, ctx.r_dtype = x.dtype, r.dtype
-        return y, c, n, m, hbuf[T % 2].clone()
+        return y, c, n, m, hT
 
     @staticmethod
     def backward(ctx, dy, dcT, dnT, dmT, dhT):
@@ -93,8 +143,10 @@ class _SLSTMTriton(torch.autograd.Function):
         dy = dy.contiguous() if dy is not None else torch.zeros(B, T, H, D, device=pre.device)
         dpre = torch.empty_like(pre)
         dinit = [torch.empty(B, H, D, device=pre.device, dtype=torch.float32) for _ in range(4)]
-        slstm_bwd_kernel[ctx.grid](rd, pre, cs, ns, ms, dy, *dfinal, dpre, *dinit, B, T, H, D,
-                                   FORGET_EXP=ctx.forget_exp, **ctx.meta)
+        dbuf = torch.empty(2, B, H, 4, D, device=pre.device, dtype=rd.dtype)   # dpre_t exchange
+        counters = torch.zeros(ctx.meta["tiles"] * H, device=pre.device, dtype=torch.int32)
+        launch(slstm_bwd_kernel, ctx.meta, H, [rd, pre, cs, ns, ms, dy, *dfinal, dpre, *dinit, dbuf, counters,
+                                               B, T, H, D], FORGET_EXP=ctx.forget_exp)
         # dR[h] = sum over (b, t) of h_{t-1}^T dpre_t: one batched matmul per head
         dr = torch.einsum("bthd,bthge->hdge", hs[:, :T], dpre)
-        return (dpre.to(ctx.x_dtype), dr.to(ctx.r_dtype), *dinit, None, None)
+        return (dpre.to(ctx.x_dtype), dr.to(ctx.r_dtype), *dinit, None, None, None)
