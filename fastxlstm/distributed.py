@@ -77,11 +77,15 @@ def wrap(model: nn.Module, parallel: Parallel, *, device: torch.device,
     if parallel is Parallel.DDP:
         from torch.nn.parallel import DistributedDataParallel
         return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
     for block in blocks_of(model):
         fully_shard(block, mp_policy=mp)
-    fully_shard(model, mp_policy=mp)
+    # the root stays gathered after its forward (FSDP's default for a root, said here so it holds
+    # whatever the version): the chunked training loss reads the whole lm_head.weight after it
+    fully_shard(model, mp_policy=mp, reshard_after_forward=False)
+    if hasattr(model, "hidden_states"):          # the training loss enters here instead of forward()
+        register_fsdp_forward_method(model, "hidden_states")
     return model
 
 

@@ -90,6 +90,21 @@ class XLSTMLarge(nn.Module):
         (zeros, or row n of ``state``), exactly as if run alone, and the returned state has one row
         per document.
         """
+        x, new_states = self._hidden_states(input_ids, state, cu_seqlens)
+        logits = self.lm_head(x)
+        if logits.dtype in (torch.float16, torch.bfloat16):
+            logits = logits.float()                      # the cap and the softmax need the range
+        return soft_cap(logits, self.cfg.output_logit_soft_cap), new_states
+
+    def hidden_states(self, input_ids: torch.Tensor, state: list[MLSTMState] | None = None, *,
+                      cu_seqlens: torch.Tensor | None = None) -> tuple[torch.Tensor, list[MLSTMState]]:
+        """What the LM head reads: the final-normed hidden states (B, T, E) and the state, as
+        ``forward`` (same arguments) but without the head; for losses that never form the logits
+        (``fastxlstm.loss.lm_head_loss`` with ``lm_head.weight`` and ``output_logit_soft_cap``)."""
+        return self._hidden_states(input_ids, state, cu_seqlens)
+
+    def _hidden_states(self, input_ids, state, cu_seqlens):
+        # one body behind both entry points: FSDP hooks each entry point, and nesting them would hook twice
         self._check_inputs(input_ids, state, batch=None if cu_seqlens is None else len(cu_seqlens) - 1)
         backend = self.backend_for(input_ids.device)
         x = self.embedding(input_ids)
@@ -98,10 +113,7 @@ class XLSTMLarge(nn.Module):
         for block, s in zip(self.backbone.blocks, states):  # cu_seqlens is checked by ops.mlstm
             x, s = block(x, s, backend=backend, cu_seqlens=cu_seqlens)
             new_states.append(s)
-        logits = self.lm_head(self.backbone.out_norm(x))
-        if logits.dtype in (torch.float16, torch.bfloat16):
-            logits = logits.float()                      # the cap and the softmax need the range
-        return soft_cap(logits, self.cfg.output_logit_soft_cap), new_states
+        return self.backbone.out_norm(x), new_states
 
     def init_state(self, batch_size: int, device=None) -> list[MLSTMState]:
         """Zero states for ``batch_size`` sequences (what ``state=None`` means)."""

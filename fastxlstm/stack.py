@@ -246,6 +246,17 @@ class XLSTMStackLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, state: list[LayerState] | None = None
                 ) -> tuple[torch.Tensor, list[LayerState]]:
         """input_ids (B, T) integer -> logits (B, T, vocab) and the state after the last token."""
+        x, state = self._hidden_states(input_ids, state)
+        return self.lm_head(x), state
+
+    def hidden_states(self, input_ids: torch.Tensor, state: list[LayerState] | None = None
+                      ) -> tuple[torch.Tensor, list[LayerState]]:
+        """What the LM head reads (B, T, E) (after the post-blocks norm) and the state: ``forward``
+        without the head, for losses that never form the logits."""
+        return self._hidden_states(input_ids, state)
+
+    def _hidden_states(self, input_ids, state):
+        # one body behind both entry points: FSDP hooks each entry point, and nesting them would hook twice
         if not isinstance(input_ids, torch.Tensor) or input_ids.is_floating_point() or input_ids.dim() != 2:
             raise ValueError(f"input_ids must be an integer tensor (B, T), got "
                              f"{getattr(input_ids, 'dtype', type(input_ids).__name__)} "
@@ -253,8 +264,7 @@ class XLSTMStackLM(nn.Module):
         if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= self.cfg.vocab_size):
             raise ValueError(f"input_ids must lie in [0, vocab_size={self.cfg.vocab_size}), got "
                              f"[{int(input_ids.min())}, {int(input_ids.max())}]")
-        x, state = self.stack(self.embedding(input_ids), state)
-        return self.lm_head(x), state
+        return self.stack(self.embedding(input_ids), state)
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())

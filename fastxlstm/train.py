@@ -3,7 +3,8 @@
 AdamW (fused on CUDA) with weight-decay groups, linear warm-up then cosine decay, gradient clipping
 and accumulation, bf16 autocast on CUDA (fp32 master weights) and fp32 on the CPU, optional
 activation checkpointing, torch.compile and carried (stateful) recurrent state; DDP or FSDP2 under
-torchrun. Validation loss and bits per byte at fixed windows, with a sample. A tqdm bar, metrics as
+torchrun. The loss is computed from the final hidden states in row chunks (``loss.lm_head_loss``),
+never holding the (B, T, vocab) logits (under DDP, from the logits of its forward). Validation loss and bits per byte at fixed windows, with a sample. A tqdm bar, metrics as
 JSON lines, a loss-curve PNG at the end.
 
 Nothing is lost: resumable checkpoints (weights loadable by ``fastxlstm.load``, optimizer,
@@ -37,6 +38,7 @@ from .checkpoint import ARCHITECTURES
 from .checkpoint import save as save_model
 from .config import PRESETS, ModelConfig
 from .data import Batches, Dataset, eval_windows, load_data, windows
+from .loss import lm_head_loss
 from .tokenizer import HFTokenizer
 from .train_config import Parallel, TrainConfig
 
@@ -140,6 +142,9 @@ class _Run:
                 block.compile()
         self.model = dist.wrap(model, cfg.parallel, device=dev,
                                param_dtype=torch.bfloat16 if self.bf16 and dev.type == "cuda" else None)
+        # the loss from hidden states, chunked, never the (B, T, vocab) logits; not under DDP, whose
+        # gradient hooks are armed by its forward() only
+        self.fused_loss = hasattr(model, "hidden_states") and cfg.parallel is not Parallel.DDP
         self.optimizer = _adamw(self.model, cfg, fused=dev.type == "cuda")
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, functools.partial(lr_factor, warmup=cfg.warmup_steps, total=cfg.max_steps,
@@ -229,8 +234,8 @@ class _Run:
             x, y = self.batches.micro_batch(self.step, a)
             x, y = x.to(self.env.device, non_blocking=True), y.to(self.env.device, non_blocking=True)
             with self._grad_sync(a == cfg.grad_accum - 1), self._autocast():
-                logits, state = self._forward(model, x, self.carry[a] if self.carry is not None else None)
-                loss = F.cross_entropy(logits.view(-1, logits.shape[-1]), y.reshape(-1))
+                loss, state = self._loss(model, x, y, self.carry[a] if self.carry is not None else None,
+                                         fused=self.fused_loss)
                 (loss / cfg.grad_accum).backward()
             if self.carry is not None:
                 self.carry[a] = [type(s)(*(t.detach() for t in s)) for s in state]
@@ -243,15 +248,24 @@ class _Run:
         self.optimizer.zero_grad(set_to_none=True)
         return total, grad_norm
 
-    def _forward(self, model, x, state=None):
-        """model(x, state), or with packed documents one (1, B*T) row whose state restarts at every
-        row start and after every document_end_id."""
-        if self.cfg.document_end_id is None:
-            return model(x, state)
+    def _loss(self, model, x, y, state=None, *, fused: bool, reduction: str = "mean"):
+        """Cross-entropy of next tokens ``y`` (float32) and the state after ``x``: from the hidden
+        states with the chunked LM-head loss (``fused``), else from the logits. With packed documents
+        the batch runs as one (1, B*T) row whose state restarts at every row start and after every
+        document_end_id."""
+        entry = model.hidden_states if fused else model
         B, T = x.shape
-        flat = x.reshape(1, B * T)
-        logits, _ = model(flat, cu_seqlens=document_offsets(flat[0], T, self.cfg.document_end_id))
-        return logits.view(B, T, -1), None
+        if self.cfg.document_end_id is None:
+            out, state = entry(x, state)
+        else:
+            flat = x.reshape(1, B * T)
+            out, state = entry(flat, cu_seqlens=document_offsets(flat[0], T, self.cfg.document_end_id))
+            out, state = out.view(B, T, -1), None
+        if fused:
+            head = self.inner.lm_head.weight                 # unsharded here: FSDP hooks hidden_states too
+            cap = getattr(self.model_cfg, "output_logit_soft_cap", None)
+            return lm_head_loss(out, head, y, soft_cap=cap, reduction=reduction), state
+        return F.cross_entropy(out.reshape(-1, out.shape[-1]).float(), y.reshape(-1), reduction=reduction), state
 
     def _grad_sync(self, sync: bool):
         """Reduce gradients across ranks only on the last micro-step."""
@@ -276,9 +290,9 @@ class _Run:
         for lo in range(0, len(self.val_starts), micro):
             x, y = windows(self.data.val, self.val_starts[lo:lo + micro], cfg.seq_len)
             with self._autocast():
-                logits, _ = self._forward(model, x.to(self.env.device))
-            total[0] += F.cross_entropy(logits.view(-1, logits.shape[-1]).float(), y.to(self.env.device).reshape(-1),
-                                        reduction="sum").double()
+                loss, _ = self._loss(model, x.to(self.env.device), y.to(self.env.device),
+                                     fused=hasattr(model, "hidden_states"), reduction="sum")
+            total[0] += loss.double()
             total[1] += y.numel()
         model.train()
         loss = (dist.all_reduce(total)[0] / total[1]).item()
@@ -294,8 +308,9 @@ class _Run:
         for a in range(self.cfg.grad_accum):
             x, y = self.batches.micro_batch(0, a)
             with self._autocast():
-                logits, _ = self._forward(model, x.to(self.env.device))
-            total += F.cross_entropy(logits.view(-1, logits.shape[-1]), y.to(self.env.device).reshape(-1))
+                loss, _ = self._loss(model, x.to(self.env.device), y.to(self.env.device),
+                                     fused=hasattr(model, "hidden_states"))
+            total += loss
         return dist.all_reduce(total / self.cfg.grad_accum).item() / self.env.world_size
 
     def _show_sample(self, final: bool = False) -> str | None:

@@ -1,0 +1,118 @@
+"""Cross-entropy of a language model head over hidden states, in row chunks: never the (N, vocab) logits.
+
+``lm_head_loss(h, weight, targets, soft_cap=30)`` equals
+
+    F.cross_entropy(soft_cap(h @ weight.T).float(), targets, ignore_index=-100)
+
+with soft_cap(z) = cap * tanh(z / cap), but holds the logits of ``chunk_rows`` rows at a time. At
+8 x 4096 tokens and a 50304 vocabulary the full float32 logits are 6.6 GB, their gradient as much
+again, and the soft cap and the cross-entropy each add a pass over them; here the peak is a few
+chunk-sized buffers.
+
+The forward pass also computes both gradients, chunk by chunk, while the chunk's logits are at hand
+(the LM-head matmul is not repeated): dL/dh (N, E) and dL/dW (V, E), accumulated in float32. The
+backward only scales them by the incoming gradient, so it is exact (the chain rule, not an
+approximation); under ``torch.no_grad`` or for inputs that need no gradient nothing is kept.
+
+Precision follows what the unfused path does under autocast: the matmuls run in the autocast dtype
+(bf16) or in the inputs' dtype outside autocast; the soft cap, the log-softmax and the gradient of
+the logits run in float32 (float64 for float64 inputs).
+"""
+
+from __future__ import annotations
+
+import torch
+
+IGNORE_INDEX = -100
+
+
+def lm_head_loss(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *, soft_cap: float | None = None,
+                 ignore_index: int = IGNORE_INDEX, reduction: str = "mean",
+                 chunk_rows: int | None = None) -> torch.Tensor:
+    """Cross-entropy of soft-capped logits ``h @ weight.T`` against ``targets``, chunked over rows.
+
+    Args:
+        h: (..., E) hidden states (the final normed ones), any float dtype.
+        weight: (V, E) LM-head weight (no bias).
+        targets: (...) integer ids in [0, V), or ``ignore_index`` for rows that do not count.
+        soft_cap: cap of cap * tanh(z / cap) on the logits; None or 0 for none.
+        reduction: 'mean' over the counted rows (NaN when none counts, as F.cross_entropy) or 'sum'.
+        chunk_rows: rows per chunk; default keeps a chunk's float32 logits near 512 MiB.
+    Returns:
+        a scalar float32 loss (float64 for float64 inputs).
+    """
+    if h.shape[:-1] != targets.shape:
+        raise ValueError(f"h {tuple(h.shape)} and targets {tuple(targets.shape)} must agree on all but h's last dim")
+    if weight.dim() != 2 or weight.shape[1] != h.shape[-1]:
+        raise ValueError(f"weight must be (vocab, {h.shape[-1]}), got {tuple(weight.shape)}")
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+    if chunk_rows is None:
+        chunk_rows = max(128, (1 << 27) // weight.shape[0] // 128 * 128)
+    if chunk_rows < 1:
+        raise ValueError(f"chunk_rows must be >= 1, got {chunk_rows}")
+    dev = h.device.type
+    compute = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else h.dtype
+    if compute not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        compute = h.dtype
+    cap = float(soft_cap) if soft_cap else 0.0
+    # needs_input_grad says True under no_grad too: pass the grad mode, so evaluation keeps no gradients
+    return _LMHeadLoss.apply(h.reshape(-1, h.shape[-1]), weight, targets.reshape(-1), cap, ignore_index,
+                             reduction == "mean", chunk_rows, compute, torch.is_grad_enabled())
+
+
+class _LMHeadLoss(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h, weight, targets, cap, ignore_index, mean, chunk_rows, compute, grad_mode):
+        want_dh, want_dw = grad_mode and ctx.needs_input_grad[0], grad_mode and ctx.needs_input_grad[1]
+        acc = torch.float64 if compute == torch.float64 else torch.float32   # soft cap / softmax dtype
+        with torch.autocast(h.device.type, enabled=False):
+            w = weight.to(compute)
+            valid = targets != ignore_index
+            count = valid.sum().to(acc)
+            # mean: each counted row weighs 1/count (the loss is NaN when none counts, as in torch)
+            scale = 1.0 / count.clamp_min(1) if mean else torch.ones((), dtype=acc, device=h.device)
+            row_weight = valid.to(acc) * scale                   # ignored rows: no loss, no gradient
+            total = torch.zeros((), dtype=acc, device=h.device)
+            dh = torch.empty_like(h) if want_dh else None
+            dw = torch.zeros(weight.shape, dtype=acc, device=weight.device) if want_dw else None
+            # full passes over a chunk's (n, V) buffers are the cost beside the matmuls: each step
+            # below is one pass, in place where the value is not needed again
+            for lo in range(0, h.shape[0], chunk_rows):
+                hc = h[lo:lo + chunk_rows].to(compute)
+                y = torch.where(valid[lo:lo + chunk_rows], targets[lo:lo + chunk_rows], 0).unsqueeze(1)
+                rw = row_weight[lo:lo + chunk_rows].unsqueeze(1)    # (n, 1)
+                z = (hc @ w.T).to(acc)                           # (n, V): the logits in the matmul's rounding
+                if cap:
+                    t = z.div_(cap).tanh_()                      # keep tanh for the cap's derivative 1 - t^2
+                    s = t * cap
+                else:
+                    t, s = None, z
+                top = s.amax(dim=1, keepdim=True)                # (n, 1)
+                picked = s.gather(1, y)
+                e = s.sub_(top).exp_()                           # exp(s - max), in s's buffer
+                sum_e = e.sum(dim=1, keepdim=True)
+                total += ((top + sum_e.log() - picked) * rw).sum()
+                if not (want_dh or want_dw):
+                    continue
+                g = e.mul_(rw / sum_e)                           # softmax, weighted per row
+                g.scatter_add_(1, y, -rw)                        # minus the weighted one-hot of the target
+                if cap:
+                    g = torch.addcmul(g, g, t.mul_(t), value=-1, out=t)   # (1 - t^2) * g
+                gc = g.to(compute)
+                if want_dh:
+                    dh[lo:lo + chunk_rows] = gc @ w
+                if want_dw:
+                    dw += gc.T @ hc
+            if mean:
+                total = total * (count / count)                  # NaN when no row counts, as F.cross_entropy
+        ctx.save_for_backward(dh, dw)
+        ctx.weight_dtype = weight.dtype
+        return total
+
+    @staticmethod
+    def backward(ctx, grad):
+        dh, dw = ctx.saved_tensors
+        dh = dh * grad.to(dh.dtype) if dh is not None else None
+        dw = (dw * grad.to(dw.dtype)).to(ctx.weight_dtype) if dw is not None else None
+        return dh, dw, None, None, None, None, None, None, None
