@@ -191,7 +191,7 @@ def _chunkwise_bwd(dh: Tensor, dcT: Tensor, dnT: Tensor, dmT: Tensor, q: Tensor,
             PREC=prec, num_warps=cfg["W"], num_stages=cfg["S"])
         _scan(dcs, dcT, dc0, chs, cu, first, L, reverse=True)
         _scan(dns, dnT, dn0, chs, cu, first, L, reverse=True)
-        inner = _inner_boundary_dots(cs, ns, dcs, dns)
+        edot = _chunk_state_dots(cs, ns, dcs, dns)
     else:
         cfg = _tiles("bwd_state", q)
         BK, BV = _tile(K, cfg["BK"]), _tile(V, cfg["BV"])
@@ -199,12 +199,12 @@ def _chunkwise_bwd(dh: Tensor, dcT: Tensor, dnT: Tensor, dmT: Tensor, q: Tensor,
         bwd._state_kernel[(triton.cdiv(K, BK), triton.cdiv(V, BV), N * H)](
             q, dh, tok, scal, chs, cu, first, dcT, dnT, dcs, dns, dc0, dn0, cs, ns, bparts, scale, T_all,
             H=H, K=K, V=V, L=L, BK=BK, BV=BV, PREC=prec, num_warps=cfg["W"], num_stages=cfg["S"])
-        inner = bparts.sum(-1)
+        edot = bparts.sum(-1)
     cfg = _tiles("bwd_dqk", q)
     BT, BK, BV = min(cfg["BT"], L), _tile(K, cfg["BK"]), _tile(V, cfg["BV"])
     NKT = triton.cdiv(K, BK)
     dq, dk = torch.empty_like(q), torch.empty_like(k)
-    part = q.new_empty(NKT, H, T_all, dtype=torch.float32)
+    part = q.new_empty(2, NKT, H, T_all, dtype=torch.float32)
     bwd._dqk_kernel[(NKT, num_chunks * (L // BT), H)](
         q, k, v, i, dh, cs, ns, dcs, dns, chs, tok, scal, start, end, dq, dk, part, scale, T_all,
         H=H, K=K, V=V, L=L, BT=BT, BK=BK, BV=BV, PREC=prec, num_warps=cfg["W"], num_stages=cfg["S"])
@@ -214,9 +214,7 @@ def _chunkwise_bwd(dh: Tensor, dcT: Tensor, dnT: Tensor, dmT: Tensor, q: Tensor,
     bwd._dv_kernel[(triton.cdiv(V, BV), num_chunks * (L // BT), H)](
         q, k, i, dh, dcs, chs, tok, scal, start, end, dv, scale, T_all,
         H=H, K=K, V=V, L=L, BT=BT, BK=BK, BV=BV, PREC=prec, num_warps=cfg["W"], num_stages=cfg["S"])
-    bdot = _boundary_dots(inner, cT, nT, dcT, dnT, cu, start, end)
-    di, df, dm0 = _gate_grads(i, f, m0, c0, n0, dc0, dn0, cT, nT, dcT, dnT, dmT, tok, scal, part, cu, bdot, start,
-                              L)
+    di, df, dm0 = _gate_grads(i, f, m0, c0, n0, dc0, dn0, dmT, tok, scal, part.sum(1), edot, chs, cu, start, L)
     return dq, dk, dv, di, df, dc0, dn0, dm0
 
 
@@ -249,38 +247,31 @@ torch.library.register_autograd("fastxlstm::mlstm_chunkwise", _backward, setup_c
 
 # ----------------------------------------------------------------------------- helpers
 
-def _inner_boundary_dots(cs, ns, dcs, dns):
-    """<dC, C> + <dn, n> at every chunk end against the next chunk's start state (the scan state
-    pass; the loop pass computes these in its kernel). The last entry pairs with nothing."""
-    nxt = torch.arange(1, cs.shape[0] + 1, device=cs.device).clamp(max=cs.shape[0] - 1)
-    inner = torch.empty(cs.shape[:2], device=cs.device, dtype=torch.float32)
+def _chunk_state_dots(cs, ns, dcs, dns):
+    """<dC_end, C_start> + <dn_end, n_start> per chunk (the scan state pass; the loop pass
+    computes these in its kernel)."""
+    out = torch.empty(cs.shape[:2], device=cs.device, dtype=torch.float32)
     for a in range(0, cs.shape[0], 64):  # bounded temporaries at long sequences
         b = min(a + 64, cs.shape[0])
-        inner[a:b] = ((dcs[a:b].float() * cs[nxt[a:b]].float()).sum((-1, -2))
-                      + (dns[a:b] * ns[nxt[a:b]]).sum(-1))
-    return inner
+        out[a:b] = (dcs[a:b].float() * cs[a:b].float()).sum((-1, -2)) + (dns[a:b] * ns[a:b]).sum(-1)
+    return out
 
 
-def _boundary_dots(inner, cT, nT, dcT, dnT, cu, start, end):
-    """The gradient of the forget gates' log-sum at every chunk end, stabilisers held fixed:
-    <dC, C> + <dn, n> against the next chunk's start state (``inner``), or against the final
-    state at a document's last chunk."""
-    N = cu.numel() - 1
-    seq = torch.searchsorted(cu[1:], start, right=True)
-    last = end == cu[seq + 1]
-    final = (dcT * cT).sum((-1, -2)) + (dnT * nT).sum(-1)          # (N, H)
-    return torch.where(last[:, None], final[seq.clamp(max=N - 1)], inner)
+def _gate_grads(i, f, m0, c0, n0, dc0, dn0, dmT, tok, scal, kdk_parts, edot, chs, cu, start, L):
+    """Gradients of the gates and of m0 from per-token and per-chunk scalars.
 
+    di = k.dk + G. The gradient of the log forget gate at t is the fixed-stabiliser part R_t (all
+    pairs s < t <= u of key and query joined through f_t, plus s < t reaching the final state)
+    and the stabiliser part: g is each token's stabiliser partial (plus the final state's,
+    dmT - <dC_T, C_T>, at the last token), G collects g over the tokens whose m_t was set by the
+    input gate at token j (m_t = i_j + sum of log forget since j), or by m0.
 
-def _gate_grads(i, f, m0, c0, n0, dc0, dn0, cT, nT, dcT, dnT, dmT, tok, scal, part, cu, bdot, start, L):
-    """Gradients of the gates and of m0 from per-token scalars (see bwd.py for the derivation):
-    di = k.dk + G, db = q.dq - k.dk + g - G (+ <dC_T, C_T> at each document end), df = reverse
-    cumsum of db within the document times sigmoid(-f); g is the stabiliser partial at each token
-    (plus the final state's at the last), G collects g over the tokens whose stabiliser m_t was set
-    by the input gate at token j (m_t = i_j + sum of log forget since j), or by m0.
-    The q.dq - k.dk part of that cumsum is summed within each chunk only and started from the
-    chunk end's <dC, C> + <dn, n> (``bdot``): equal in exact arithmetic, but a cumsum over the
-    whole document subtracts large partial sums whose bf16 rounding swamps small gradients."""
+    R_t is summed within t's chunk only, from terms that carry no large cancelling parts:
+        R_t = decay * <dC_end, C_start> + sum_{s<t} kdk_inter_s + sum_{u>=t} (qdq_u - kdk_intra_u)
+    (chunk-local sums; qdq in closed form from the prep pass, kdk_intra from fp32 score blocks).
+    The textbook form, a reverse cumsum of q.dq - k.dk over the whole document, subtracts large
+    partial sums whose bf16 rounding swamps small gradients. At a document's last chunk the same
+    terms give <dC_T, C_T> for the stabiliser part, so both parts see the same rounded dC_T."""
     B, T, H = i.shape
     T_all = B * T
     dev = i.device
@@ -291,27 +282,34 @@ def _gate_grads(i, f, m0, c0, n0, dc0, dn0, cT, nT, dcT, dnT, dmT, tok, scal, pa
     seq = torch.searchsorted(cu[1:], pos, right=True)               # document of each token
     is_start = pos == cu[seq]
     is_end = pos == cu[seq + 1] - 1
+    chunk = torch.searchsorted(start, pos, right=True) - 1          # chunk of each token
+    chunk_start = start[chunk]
+    chunk_end = torch.minimum(chunk_start + L, cu[seq + 1])
+    kdk_inter, kdk_intra = kdk_parts.double()
+    qdq = scal[3].double()
+
+    def suffix(x):  # (H, T_all + 1): sum over u >= t, zero past the end
+        return torch.cat([x.flip(1).cumsum(1).flip(1), x.new_zeros(H, 1)], dim=1)
+
+    decay = torch.exp(chs[:, :, 1] + chs[:, :, 0] - chs[:, :, 2]).double()   # (chunks, H)
+    base = (edot.double() * decay)[chunk].t()
+    S_inter, S_qk = suffix(kdk_inter), suffix(qdq - kdk_intra)
+    R = (base + S_inter[:, chunk_start] - S_inter[:, :T_all]
+         + S_qk[:, :T_all] - S_qk[:, chunk_end])
+    # <dC_T, C_T> + <dn_T, n_T> of each document, from its last chunk's terms
+    final_dot = base + S_inter[:, chunk_start] - S_inter[:, chunk_end]
+
     m_before = torch.cat([m_tok[:, :1], m_tok[:, :-1]], dim=1)
     m_before = torch.where(is_start, m0[seq].t(), m_before)
     record = i_ht > F.logsigmoid(f_ht) + m_before                   # m_t = i_t: the input gate won
-    final_dot = (dcT * cT).sum((-1, -2)) + (dnT * nT).sum(-1)       # (N, H)
-    g = scal[2] + torch.where(is_end, (dmT - final_dot)[seq].t(), 0.0)
+    g = scal[2].double() + torch.where(is_end, dmT[seq].t().double() - final_dot, 0.0)
     marker = torch.where(record, 2 * pos + 1, torch.where(is_start, 2 * pos, -1))
     owner = torch.cummax(marker.expand(H, T_all), dim=1).values
-    G = torch.zeros(H, 2 * T_all, device=dev, dtype=torch.float64).scatter_add_(1, owner, g.double())
+    G = torch.zeros(H, 2 * T_all, device=dev, dtype=torch.float64).scatter_add_(1, owner, g)
     G_rec = G[:, 1::2]
-    qdq, kdk = scal[3].double(), part.sum(0).double()
-    di = kdk + G_rec
-
-    def rev_cumsum(x):  # (H, T_all + 1): suffix sums, zero past the end
-        return torch.cat([x.flip(1).cumsum(1).flip(1), x.new_zeros(H, 1)], dim=1)
-
-    chunk = torch.searchsorted(start, pos, right=True) - 1          # chunk of each token
-    chunk_end = torch.minimum(start[chunk] + L, cu[seq + 1])
-    R_m = rev_cumsum(g.double() - G_rec)
-    R_qk = rev_cumsum(qdq - kdk)
-    dl = (R_m[:, :T_all] - R_m[:, cu[seq + 1]] + R_qk[:, :T_all] - R_qk[:, chunk_end]
-          + bdot[chunk].t().double())
+    di = kdk_inter + kdk_intra + G_rec
+    S_m = suffix(g - G_rec)
+    dl = R + S_m[:, :T_all] - S_m[:, cu[seq + 1]]
     df = dl * torch.sigmoid(-f_ht.double())
     starts = cu[:-1].clamp(max=T_all - 1)
     dm0 = (c0 * dc0).sum((-1, -2)) + (n0 * dn0).sum(-1) + G[:, 2 * starts].t().float()

@@ -18,7 +18,7 @@ _delta_kernel      grid (cdiv(Dqk, BK), cdiv(Dv, BV), N_chunks * H): each chunk'
 _state_kernel      the same recurrence in one sequential launch (CONFIG["state_pass"] == "loop").
 _dqk_kernel        grid (cdiv(Dqk, BK), N_chunks * L / BT, H): dq and dk for BT rows and a BK
                    slice; dP = dO V^T + ds is rebuilt from Dv tiles; the diagonal block is shared
-                   by dq and dk. Also stores k . dk partial sums per BK slice.
+                   by dq and dk. Also stores k . dk partial sums per BK slice (inter and intra apart).
 _dv_kernel         grid (cdiv(Dv, BV), N_chunks * L / BT, H): dv = sum_t (S * W)^T dO + w_end K dC_end.
 """
 
@@ -137,15 +137,13 @@ def _state_kernel(
         tl.store(dcs_ptr + cst * V + c_tile + kv_off, dc_st, mask=mkv)
         if pid_v == 0:
             tl.store(dns_ptr + cst + pid_k * BK + ok, dn, mask=mk)
-        # <dC, C> at this chunk's end (the next chunk's start state) for the gate gradients; the
-        # document's last chunk uses the final state instead (in __init__.py).
-        if j < n_chunks - 1:
-            nst = cst + H * K
-            c_nx = tl.load(cs_ptr + nst * V + c_tile + kv_off, mask=mkv, other=0.0).to(tl.float32)
-            part = tl.sum(tl.sum(dc_st.to(tl.float32) * c_nx, 1), 0)
-            if pid_v == 0:
-                part += tl.sum(dn * tl.load(ns_ptr + nst + pid_k * BK + ok, mask=mk, other=0.0), 0)
-            tl.store(bdot_ptr + ((gc * H + h) * tl.num_programs(0) + pid_k) * tl.num_programs(1) + pid_v, part)
+        # <dC_end, C_start> + <dn_end, n_start> per chunk for the gate gradients, from the same
+        # rounded dC that the dk pass reads (so the terms they are summed with stay consistent).
+        c_st = tl.load(cs_ptr + cst * V + c_tile + kv_off, mask=mkv, other=0.0).to(tl.float32)
+        part = tl.sum(tl.sum(dc_st.to(tl.float32) * c_st, 1), 0)
+        if pid_v == 0:
+            part += tl.sum(dn * tl.load(ns_ptr + cst + pid_k * BK + ok, mask=mk, other=0.0), 0)
+        tl.store(bdot_ptr + ((gc * H + h) * tl.num_programs(0) + pid_k) * tl.num_programs(1) + pid_v, part)
         t0 = bos + j * L
         valid = ot < eos - t0
         b_r = tl.load(tok_ptr + (h * T_all + t0) + ot, mask=valid, other=0.0)
@@ -230,9 +228,11 @@ def _dqk_kernel(
         w_end = tl.where(vr, tl.exp(g - b_r + i_r - m_end), 0.0)
         dq = (dq + ds_r[:, None] * n_p[None, :]) * w0[:, None]
         dk = (dk + dn_e[None, :]) * w_end[:, None]
-        # k . dk for the gate gradients: the intra-chunk terms are summed in fp32 from the score
-        # blocks (k_s . dk_s = sum_t dP~_ts S_ts), not from dk, whose operands were rounded to bf16.
-        kdk = tl.sum(k_r.to(tl.float32) * dk, 1)
+        # k . dk for the gate gradients, its parts apart: through the chunk-end state (kdk_inter)
+        # and within the chunk, summed in fp32 from the score blocks (k_s . dk_s = sum_t dP~_ts
+        # S_ts), not from dk, whose operands were rounded to bf16.
+        kdk_inter = tl.sum(k_r.to(tl.float32) * dk, 1)
+        kdk = tl.zeros([BT], dtype=tl.float32)
 
         # diagonal block, shared by dq and dk
         causal = (ob[None, :] <= ob[:, None]) & vr[None, :] & vr[:, None]
@@ -284,7 +284,9 @@ def _dqk_kernel(
         dq = dq * scale
         tl.store(dq_ptr + qk_base + qk_off, dq.to(dq_ptr.dtype.element_ty), mask=qk_msk)
         tl.store(dk_ptr + qk_base + qk_off, dk.to(dk_ptr.dtype.element_ty), mask=qk_msk)
-        tl.store(part_ptr + ((pid_k * H + h) * T_all + r0) + ob, kdk, mask=vr)
+        NKT = tl.num_programs(0)
+        tl.store(part_ptr + ((pid_k * H + h) * T_all + r0) + ob, kdk_inter, mask=vr)
+        tl.store(part_ptr + (((NKT + pid_k) * H + h) * T_all + r0) + ob, kdk, mask=vr)
 
 
 @triton.jit
