@@ -200,7 +200,7 @@ def test_bad_inputs_raise(bad, match):
 
 # GPU: the split kernels (programs of one head meeting at a global-memory barrier every step) at
 # the benchmark's head shape, against the float64 reference on the same rounded inputs.
-GRAD_TOL = {torch.float32: "float32_grad", torch.bfloat16: torch.bfloat16}
+GRAD_TOL = {torch.float32: "float32_den", torch.bfloat16: torch.bfloat16}
 
 
 def gpu_check(monkeypatch, B, T, dtype, *, with_state=True, forget_gate="sigmoid", **launch):

@@ -191,13 +191,13 @@ def _chunkwise_bwd(dh: Tensor, dcT: Tensor, dnT: Tensor, dmT: Tensor, q: Tensor,
             PREC=prec, num_warps=cfg["W"], num_stages=cfg["S"])
         _scan(dcs, dcT, dc0, chs, cu, first, L, reverse=True)
         _scan(dns, dnT, dn0, chs, cu, first, L, reverse=True)
-        edot = _chunk_state_dots(cs, ns, dcs, dns)
+        edot = _chunk_state_dots(cs, ns, dcs, dns, c0, n0, first, cu)
     else:
         cfg = _tiles("bwd_state", q)
         BK, BV = _tile(K, cfg["BK"]), _tile(V, cfg["BV"])
         bparts = q.new_zeros(num_chunks, H, triton.cdiv(K, BK) * triton.cdiv(V, BV), dtype=torch.float32)
         bwd._state_kernel[(triton.cdiv(K, BK), triton.cdiv(V, BV), N * H)](
-            q, dh, tok, scal, chs, cu, first, dcT, dnT, dcs, dns, dc0, dn0, cs, ns, bparts, scale, T_all,
+            q, dh, tok, scal, chs, cu, first, dcT, dnT, dcs, dns, dc0, dn0, cs, ns, c0, n0, bparts, scale, T_all,
             H=H, K=K, V=V, L=L, BK=BK, BV=BV, PREC=prec, num_warps=cfg["W"], num_stages=cfg["S"])
         edot = bparts.sum(-1)
     cfg = _tiles("bwd_dqk", q)
@@ -205,9 +205,13 @@ def _chunkwise_bwd(dh: Tensor, dcT: Tensor, dnT: Tensor, dmT: Tensor, q: Tensor,
     NKT = triton.cdiv(K, BK)
     dq, dk = torch.empty_like(q), torch.empty_like(k)
     part = q.new_empty(2, NKT, H, T_all, dtype=torch.float32)
+    doc = torch.searchsorted(cu[1:], start, right=True)
+    cdoc = torch.where(end == cu[doc + 1], doc, -1)                 # document whose last chunk this is
+    has_lo = q.dtype != torch.float32
+    dlo = (dcT - dcT.to(q.dtype).float()).to(q.dtype) if has_lo else dcT
     bwd._dqk_kernel[(NKT, num_chunks * (L // BT), H)](
-        q, k, v, i, dh, cs, ns, dcs, dns, chs, tok, scal, start, end, dq, dk, part, scale, T_all,
-        H=H, K=K, V=V, L=L, BT=BT, BK=BK, BV=BV, PREC=prec, num_warps=cfg["W"], num_stages=cfg["S"])
+        q, k, v, i, dh, cs, ns, dcs, dns, chs, tok, scal, start, end, dq, dk, part, cdoc, dlo, scale, T_all,
+        H=H, K=K, V=V, L=L, BT=BT, BK=BK, BV=BV, PREC=prec, HAS_LO=has_lo, num_warps=cfg["W"], num_stages=cfg["S"])
     cfg = _tiles("bwd_dv", q)
     BT, BK, BV = min(cfg["BT"], L), _tile(K, cfg["BK"]), _tile(V, cfg["BV"])
     dv = torch.empty_like(v)
@@ -247,13 +251,15 @@ torch.library.register_autograd("fastxlstm::mlstm_chunkwise", _backward, setup_c
 
 # ----------------------------------------------------------------------------- helpers
 
-def _chunk_state_dots(cs, ns, dcs, dns):
-    """<dC_end, C_start> + <dn_end, n_start> per chunk (the scan state pass; the loop pass
-    computes these in its kernel)."""
+def _chunk_state_dots(cs, ns, dcs, dns, c0, n0, first, cu):
+    """<dC_end, C_start> + <dn_end, n_start> per chunk, the initial state's own fp32 values at a
+    document's first chunk (the scan state pass; the loop pass computes these in its kernel)."""
     out = torch.empty(cs.shape[:2], device=cs.device, dtype=torch.float32)
     for a in range(0, cs.shape[0], 64):  # bounded temporaries at long sequences
         b = min(a + 64, cs.shape[0])
         out[a:b] = (dcs[a:b].float() * cs[a:b].float()).sum((-1, -2)) + (dns[a:b] * ns[a:b]).sum(-1)
+    ok = cu[1:] > cu[:-1]                                           # empty documents have no chunk
+    out[first[ok]] = (dcs[first[ok]].float() * c0[ok]).sum((-1, -2)) + (dns[first[ok]] * n0[ok]).sum(-1)
     return out
 
 

@@ -103,7 +103,7 @@ def _delta_kernel(q_ptr, dh_ptr, tok_ptr, scal_ptr, chs_ptr, start_ptr, end_ptr,
 @triton.jit
 def _state_kernel(
     q_ptr, dh_ptr, tok_ptr, scal_ptr, chs_ptr, cu_ptr, first_ptr, dct_ptr, dnt_ptr,
-    dcs_ptr, dns_ptr, dc0_ptr, dn0_ptr, cs_ptr, ns_ptr, bdot_ptr,
+    dcs_ptr, dns_ptr, dc0_ptr, dn0_ptr, cs_ptr, ns_ptr, c0_ptr, n0_ptr, bdot_ptr,
     scale, T_all, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     L: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr,
 ):
@@ -133,16 +133,21 @@ def _state_kernel(
         j = n_chunks - 1 - jj
         gc = first + j
         cst = (gc * H + h) * K
-        dc_st = dc.to(dcs_ptr.dtype.element_ty)
-        tl.store(dcs_ptr + cst * V + c_tile + kv_off, dc_st, mask=mkv)
+        tl.store(dcs_ptr + cst * V + c_tile + kv_off, dc.to(dcs_ptr.dtype.element_ty), mask=mkv)
         if pid_v == 0:
             tl.store(dns_ptr + cst + pid_k * BK + ok, dn, mask=mk)
-        # <dC_end, C_start> + <dn_end, n_start> per chunk for the gate gradients, from the same
-        # rounded dC that the dk pass reads (so the terms they are summed with stay consistent).
-        c_st = tl.load(cs_ptr + cst * V + c_tile + kv_off, mask=mkv, other=0.0).to(tl.float32)
-        part = tl.sum(tl.sum(dc_st.to(tl.float32) * c_st, 1), 0)
+        # <dC_end, C_start> + <dn_end, n_start> per chunk for the gate gradients, with the carried
+        # fp32 dC and, at a document's first chunk, the caller's fp32 initial state: the terms the
+        # gate gradients cancel it against (<c0, dc0>, <dC_T, C_T>) see the same values.
+        if j == 0:
+            c_st = tl.load(c0_ptr + state_off * K * V + c_tile + kv_off, mask=mkv, other=0.0)
+            n_st = tl.load(n0_ptr + state_off * K + pid_k * BK + ok, mask=mk, other=0.0)
+        else:
+            c_st = tl.load(cs_ptr + cst * V + c_tile + kv_off, mask=mkv, other=0.0).to(tl.float32)
+            n_st = tl.load(ns_ptr + cst + pid_k * BK + ok, mask=mk, other=0.0)
+        part = tl.sum(tl.sum(dc * c_st, 1), 0)
         if pid_v == 0:
-            part += tl.sum(dn * tl.load(ns_ptr + cst + pid_k * BK + ok, mask=mk, other=0.0), 0)
+            part += tl.sum(dn * n_st, 0)
         tl.store(bdot_ptr + ((gc * H + h) * tl.num_programs(0) + pid_k) * tl.num_programs(1) + pid_v, part)
         t0 = bos + j * L
         valid = ot < eos - t0
@@ -169,9 +174,10 @@ def _state_kernel(
 @triton.jit
 def _dqk_kernel(
     q_ptr, k_ptr, v_ptr, i_ptr, dh_ptr, cs_ptr, ns_ptr, dcs_ptr, dns_ptr, chs_ptr, tok_ptr, scal_ptr,
-    start_ptr, end_ptr, dq_ptr, dk_ptr, part_ptr,
+    start_ptr, end_ptr, dq_ptr, dk_ptr, part_ptr, cdoc_ptr, dlo_ptr,
     scale, T_all, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     L: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr,
+    HAS_LO: tl.constexpr,
 ):
     pid_k = tl.program_id(0)
     pid_c = tl.program_id(1)
@@ -222,6 +228,17 @@ def _dqk_kernel(
             dq += tl.dot(do, tl.trans(cp.to(dt)), input_precision=PREC)
             dk += tl.dot(vt, tl.trans(dce.to(dt)), input_precision=PREC)
             dp_diag += tl.dot(do, tl.trans(vt), input_precision=PREC)
+        if HAS_LO:
+            # A document's last chunk meets the caller's dC_T: add the part of it that rounding
+            # to the operand dtype dropped (dlo), so k . dk against the final state is exact.
+            dd = tl.load(cdoc_ptr + gc)
+            if dd >= 0:
+                lo_base = (dd * H + h) * K * V + pid_k * BK * V
+                for vv in range(0, V, BV):
+                    mv = vv + ov < V
+                    vt = tl.load(v_ptr + v_base + vv + v_off, mask=vr[:, None] & mv[None, :], other=0.0)
+                    lo = tl.load(dlo_ptr + lo_base + vv + c_off, mask=mk[:, None] & mv[None, :], other=0.0)
+                    dk += tl.dot(vt, tl.trans(lo), input_precision=PREC)
         n_p = tl.load(ns_ptr + cst + pid_k * BK + ok, mask=mk, other=0.0)
         dn_e = tl.load(dns_ptr + cst + pid_k * BK + ok, mask=mk, other=0.0)
         w0 = tl.where(vr, tl.exp(b_r + m_prev - m_r), 0.0)
