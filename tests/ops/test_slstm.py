@@ -241,3 +241,24 @@ def test_triton_gpu_several_launches(monkeypatch, dtype):
 def test_triton_gpu_launch_variants(monkeypatch, launch):
     """Other slices (8 or 4 programs per head), a 32-row tile and 4 warps: the same function."""
     gpu_check(monkeypatch, 20, 128, torch.bfloat16, **launch)
+
+
+@pytest.mark.skipif(Backend.TRITON not in FAST or DEVICE == "cuda", reason="interpreter only")
+def test_triton_fp16_stabiliser_near_ties():
+    """fp16 in the interpreter, each m0 set so that i and m0 + log f (the two arms of the
+    stabiliser's max) differ by +-2e-5 in exact arithmetic. The gradient of a loss on the final
+    c, n, m goes through m to i or to f depending on which arm wins; the pre-activations must be
+    accurate well below that gap or the kernel takes the other arm and dx, dR are off by O(dm).
+    A kernel that rounds h_0 to fp16 before the recurrent dot moves them by ~1e-4 (rel max-abs
+    error ~0.3 in dx); with h as hi + lo they match the reference to float32 rounding."""
+    B, H, D = 8, 2, 32
+    x, r, state = make_inputs(B, 1, H, D, dtype=torch.float16, with_state=True)
+    with torch.no_grad():
+        pre = x.double()[:, 0] + torch.einsum("bhd,hdge->bhge", state.h.double(), r.double())
+        logf = torch.nn.functional.logsigmoid(pre[:, :, 1])
+        gap = 2e-5 * (torch.randint(0, 2, (B, H, D), generator=torch.Generator().manual_seed(2)) * 2 - 1)
+        state.m.copy_(pre[:, :, 0] - logf - gap)           # i - (m0 + log f) = gap
+    ref_in = [t.detach().double().requires_grad_() for t in (x, r)]
+    ref_state = SLSTMState(*(t.detach().double().requires_grad_() for t in state))
+    ref = run(Backend.REFERENCE, *ref_in, ref_state)
+    compare("triton fp16 near ties", ref, triton_grads(x, r, state), torch.float16)

@@ -1,7 +1,9 @@
 """Triton sLSTM: autograd wiring and launches for the fused forward and backward kernels.
 
 The recurrent matmul runs in x's dtype (bf16 under autocast: tensor cores; float32 with IEEE
-products, so float32 results match the reference to rounding); states, gates and all gradients
+products, so float32 results match the reference to rounding). In bf16 / fp16 the float32 h_{t-1}
+enters it as hi + lo, two operands in that dtype (fwd.py says why: one rounding of h flips the
+stabiliser's max and with it the gradient routed through m); states, gates and all gradients
 of the recurrence are float32. float64 is not supported here (use the native backend).
 
 Each head's R is split over ``cdiv(D, block_n)`` programs that keep their slice on chip and meet
@@ -119,7 +121,7 @@ class _SLSTMTriton(torch.autograd.Function):
         f32 = dict(device=x.device, dtype=torch.float32)
         y = torch.empty(B, T, H, D, device=x.device, dtype=x.dtype)
         c, n, m, hT = (torch.empty(B, H, D, **f32) for _ in range(4))
-        hbuf = torch.empty(2, B, H, D, device=x.device, dtype=rd.dtype)   # h_t exchange, ping-pong
+        hbuf = torch.empty(2, B, H, D, **f32)                           # h_t exchange, ping-pong
         counters = torch.zeros(meta["tiles"] * H, device=x.device, dtype=torch.int32)
         if save:
             pre = torch.empty(B, T, H, 4, D, **f32)
@@ -127,7 +129,8 @@ class _SLSTMTriton(torch.autograd.Function):
         else:
             pre, hist = y, [y] * 4                                  # never written when SAVE is off
         launch(slstm_fwd_kernel, meta, H, [x, rd, c0, n0, m0, h0, y, pre, *hist, c, n, m, hT, hbuf, counters,
-                                           B, T, H, D], FORGET_EXP=forget_exp, SAVE=save)
+                                           B, T, H, D], FORGET_EXP=forget_exp, SAVE=save,
+               HILO=rd.dtype != torch.float32)
         if save:
             ctx.save_for_backward(rd, pre, *hist)
         ctx.meta, ctx.forget_exp = bwd_meta, forget_exp
