@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 # Relative RMSE (fla's metric) and max-abs bound relative to the reference's max-abs, per input dtype.
@@ -31,15 +33,21 @@ def rel_errors(ref: torch.Tensor, out: torch.Tensor) -> tuple[float, float]:
     return rmse, ((ref - out).abs().max() / scale).item()
 
 
-def assert_close(name: str, ref: torch.Tensor, out: torch.Tensor, dtype) -> None:
-    """Fail with both error figures when ``out`` is not ``ref`` to the tolerance of ``dtype``."""
+def assert_close(name: str, ref: torch.Tensor, out: torch.Tensor, dtype, floor=None) -> None:
+    """Fail with both error figures when ``out`` is not ``ref`` to the tolerance of ``dtype``.
+
+    ``floor`` (rel-RMSE, rel max-abs) is the error of the same formula evaluated plainly in the
+    same dtype (native autograd) on the same inputs: where the inputs are so ill-conditioned that
+    exact arithmetic in that dtype misses the table, ``out`` may be up to 3x that, no worse."""
     assert out.shape == ref.shape, f"{name}: shape {tuple(out.shape)} != reference {tuple(ref.shape)}"
     assert torch.isfinite(out).all(), f"{name}: non-finite values"
-    tol = TOL[dtype]
+    tol = dict(TOL[dtype])
+    if floor is not None and all(math.isfinite(x) for x in floor):
+        tol = dict(rmse=max(tol["rmse"], 3 * floor[0]), max_abs=max(tol["max_abs"], 3 * floor[1]))
     rmse, max_abs = rel_errors(ref, out)
     assert rmse <= tol["rmse"] and max_abs <= tol["max_abs"], (
-        f"{name}: rel-RMSE {rmse:.3e} (tol {tol['rmse']:.0e}), rel max-abs {max_abs:.3e} "
-        f"(tol {tol['max_abs']:.0e}) for {dtype}")
+        f"{name}: rel-RMSE {rmse:.3e} (tol {tol['rmse']:.1e}), rel max-abs {max_abs:.3e} "
+        f"(tol {tol['max_abs']:.1e}) for {dtype}")
 
 
 def make_mlstm_inputs(B, T, H, Dqk, Dv, *, dtype=torch.float64, device="cpu", gate_scale=3.0,
