@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import ops
-from ..layers.common import soft_cap
+from ..layers.common import head_layer_norm, rms_norm, soft_cap
 from ..ops import MLSTMState
 
 __all__ = ["FusedStep"]
@@ -128,32 +128,12 @@ class FusedStep:
 
 # --- the pieces: plain tensor functions (torch.compile sees the same arguments for every block) ---
 
-def _rms_norm(x, w, b, eps: float, f32: bool):
-    """layers.common.RMSNorm.forward as a function."""
-    dtype = x.dtype
-    if f32:
-        x = x.float()
-    x = (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)).to(dtype) * w
-    return x if b is None else x + b
-
-
-def _head_norm(h, w, b, eps: float, f32: bool):
-    """layers.common.MultiHeadLayerNorm.forward as a function: h (B, H, Dv) -> (B, H*Dv)."""
-    dtype = h.dtype
-    if f32:
-        h = h.float()
-    h = h - h.mean(-1, keepdim=True)
-    h = (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)).to(dtype)
-    h = h.flatten(-2) * w
-    return h if b is None else h + b
-
-
 def _mlstm_in(x, d, norm_w, norm_b, w_in, b_in, sizes: tuple, heads: int, eps: float, f32: bool, cap: float):
     """x (+ the previous FFN output d) -> x, and the cell inputs q, k (B, H, Dqk), v, o (B, H, Dv)
     and the soft-capped gates i, f (B, H), all contiguous (the step kernel wants them so)."""
     if d is not None:
         x = x + d
-    y = F.linear(_rms_norm(x, norm_w, norm_b, eps, f32), w_in, b_in)
+    y = F.linear(rms_norm(x, norm_w, norm_b, eps, f32), w_in, b_in)
     q, k, v, o, i, f = y.split(sizes, dim=-1)
     q, k, v = (t.unflatten(-1, (heads, -1)).contiguous() for t in (q, k, v))
     return x, q, k, v, o, soft_cap(i, cap).contiguous(), soft_cap(f, cap).contiguous()
@@ -163,15 +143,15 @@ def _mlstm_out_ffn(x, h, o, head_w, head_b, out_w, out_b, ffn_norm_w, ffn_norm_b
                    ffn_dim: int, eps: float, f32: bool):
     """The layer's output (head norm x output gate, out_proj), its residual add, then the FFN;
     returns x and the FFN output (its residual add is left to the next piece)."""
-    x = x + F.linear(torch.sigmoid(o) * _head_norm(h, head_w, head_b, eps, f32), out_w, out_b)
-    gate, up = F.linear(_rms_norm(x, ffn_norm_w, ffn_norm_b, eps, f32), w_up, b_up).split(ffn_dim, dim=-1)
+    x = x + F.linear(torch.sigmoid(o) * head_layer_norm(h, head_w, head_b, eps, f32), out_w, out_b)
+    gate, up = F.linear(rms_norm(x, ffn_norm_w, ffn_norm_b, eps, f32), w_up, b_up).split(ffn_dim, dim=-1)
     return x, F.linear(F.silu(gate) * up, down_w, down_b)
 
 
 def _head(x, d, use_norm: bool, norm_w, norm_b, lm_w, eps: float, f32: bool, cap):
     x = x + d
     if use_norm:
-        x = _rms_norm(x, norm_w, norm_b, eps, f32)
+        x = rms_norm(x, norm_w, norm_b, eps, f32)
     logits = F.linear(x, lm_w)
     if logits.dtype in (torch.float16, torch.bfloat16):
         logits = logits.float()                                     # as the model: the cap needs the range

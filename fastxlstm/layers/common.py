@@ -37,6 +37,29 @@ class _SoftCap(torch.autograd.Function):
         return torch.addcmul(grad, grad, out, value=-1, out=out), None
 
 
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: float,
+             force_float32: bool) -> torch.Tensor:
+    """x * rsqrt(mean(x^2) + eps) * weight (+ bias); a plain function so fused code paths (the
+    decode step) compute exactly what RMSNorm does."""
+    dtype = x.dtype
+    if force_float32:
+        x = x.float()
+    x = (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)).to(dtype) * weight
+    return x if bias is None else x + bias
+
+
+def head_layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: float,
+                    force_float32: bool) -> torch.Tensor:
+    """LayerNorm over the last dim of (..., H, Dv), flattened to (..., H*Dv), times a flat weight."""
+    dtype = x.dtype
+    if force_float32:
+        x = x.float()
+    x = x - x.mean(-1, keepdim=True)
+    x = (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)).to(dtype)
+    x = x.flatten(-2) * weight
+    return x if bias is None else x + bias
+
+
 class RMSNorm(nn.Module):
     """x * rsqrt(mean(x^2) + eps) * weight (+ bias), the reduction in float32 when asked."""
 
@@ -48,12 +71,7 @@ class RMSNorm(nn.Module):
         self.bias = nn.Parameter(torch.zeros(dim)) if use_bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        if self.force_float32:
-            x = x.float()
-        x = (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)).to(dtype)
-        x = x * self.weight
-        return x + self.bias if self.bias is not None else x
+        return rms_norm(x, self.weight, self.bias, self.eps, self.force_float32)
 
 
 class MultiHeadLayerNorm(nn.Module):
@@ -73,13 +91,7 @@ class MultiHeadLayerNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (B, T, H, Dv) -> (B, T, H*Dv)."""
-        dtype = x.dtype
-        if self.force_float32:
-            x = x.float()
-        x = x - x.mean(-1, keepdim=True)
-        x = (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)).to(dtype)
-        x = x.flatten(-2) * self.weight
-        return x + self.bias if self.bias is not None else x
+        return head_layer_norm(x, self.weight, self.bias, self.eps, self.force_float32)
 
 
 class SwiGLU(nn.Module):
