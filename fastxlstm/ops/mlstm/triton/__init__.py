@@ -37,9 +37,6 @@ CONFIG = dict(
     bwd_dv=dict(BT=64, BK=64, BV=128, W=8, S=3),
     delta=dict(BK=128, BV=128, W=8, S=2),
     scan=dict(BLOCK=1024, W=4),
-    # dtype of the chunk-start states kept for the backward with bf16 inputs: "bfloat16" halves
-    # their memory and traffic, "float32" keeps the gate gradients' state dots exact.
-    chunk_states="bfloat16",
     step=dict(BK=32, BV=64, W=4),
 )
 
@@ -121,7 +118,7 @@ def _chunkwise(q: Tensor, k: Tensor, v: Tensor, i: Tensor, f: Tensor, c0: Tensor
     V = v.shape[-1]
     N = cu.numel() - 1
     T_all, L = B * T, chunk_size
-    start, end, first = _chunk_table(cu, num_chunks, L)
+    start, end, first, _ = _chunk_table(cu, num_chunks, L)
     sdt = _chunk_state_dtype(q)
     cs = q.new_empty(num_chunks, H, K, V, dtype=sdt)
     ns = q.new_empty(num_chunks, H, K, dtype=torch.float32)
@@ -174,7 +171,7 @@ def _chunkwise_bwd(dh: Tensor, dcT: Tensor, dnT: Tensor, dmT: Tensor, q: Tensor,
     V = v.shape[-1]
     N = cu.numel() - 1
     T_all, L = B * T, chunk_size
-    start, end, first = _chunk_table(cu, num_chunks, L)
+    start, end, first, doc = _chunk_table(cu, num_chunks, L)
     scale = K ** -0.5
     scal = q.new_empty(4, H, T_all, dtype=torch.float32)
     bwd._prep_kernel[(triton.cdiv(T_all, 64), H)](dh, h, tok, scal, eps, T_all, H=H, V=V, BT=64,
@@ -205,7 +202,6 @@ def _chunkwise_bwd(dh: Tensor, dcT: Tensor, dnT: Tensor, dmT: Tensor, q: Tensor,
     NKT = triton.cdiv(K, BK)
     dq, dk = torch.empty_like(q), torch.empty_like(k)
     part = q.new_empty(2, NKT, H, T_all, dtype=torch.float32)
-    doc = torch.searchsorted(cu[1:], start, right=True)
     cdoc = torch.where(end == cu[doc + 1], doc, -1)                 # document whose last chunk this is
     has_lo = q.dtype != torch.float32
     dlo = (dcT - dcT.to(q.dtype).float()).to(q.dtype) if has_lo else dcT
@@ -277,7 +273,7 @@ def _gate_grads(i, f, m0, c0, n0, dc0, dn0, dmT, tok, scal, kdk_parts, edot, chs
     (chunk-local sums; qdq in closed form from the prep pass, kdk_intra from fp32 score blocks).
     The textbook form, a reverse cumsum of q.dq - k.dk over the whole document, subtracts large
     partial sums whose bf16 rounding swamps small gradients. At a document's last chunk the same
-    terms give <dC_T, C_T> for the stabiliser part, so both parts see the same rounded dC_T."""
+    terms give <dC_T, C_T> for the stabiliser part, so the two parts cancel exactly where they should."""
     B, T, H = i.shape
     T_all = B * T
     dev = i.device
@@ -325,14 +321,14 @@ def _gate_grads(i, f, m0, c0, n0, dc0, dn0, dmT, tok, scal, kdk_parts, edot, chs
 
 
 def _chunk_table(cu: Tensor, num_chunks: int, L: int):
-    """Per chunk its first and one-past-last token, and per document its first chunk index."""
+    """Per chunk its first and one-past-last token and its document; per document its first chunk."""
     lens = cu[1:] - cu[:-1]
     n_ch = (lens + L - 1) // L
     first = torch.cumsum(n_ch, 0) - n_ch
     seq = torch.repeat_interleave(torch.arange(n_ch.numel(), device=cu.device), n_ch, output_size=num_chunks)
     start = cu[seq] + (torch.arange(num_chunks, device=cu.device) - first[seq]) * L
     end = torch.minimum(start + L, cu[seq + 1])
-    return start, end, first
+    return start, end, first, seq
 
 
 def _scan(x, x0, xt, chs, cu, first, L, *, reverse):
@@ -357,9 +353,9 @@ def _tiles(name: str, q) -> dict:
 
 
 def _chunk_state_dtype(q) -> torch.dtype:
-    if q.dtype == torch.bfloat16 and CONFIG["chunk_states"] == "bfloat16":
-        return torch.bfloat16
-    return torch.float32
+    # bf16 chunk states halve their memory and traffic; fp32 ones measured no more accurate (the
+    # dots round them to the operand dtype anyway). fp16 keeps fp32: its range is too small.
+    return torch.bfloat16 if q.dtype == torch.bfloat16 else torch.float32
 
 
 def _precision(q) -> str:

@@ -249,7 +249,6 @@ def _dqk_kernel(
         # and within the chunk, summed in fp32 from the score blocks (k_s . dk_s = sum_t dP~_ts
         # S_ts), not from dk, whose operands were rounded to bf16.
         kdk_inter = tl.sum(k_r.to(tl.float32) * dk, 1)
-        kdk = tl.zeros([BT], dtype=tl.float32)
 
         # diagonal block, shared by dq and dk
         causal = (ob[None, :] <= ob[:, None]) & vr[None, :] & vr[:, None]
@@ -258,7 +257,7 @@ def _dqk_kernel(
         dpw = dpw32.to(dt)
         dq += tl.dot(dpw, k_r, input_precision=PREC)
         dk += tl.dot(tl.trans(dpw), q_r, input_precision=PREC) * scale
-        kdk += tl.sum(dpw32 * tl.dot(q_r, tl.trans(k_r), input_precision=PREC), 0) * scale
+        kdk = tl.sum(dpw32 * tl.dot(q_r, tl.trans(k_r), input_precision=PREC), 0) * scale
 
         # earlier key blocks of the chunk -> dq
         for jb in range(0, sub):
