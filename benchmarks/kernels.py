@@ -78,10 +78,8 @@ def kernels(B, S, H, K, V):
     """name -> (make(): (forward closure, leaves)), for the mLSTM-like kernels at one shape."""
     out = {}
 
-    def ours(L, state_pass=None):
+    def ours(L):
         def run(q, k, v, i, f):
-            if state_pass is not None:
-                tri.CONFIG["state_pass"] = state_pass
             return tri.mlstm(q, k, v, i, f, chunk_size=L)[0]
 
         def make():
@@ -89,8 +87,7 @@ def kernels(B, S, H, K, V):
         return make
 
     for L in (64, 128, 256):
-        out[f"fastxlstm triton L{L}"] = ours(L, "loop")
-    out["fastxlstm triton L128 scan"] = ours(128, "scan")
+        out[f"fastxlstm triton L{L}"] = ours(L)
 
     def mk(name, L):
         def make():
@@ -203,7 +200,6 @@ def measure(name, make, B, S, H, K, V, reps, modes=("fwd", "fwdbwd")):
 
 # Variants that compile without register spills for sm_90 (triton 3.9 AOT, checked off-device).
 SWEEP = {
-    "delta": [dict(BK=128, BV=128, W=8, S=2), dict(BK=64, BV=128, W=8, S=2), dict(BK=64, BV=64, W=4, S=2)],
     "fwd_state": [dict(BK=64, BV=64, W=8, S=2), dict(BK=64, BV=64, W=4, S=2), dict(BK=64, BV=32, W=4, S=2)],
     "fwd_out": [dict(BT=64, BK=64, BV=128, W=8, S=2), dict(BT=64, BK=64, BV=128, W=8, S=3),
                 dict(BT=64, BK=128, BV=128, W=8, S=2), dict(BT=64, BK=64, BV=256, W=8, S=2)],
@@ -230,7 +226,6 @@ def sweep(B, S, H, K, V, L, reps, log):
         results = []
         for cfg in variants:
             tri.CONFIG[group] = dict(cfg)
-            tri.CONFIG["state_pass"] = "scan" if group == "delta" else "loop"
             try:
                 ms, _ = run_one(_ours_plain(B, S, H, K, V, L), mode, reps)
             except Exception as e:  # noqa: BLE001
@@ -242,7 +237,6 @@ def sweep(B, S, H, K, V, L, reps, log):
         ms, cfg = min(results, key=lambda x: x[0])
         tri.CONFIG[group] = dict(cfg) if ms < float("inf") else base
         best[group] = tri.CONFIG[group]
-    tri.CONFIG["state_pass"] = "loop"
     return best
 
 

@@ -111,11 +111,12 @@ def test_sub_blocks_within_a_chunk(poison, tiles):
     check_against_reference(1, 71, 2, 16, 16, dtype=torch.float32, chunk_size=64)
 
 
-@pytest.mark.parametrize("state_pass", ["loop", "scan"])
-def test_state_pass_variants(poison, tiles, state_pass):
-    tiles["state_pass"] = state_pass
+def test_stabiliser_scan_over_several_blocks(poison, tiles):
+    # The stabiliser is scanned over blocks of chunks; blocks of 2 make every carry between them
+    # count (9 and 3 chunks per document, an empty document between).
+    tiles["stab"]["BLOCK"] = 2
     check_against_reference(2, 33, 2, 16, 32, dtype=torch.float32, chunk_size=16)
-    check_against_reference(1, 40, 2, 16, 16, dtype=torch.float32, chunk_size=16, cu_seqlens=[0, 7, 7, 40])
+    check_against_reference(1, 180, 2, 16, 16, dtype=torch.float32, chunk_size=16, cu_seqlens=[0, 140, 140, 180])
 
 
 def test_odd_head_dims_and_large_eps(poison):

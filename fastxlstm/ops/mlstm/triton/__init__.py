@@ -24,10 +24,7 @@ __all__ = ["mlstm", "mlstm_step", "CONFIG"]
 
 # BT: rows per intra-chunk block; BK / BV: tiles of Dqk / Dv; W*: num_warps; S*: num_stages.
 # Defaults: the best of the H200 sweep at the 7B head shape, chunk 128 (benchmarks/NOTES-kernels.md).
-# state_pass: "loop" (one sequential kernel; measured on the H200) or "scan" (parallel per-chunk
-# terms + an elementwise scan; exact under the interpreter, not yet run on a GPU).
 CONFIG = dict(
-    state_pass="loop",
     fwd_state=dict(BK=64, BV=64, W=4, S=2),
     # S=1: with num_stages=2 triton 3.6 gives wrong h at chunk 64 with Dqk 256 / Dv 512 in bf16
     # (rel error 0.1-0.3 on the H200, 2026-11-28); one stage is exact there (benchmarks/NOTES-kernels.md).
@@ -35,8 +32,7 @@ CONFIG = dict(
     bwd_state=dict(BK=64, BV=128, W=8, S=2),
     bwd_dqk=dict(BT=64, BK=64, BV=64, W=8, S=3),
     bwd_dv=dict(BT=64, BK=64, BV=128, W=8, S=3),
-    delta=dict(BK=128, BV=128, W=8, S=2),
-    scan=dict(BLOCK=1024, W=4),
+    stab=dict(BLOCK=256),
     step=dict(BK=32, BV=64, W=4),
 )
 
@@ -123,25 +119,17 @@ def _chunkwise(q: Tensor, k: Tensor, v: Tensor, i: Tensor, f: Tensor, c0: Tensor
     cs = q.new_empty(num_chunks, H, K, V, dtype=sdt)
     ns = q.new_empty(num_chunks, H, K, dtype=torch.float32)
     chs = q.new_empty(num_chunks, H, 3, dtype=torch.float32)
-    tok = q.new_empty(3, H, T_all, dtype=torch.float32)
+    tok = q.new_empty(4, H, T_all, dtype=torch.float32)   # per token b, m, s and (scratch) cm
     cT, nT, mT = torch.empty_like(c0), torch.empty_like(n0), torch.empty_like(m0)
     h = torch.empty(B, T, H, V, device=q.device, dtype=q.dtype)
     prec = _precision(q)
-    if CONFIG["state_pass"] == "scan":
-        fwd._gate_kernel[(N * H,)](i, f, m0, cu, first, chs, tok, mT, T_all, H=H, L=L, num_warps=4)
-        cfg = _tiles("delta", q)
-        BK, BV = _tile(K, cfg["BK"]), _tile(V, cfg["BV"])
-        fwd._delta_kernel[(triton.cdiv(K, BK), triton.cdiv(V, BV), num_chunks * H)](
-            k, v, i, tok, chs, start, end, cs, ns, T_all, H=H, K=K, V=V, L=L, BK=BK, BV=BV, PREC=prec,
-            num_warps=cfg["W"], num_stages=cfg["S"])
-        _scan(cs, c0, cT, chs, cu, first, L, reverse=False)
-        _scan(ns, n0, nT, chs, cu, first, L, reverse=False)
-    else:
-        cfg = _tiles("fwd_state", q)
-        BK, BV = _tile(K, cfg["BK"]), _tile(V, cfg["BV"])
-        fwd._state_kernel[(triton.cdiv(K, BK), triton.cdiv(V, BV), N * H)](
-            k, v, i, f, c0, n0, m0, cu, first, cs, ns, chs, tok, cT, nT, mT,
-            T_all, H=H, K=K, V=V, L=L, BK=BK, BV=BV, PREC=prec, num_warps=cfg["W"], num_stages=cfg["S"])
+    fwd._chunk_gate_kernel[(num_chunks, H)](i, f, start, end, chs, tok, T_all, H=H, L=L, num_warps=4)
+    fwd._chunk_stab_kernel[(N * H,)](m0, cu, first, chs, mT, H=H, L=L, BLOCK=CONFIG["stab"]["BLOCK"], num_warps=4)
+    cfg = _tiles("fwd_state", q)
+    BK, BV = _tile(K, cfg["BK"]), _tile(V, cfg["BV"])
+    fwd._state_kernel[(triton.cdiv(K, BK), triton.cdiv(V, BV), N * H)](
+        k, v, i, c0, n0, cu, first, chs, tok, cs, ns, cT, nT,
+        T_all, H=H, K=K, V=V, L=L, BK=BK, BV=BV, PREC=prec, num_warps=cfg["W"], num_stages=cfg["S"])
     cfg = _tiles("fwd_out", q)
     BT, BK, BV = min(cfg["BT"], L), _tile(K, cfg["BK"]), _tile(V, cfg["BV"])
     fwd._out_kernel[(triton.cdiv(V, BV), num_chunks * (L // BT), H)](
@@ -157,7 +145,7 @@ def _(q, k, v, i, f, c0, n0, m0, cu, num_chunks, chunk_size, eps):
     sdt = _chunk_state_dtype(q)
     return (q.new_empty(B, T, H, V), torch.empty_like(c0), torch.empty_like(n0), torch.empty_like(m0),
             q.new_empty(num_chunks, H, K, V, dtype=sdt), q.new_empty(num_chunks, H, K, dtype=torch.float32),
-            q.new_empty(num_chunks, H, 3, dtype=torch.float32), q.new_empty(3, H, B * T, dtype=torch.float32))
+            q.new_empty(num_chunks, H, 3, dtype=torch.float32), q.new_empty(4, H, B * T, dtype=torch.float32))
 
 
 @torch.library.custom_op("fastxlstm::mlstm_chunkwise_bwd", mutates_args=())
@@ -180,23 +168,13 @@ def _chunkwise_bwd(dh: Tensor, dcT: Tensor, dnT: Tensor, dmT: Tensor, q: Tensor,
     dns = torch.empty_like(ns)
     dc0, dn0 = torch.empty_like(c0), torch.empty_like(n0)
     prec = _precision(q)
-    if CONFIG["state_pass"] == "scan":
-        cfg = _tiles("delta", q)
-        BK, BV = _tile(K, cfg["BK"]), _tile(V, cfg["BV"])
-        bwd._delta_kernel[(triton.cdiv(K, BK), triton.cdiv(V, BV), num_chunks * H)](
-            q, dh, tok, scal, chs, start, end, dcs, dns, scale, T_all, H=H, K=K, V=V, L=L, BK=BK, BV=BV,
-            PREC=prec, num_warps=cfg["W"], num_stages=cfg["S"])
-        _scan(dcs, dcT, dc0, chs, cu, first, L, reverse=True)
-        _scan(dns, dnT, dn0, chs, cu, first, L, reverse=True)
-        edot = _chunk_state_dots(cs, ns, dcs, dns, c0, n0, first, cu)
-    else:
-        cfg = _tiles("bwd_state", q)
-        BK, BV = _tile(K, cfg["BK"]), _tile(V, cfg["BV"])
-        bparts = q.new_zeros(num_chunks, H, triton.cdiv(K, BK) * triton.cdiv(V, BV), dtype=torch.float32)
-        bwd._state_kernel[(triton.cdiv(K, BK), triton.cdiv(V, BV), N * H)](
-            q, dh, tok, scal, chs, cu, first, dcT, dnT, dcs, dns, dc0, dn0, cs, ns, c0, n0, bparts, scale, T_all,
-            H=H, K=K, V=V, L=L, BK=BK, BV=BV, PREC=prec, num_warps=cfg["W"], num_stages=cfg["S"])
-        edot = bparts.sum(-1)
+    cfg = _tiles("bwd_state", q)
+    BK, BV = _tile(K, cfg["BK"]), _tile(V, cfg["BV"])
+    bparts = q.new_empty(num_chunks, H, triton.cdiv(K, BK) * triton.cdiv(V, BV) * BK, dtype=torch.float32)
+    bwd._state_kernel[(triton.cdiv(K, BK), triton.cdiv(V, BV), N * H)](
+        q, dh, tok, scal, chs, cu, first, dcT, dnT, dcs, dns, dc0, dn0, cs, ns, c0, n0, bparts, scale, T_all,
+        H=H, K=K, V=V, L=L, BK=BK, BV=BV, PREC=prec, num_warps=cfg["W"], num_stages=cfg["S"])
+    edot = bparts.sum(-1)
     cfg = _tiles("bwd_dqk", q)
     BT, BK, BV = min(cfg["BT"], L), _tile(K, cfg["BK"]), _tile(V, cfg["BV"])
     NKT = triton.cdiv(K, BK)
@@ -246,18 +224,6 @@ torch.library.register_autograd("fastxlstm::mlstm_chunkwise", _backward, setup_c
 
 
 # ----------------------------------------------------------------------------- helpers
-
-def _chunk_state_dots(cs, ns, dcs, dns, c0, n0, first, cu):
-    """<dC_end, C_start> + <dn_end, n_start> per chunk, the initial state's own fp32 values at a
-    document's first chunk (the scan state pass; the loop pass computes these in its kernel)."""
-    out = torch.empty(cs.shape[:2], device=cs.device, dtype=torch.float32)
-    for a in range(0, cs.shape[0], 64):  # bounded temporaries at long sequences
-        b = min(a + 64, cs.shape[0])
-        out[a:b] = (dcs[a:b].float() * cs[a:b].float()).sum((-1, -2)) + (dns[a:b] * ns[a:b]).sum(-1)
-    ok = cu[1:] > cu[:-1]                                           # empty documents have no chunk
-    out[first[ok]] = (dcs[first[ok]].float() * c0[ok]).sum((-1, -2)) + (dns[first[ok]] * n0[ok]).sum(-1)
-    return out
-
 
 def _gate_grads(i, f, m0, c0, n0, dc0, dn0, dmT, tok, scal, kdk_parts, edot, chs, cu, start, L):
     """Gradients of the gates and of m0 from per-token and per-chunk scalars.
@@ -329,16 +295,6 @@ def _chunk_table(cu: Tensor, num_chunks: int, L: int):
     start = cu[seq] + (torch.arange(num_chunks, device=cu.device) - first[seq]) * L
     end = torch.minimum(start + L, cu[seq + 1])
     return start, end, first, seq
-
-
-def _scan(x, x0, xt, chs, cu, first, L, *, reverse):
-    """Carry the per-chunk terms in x through the chunks of every sequence (see fwd._scan_kernel)."""
-    H = x.shape[1]
-    E = x[0, 0].numel()
-    cfg = CONFIG["scan"]
-    block = min(cfg["BLOCK"], triton.next_power_of_2(E))
-    fwd._scan_kernel[(triton.cdiv(E, block), (cu.numel() - 1) * H)](
-        x, x0, xt, chs, cu, first, H=H, E=E, L=L, BLOCK=block, REVERSE=reverse, num_warps=cfg["W"])
 
 
 def _tiles(name: str, q) -> dict:

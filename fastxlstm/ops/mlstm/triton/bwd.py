@@ -11,11 +11,11 @@ per-token gate scalars and s; the backward re-reads q, k, v and recomputes the L
 and score blocks.
 
 _prep_kernel       grid (cdiv(T_all, BT), H): per token 1/den, ds, the stabiliser partial g and q . dq.
-_delta_kernel      grid (cdiv(Dqk, BK), cdiv(Dv, BV), N_chunks * H): each chunk's own term
-                   (q~ * w0)^T dO of the reverse recurrence dC_start = exp(g + m_start - m_end)
-                   dC_end + (q~ * w0)^T dO (dn likewise with ds); fwd._scan_kernel(REVERSE) then
-                   carries it, leaving dC at every chunk end and the initial state's gradient.
-_state_kernel      the same recurrence in one sequential launch (CONFIG["state_pass"] == "loop").
+_state_kernel      grid (cdiv(Dqk, BK), cdiv(Dv, BV), N_seq * H): the reverse recurrence
+                   dC_start = exp(g + m_start - m_end) dC_end + (q~ * w0)^T dO (dn likewise with
+                   ds) in one sequential walk per tile, storing dC at every chunk end, the initial
+                   state's gradient, and per chunk and row of the tile the partial dots
+                   <dC_end, C_start> + <dn_end, n_start> of the gate gradients.
 _dqk_kernel        grid (cdiv(Dqk, BK), N_chunks * L / BT, H): dq and dk for BT rows and a BK
                    slice; dP = dO V^T + ds is rebuilt from Dv tiles; the diagonal block is shared
                    by dq and dk. Also stores k . dk partial sums per BK slice (inter and intra apart).
@@ -59,45 +59,6 @@ def _prep_kernel(dh_ptr, h_ptr, tok_ptr, scal_ptr, eps, T_all, H: tl.constexpr, 
     # and, in bf16, leaves rounding noise far above the true value in the gate gradients.
     tl.store(scal_ptr + ((3 * H + h) * T_all + r0) + ob, tl.where(tl.abs(s) > floor, eps * dhh * inv_den, dhh),
              mask=vr)
-
-
-@triton.jit
-def _delta_kernel(q_ptr, dh_ptr, tok_ptr, scal_ptr, chs_ptr, start_ptr, end_ptr, dcs_ptr, dns_ptr,
-                  scale, T_all, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
-                  L: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
-    # Each chunk's own term of the reverse recurrence, (q~ * w0)^T dO (dn with ds); the reverse
-    # _scan_kernel of fwd.py then carries dC through the chunks.
-    pid_k = tl.program_id(0)
-    pid_v = tl.program_id(1)
-    pid = tl.program_id(2)
-    gc = (pid // H).to(tl.int64)
-    h = (pid % H).to(tl.int64)  # int64: h * T_all and friends must not wrap
-    t0 = tl.load(start_ptr + gc)
-    te = tl.load(end_ptr + gc)
-    ot = tl.arange(0, L)
-    ok = tl.arange(0, BK)
-    ov = tl.arange(0, BV)
-    valid = ot < te - t0
-    mk = pid_k * BK + ok < K
-    mv = pid_v * BV + ov < V
-    b_r = tl.load(tok_ptr + (h * T_all + t0) + ot, mask=valid, other=0.0)
-    m_r = tl.load(tok_ptr + ((H + h) * T_all + t0) + ot, mask=valid, other=0.0)
-    inv_den = tl.load(scal_ptr + (h * T_all + t0) + ot, mask=valid, other=0.0)
-    m_prev = tl.load(chs_ptr + (gc * H + h) * 3)
-    w0 = tl.where(valid, tl.exp(b_r + m_prev - m_r), 0.0) * scale
-    qt = tl.load(q_ptr + t0 * (H * K) + h * K + pid_k * BK + ot[:, None] * (H * K) + ok[None, :],
-                 mask=valid[:, None] & mk[None, :], other=0.0)
-    do = tl.load(dh_ptr + t0 * (H * V) + h * V + pid_v * BV + ot[:, None] * (H * V) + ov[None, :],
-                 mask=valid[:, None] & mv[None, :], other=0.0)
-    do = (do.to(tl.float32) * inv_den[:, None]).to(qt.dtype)
-    qw = qt.to(tl.float32) * w0[:, None]
-    dc = tl.dot(tl.trans(qw.to(qt.dtype)), do, input_precision=PREC)
-    cst = (gc * H + h) * K
-    tl.store(dcs_ptr + cst * V + pid_k * BK * V + pid_v * BV + ok[:, None] * V + ov[None, :],
-             dc.to(dcs_ptr.dtype.element_ty), mask=mk[:, None] & mv[None, :])
-    if pid_v == 0:
-        ds = tl.load(scal_ptr + ((H + h) * T_all + t0) + ot, mask=valid, other=0.0)
-        tl.store(dns_ptr + cst + pid_k * BK + ok, tl.sum(qw * ds[:, None], 0), mask=mk)
 
 
 @triton.jit
@@ -145,10 +106,12 @@ def _state_kernel(
         else:
             c_st = tl.load(cs_ptr + cst * V + c_tile + kv_off, mask=mkv, other=0.0).to(tl.float32)
             n_st = tl.load(ns_ptr + cst + pid_k * BK + ok, mask=mk, other=0.0)
-        part = tl.sum(tl.sum(dc * c_st, 1), 0)
+        # per row of the tile: summed over rows on the host (a full reduction here would put a
+        # barrier in every step of this latency-bound loop)
+        part = tl.sum(dc * c_st, 1)
         if pid_v == 0:
-            part += tl.sum(dn * n_st, 0)
-        tl.store(bdot_ptr + ((gc * H + h) * tl.num_programs(0) + pid_k) * tl.num_programs(1) + pid_v, part)
+            part += dn * n_st
+        tl.store(bdot_ptr + (((gc * H + h) * tl.num_programs(0) + pid_k) * tl.num_programs(1) + pid_v) * BK + ok, part)
         t0 = bos + j * L
         valid = ot < eos - t0
         b_r = tl.load(tok_ptr + (h * T_all + t0) + ot, mask=valid, other=0.0)

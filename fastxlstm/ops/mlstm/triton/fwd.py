@@ -4,27 +4,22 @@ Sequences are packed along time (cu_seqlens; a dense (B, T) batch is B sequences
 chunks of L tokens never straddle a sequence boundary (the last chunk of each sequence may be
 short; masked, never padded in memory). Chunk c covers tokens [start[c], end[c]).
 
-Chunk-start states, two variants (CONFIG["state_pass"]):
-"scan" (default), three launches:
-_gate_kernel    grid (N_seq * H,). The scalar recurrence only: per token the chunk-local cumulative
-                log forget b and the stabiliser m; per chunk (m at start, log decay g, m at end).
-_delta_kernel   grid (cdiv(Dqk, BK), cdiv(Dv, BV), N_chunks * H), fully parallel: each chunk's own
-                contribution dC = (K * exp(g - b + i - m_end))^T V (dn likewise), written into the
-                state buffer.
-_scan_kernel    grid (cdiv(E, BLOCK), N_seq * H), elementwise over the E state entries: walks the
-                chunks in order, C <- exp(g + m_start - m_end) C + dC, overwriting each dC with the
-                state at its chunk start (in place), and writes the final state. The backward runs
-                the same kernel in reverse for dC.
-"loop", one launch:
-_state_kernel   grid (cdiv(Dqk, BK), cdiv(Dv, BV), N_seq * H). One program walks all chunks of one
-                sequence and head for a BK x BV tile of C (n by the pid_v == 0 programs), in fp32
-                registers, doing the gate work as it goes.
+Chunk-start states, three launches:
+_chunk_gate_kernel  grid (N_chunks, H), fully parallel: per token the chunk-local cumulative log
+                    forget b and the running max of i - b; per chunk its log decay g and the max
+                    of g - b + i.
+_chunk_stab_kernel  grid (N_seq * H,): the stabiliser across chunks, m_end = max(m_start + g, a),
+                    a max-plus scan over blocks of chunks; per chunk (m_start, g, m_end).
+_state_kernel       grid (cdiv(Dqk, BK), cdiv(Dv, BV), N_seq * H). One program walks all chunks of
+                    one sequence and head for a BK x BV tile of C (n by the pid_v == 0 programs) in
+                    fp32 registers; with the gate scalars precomputed, C is the only dependence
+                    carried from chunk to chunk (the loop is latency-bound otherwise).
 Then:
 _out_kernel     grid (cdiv(Dv, BV), N_chunks * L / BT, H). One program owns BT query rows of one
                 chunk and a BV slice of h: h = (w0 q~ C_start + sum_j (q~ k_j^T * W) v_j) / den,
                 looping over Dqk tiles for the inter-chunk term and over the key sub-blocks of the
                 chunk (causal) for the intra-chunk term; it also stores s = q~ . n (the signed
-                denominator before the max), which the backward uses to rebuild den.
+                denominator before the max), which the backward uses to rebuild den, and each token's m.
 All exponents are <= 0 by construction of m (see native.py), so nothing overflows. Scalar bases
 are int64 (T * H * D may pass 2**31); offsets inside a tile are int32 (fewer address registers).
 """
@@ -47,112 +42,76 @@ def _logsigmoid(x):
 
 
 @triton.jit
-def _gate_kernel(i_ptr, f_ptr, m0_ptr, cu_ptr, first_ptr, chs_ptr, tok_ptr, mt_ptr,
-                 T_all, H: tl.constexpr, L: tl.constexpr):
+def _chunk_gate_kernel(i_ptr, f_ptr, start_ptr, end_ptr, chs_ptr, tok_ptr, T_all, H: tl.constexpr,
+                       L: tl.constexpr):
+    # Chunk-local gate work, fully parallel: per token b (cumulative log forget within the chunk)
+    # and cm (running max of i - b); per chunk g (its total log forget) and a (the max of
+    # g - b + i, what the chunk's own inputs ask of the stabiliser at its end).
+    gc = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1).to(tl.int64)  # int64: h * T_all and friends must not wrap
+    t0 = tl.load(start_ptr + gc)
+    te = tl.load(end_ptr + gc)
+    ot = tl.arange(0, L)
+    valid = ot < te - t0
+    fg = tl.load(f_ptr + (t0 * H + h) + ot * H, mask=valid, other=0.0).to(tl.float32)
+    ig = tl.load(i_ptr + (t0 * H + h) + ot * H, mask=valid, other=0.0).to(tl.float32)
+    lf = tl.where(valid, _logsigmoid(fg), 0.0)
+    b = tl.cumsum(lf, 0)
+    g = tl.sum(lf, 0)
+    cm = tl.associative_scan(tl.where(valid, ig - b, float("-inf")), 0, _max_fn)
+    tl.store(tok_ptr + (h * T_all + t0) + ot, b, mask=valid)
+    tl.store(tok_ptr + ((3 * H + h) * T_all + t0) + ot, cm, mask=valid)
+    tl.store(chs_ptr + (gc * H + h) * 3 + 1, g)
+    tl.store(chs_ptr + (gc * H + h) * 3 + 2, tl.max(tl.where(valid, g - b + ig, float("-inf")), 0))
+
+
+@triton.jit
+def _stab_combine(g1, a1, g2, a2):
+    # m -> max(m + g, a), composed: first (g1, a1), then (g2, a2)
+    return g1 + g2, tl.maximum(a1 + g2, a2)
+
+
+@triton.jit
+def _chunk_stab_kernel(m0_ptr, cu_ptr, first_ptr, chs_ptr, mt_ptr, H: tl.constexpr, L: tl.constexpr,
+                       BLOCK: tl.constexpr):
+    # The stabiliser across chunks, m_end = max(m_start + g, a), as a scan over BLOCK chunks at a
+    # time (a max-plus recurrence is associative): writes m_start and m_end of every chunk (m_end
+    # over the slot that held a) and the final m.
     pid = tl.program_id(0)
     seq = pid // H
-    h = (pid % H).to(tl.int64)  # int64: h * T_all and friends must not wrap
+    h = (pid % H).to(tl.int64)
     bos = tl.load(cu_ptr + seq).to(tl.int64)
     eos = tl.load(cu_ptr + seq + 1).to(tl.int64)
     first = tl.load(first_ptr + seq).to(tl.int64)
     n_chunks = tl.cdiv(eos - bos, L)
-    ot = tl.arange(0, L)
     m = tl.load(m0_ptr + seq * H + h).to(tl.float32)
-    for j in range(0, n_chunks):
-        gc = first + j
-        t0 = bos + j * L
-        valid = ot < eos - t0
-        fg = tl.load(f_ptr + (t0 * H + h) + ot * H, mask=valid, other=0.0).to(tl.float32)
-        ig = tl.load(i_ptr + (t0 * H + h) + ot * H, mask=valid, other=0.0).to(tl.float32)
-        lf = tl.where(valid, _logsigmoid(fg), 0.0)
-        b = tl.cumsum(lf, 0)
-        g = tl.sum(lf, 0)
-        m_new = tl.maximum(g + m, tl.max(tl.where(valid, g - b + ig, float("-inf")), 0))
-        cm = tl.associative_scan(tl.where(valid, ig - b, float("-inf")), 0, _max_fn)
-        tl.store(tok_ptr + (h * T_all + t0) + ot, b, mask=valid)
-        tl.store(tok_ptr + ((H + h) * T_all + t0) + ot, b + tl.maximum(m, cm), mask=valid)
-        tl.store(chs_ptr + (gc * H + h) * 3 + 0, m)
-        tl.store(chs_ptr + (gc * H + h) * 3 + 1, g)
-        tl.store(chs_ptr + (gc * H + h) * 3 + 2, m_new)
-        m = m_new
+    if n_chunks > 0:
+        tl.store(chs_ptr + (first * H + h) * 3, m)
+    for j0 in range(0, n_chunks, BLOCK):
+        j = j0 + tl.arange(0, BLOCK)
+        ok = j < n_chunks
+        slot = chs_ptr + ((first + j) * H + h) * 3
+        g = tl.load(slot + 1, mask=ok, other=0.0)
+        a = tl.load(slot + 2, mask=ok, other=float("-inf"))
+        gs, as_ = tl.associative_scan((g, a), 0, _stab_combine)
+        m_end = tl.maximum(m + gs, as_)
+        tl.store(slot + 2, m_end, mask=ok)
+        tl.store(slot + H * 3, m_end, mask=j + 1 < n_chunks)   # the next chunk's m_start
+        # past the last chunk (g, a) = (0, -inf) leaves the scan unchanged: the last lane holds m
+        m = tl.max(tl.where(j == j0 + BLOCK - 1, m_end, float("-inf")), 0)
     tl.store(mt_ptr + seq * H + h, m)
 
 
 @triton.jit
-def _delta_kernel(k_ptr, v_ptr, i_ptr, tok_ptr, chs_ptr, start_ptr, end_ptr, cs_ptr, ns_ptr,
-                  T_all, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
-                  L: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
-    pid_k = tl.program_id(0)
-    pid_v = tl.program_id(1)
-    pid = tl.program_id(2)
-    gc = (pid // H).to(tl.int64)
-    h = (pid % H).to(tl.int64)  # int64: h * T_all and friends must not wrap
-    t0 = tl.load(start_ptr + gc)
-    te = tl.load(end_ptr + gc)
-    ot = tl.arange(0, L)
-    ok = tl.arange(0, BK)
-    ov = tl.arange(0, BV)
-    valid = ot < te - t0
-    mk = pid_k * BK + ok < K
-    mv = pid_v * BV + ov < V
-    b = tl.load(tok_ptr + (h * T_all + t0) + ot, mask=valid, other=0.0)
-    ig = tl.load(i_ptr + (t0 * H + h) + ot * H, mask=valid, other=0.0).to(tl.float32)
-    g = tl.load(chs_ptr + (gc * H + h) * 3 + 1)
-    m_end = tl.load(chs_ptr + (gc * H + h) * 3 + 2)
-    w = tl.where(valid, tl.exp(g - b + ig - m_end), 0.0)
-    kt = tl.load(k_ptr + t0 * (H * K) + h * K + pid_k * BK + ot[:, None] * (H * K) + ok[None, :],
-                 mask=valid[:, None] & mk[None, :], other=0.0)
-    vt = tl.load(v_ptr + t0 * (H * V) + h * V + pid_v * BV + ot[:, None] * (H * V) + ov[None, :],
-                 mask=valid[:, None] & mv[None, :], other=0.0)
-    kw = kt.to(tl.float32) * w[:, None]
-    dc = tl.dot(tl.trans(kw.to(vt.dtype)), vt, input_precision=PREC)
-    cst = (gc * H + h) * K
-    tl.store(cs_ptr + cst * V + pid_k * BK * V + pid_v * BV + ok[:, None] * V + ov[None, :],
-             dc.to(cs_ptr.dtype.element_ty), mask=mk[:, None] & mv[None, :])
-    if pid_v == 0:
-        tl.store(ns_ptr + cst + pid_k * BK + ok, tl.sum(kw, 0), mask=mk)
-
-
-@triton.jit
-def _scan_kernel(x_ptr, x0_ptr, xt_ptr, chs_ptr, cu_ptr, first_ptr, H: tl.constexpr, E: tl.constexpr,
-                 L: tl.constexpr, BLOCK: tl.constexpr, REVERSE: tl.constexpr):
-    # x holds each chunk's own contribution; it is replaced by the carried state at the chunk's
-    # start (forward) or the carried gradient at its end (REVERSE), which is what the other
-    # kernels read. Both directions share the chunk decay exp(g + m_start - m_end).
-    pid_e = tl.program_id(0)
-    pid = tl.program_id(1)
-    seq = pid // H
-    h = (pid % H).to(tl.int64)  # int64: h * T_all and friends must not wrap
-    bos = tl.load(cu_ptr + seq).to(tl.int64)
-    eos = tl.load(cu_ptr + seq + 1).to(tl.int64)
-    first = tl.load(first_ptr + seq).to(tl.int64)
-    n_chunks = tl.cdiv(eos - bos, L)
-    e = pid_e * BLOCK + tl.arange(0, BLOCK)
-    me = e < E
-    carry = tl.load(x0_ptr + (seq * H + h).to(tl.int64) * E + e, mask=me, other=0.0).to(tl.float32)
-    for jj in range(0, n_chunks):
-        if REVERSE:
-            gc = first + n_chunks - 1 - jj
-        else:
-            gc = first + jj
-        slot = x_ptr + (gc * H + h) * E + e
-        delta = tl.load(slot, mask=me, other=0.0).to(tl.float32)
-        m_start = tl.load(chs_ptr + (gc * H + h) * 3)
-        g = tl.load(chs_ptr + (gc * H + h) * 3 + 1)
-        m_end = tl.load(chs_ptr + (gc * H + h) * 3 + 2)
-        tl.store(slot, carry.to(x_ptr.dtype.element_ty), mask=me)
-        carry = tl.exp(g + m_start - m_end) * carry + delta
-    tl.store(xt_ptr + (seq * H + h).to(tl.int64) * E + e, carry, mask=me)
-
-
-@triton.jit
 def _state_kernel(
-    k_ptr, v_ptr, i_ptr, f_ptr, c0_ptr, n0_ptr, m0_ptr,
-    cu_ptr, first_ptr,
-    cs_ptr, ns_ptr, chs_ptr, tok_ptr, ct_ptr, nt_ptr, mt_ptr,
+    k_ptr, v_ptr, i_ptr, c0_ptr, n0_ptr, cu_ptr, first_ptr, chs_ptr, tok_ptr,
+    cs_ptr, ns_ptr, ct_ptr, nt_ptr,
     T_all, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     L: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr,
 ):
+    # One program walks all chunks of one sequence and head for a BK x BV tile of C (n by the
+    # pid_v == 0 programs), in fp32 registers. The gate scalars are precomputed, so the only
+    # dependence carried from chunk to chunk is C itself: C <- decay C + (K w)^T V.
     # 64-bit scalar bases, 32-bit offsets inside a tile: keeps per-element address registers low.
     pid_k = tl.program_id(0)
     pid_v = tl.program_id(1)
@@ -175,8 +134,6 @@ def _state_kernel(
     c_tile = pid_k * BK * V + pid_v * BV
     c = tl.load(c0_ptr + state_off * K * V + c_tile + kv_off, mask=mkv, other=0.0).to(tl.float32)
     n = tl.load(n0_ptr + state_off * K + pid_k * BK + ok, mask=mk, other=0.0).to(tl.float32)
-    m = tl.load(m0_ptr + state_off).to(tl.float32)
-    lead = (pid_k == 0) & (pid_v == 0)
     k_off = ot[:, None] * (H * K) + ok[None, :]
     v_off = ot[:, None] * (H * V) + ov[None, :]
 
@@ -188,34 +145,23 @@ def _state_kernel(
             tl.store(ns_ptr + cst + pid_k * BK + ok, n, mask=mk)
         t0 = bos + j * L
         valid = ot < eos - t0
-        fg = tl.load(f_ptr + (t0 * H + h) + ot * H, mask=valid, other=0.0).to(tl.float32)
+        b = tl.load(tok_ptr + (h * T_all + t0) + ot, mask=valid, other=0.0)
         ig = tl.load(i_ptr + (t0 * H + h) + ot * H, mask=valid, other=0.0).to(tl.float32)
-        lf = tl.where(valid, _logsigmoid(fg), 0.0)
-        b = tl.cumsum(lf, 0)
-        g = tl.sum(lf, 0)
-        a = tl.where(valid, g - b + ig, float("-inf"))
-        m_new = tl.maximum(g + m, tl.max(a, 0))
-        if lead:
-            cm = tl.associative_scan(tl.where(valid, ig - b, float("-inf")), 0, _max_fn)
-            tl.store(tok_ptr + (h * T_all + t0) + ot, b, mask=valid)
-            tl.store(tok_ptr + ((H + h) * T_all + t0) + ot, b + tl.maximum(m, cm), mask=valid)
-            tl.store(chs_ptr + (gc * H + h) * 3 + 0, m)
-            tl.store(chs_ptr + (gc * H + h) * 3 + 1, g)
-            tl.store(chs_ptr + (gc * H + h) * 3 + 2, m_new)
-        w = tl.where(valid, tl.exp(a - m_new), 0.0)
-        decay = tl.exp(g + m - m_new)
+        m_start = tl.load(chs_ptr + (gc * H + h) * 3)
+        g = tl.load(chs_ptr + (gc * H + h) * 3 + 1)
+        m_end = tl.load(chs_ptr + (gc * H + h) * 3 + 2)
+        w = tl.where(valid, tl.exp(g - b + ig - m_end), 0.0)
+        decay = tl.exp(g + m_start - m_end)
         kt = tl.load(k_ptr + t0 * (H * K) + h * K + pid_k * BK + k_off, mask=valid[:, None] & mk[None, :], other=0.0)
         vt = tl.load(v_ptr + t0 * (H * V) + h * V + pid_v * BV + v_off, mask=valid[:, None] & mv[None, :], other=0.0)
         kw = kt.to(tl.float32) * w[:, None]
         c = c * decay + tl.dot(tl.trans(kw.to(vt.dtype)), vt, input_precision=PREC)
-        n = n * decay + tl.sum(kw, 0)
-        m = m_new
+        if pid_v == 0:
+            n = n * decay + tl.sum(kw, 0)
 
     tl.store(ct_ptr + state_off * K * V + c_tile + kv_off, c, mask=mkv)
     if pid_v == 0:
         tl.store(nt_ptr + state_off * K + pid_k * BK + ok, n, mask=mk)
-    if lead:
-        tl.store(mt_ptr + state_off, m)
 
 
 @triton.jit
@@ -240,8 +186,9 @@ def _out_kernel(
         ov = tl.arange(0, BV)
         mv = pid_v * BV + ov < V
         b_r = tl.load(tok_ptr + (h * T_all + r0) + ob, mask=vr, other=0.0)
-        m_r = tl.load(tok_ptr + ((H + h) * T_all + r0) + ob, mask=vr, other=0.0)
         m_prev = tl.load(chs_ptr + (gc * H + h) * 3)
+        # each token's stabiliser, from its chunk's start and the running max of i - b
+        m_r = b_r + tl.maximum(m_prev, tl.load(tok_ptr + ((3 * H + h) * T_all + r0) + ob, mask=vr, other=0.0))
         cst = (gc * H + h) * K
         q_base = q_ptr + r0 * (H * K) + h * K
         qk_off = ob[:, None] * (H * K) + ok[None, :]
@@ -286,4 +233,5 @@ def _out_kernel(
         tl.store(h_ptr + r0 * (H * V) + h * V + pid_v * BV + v_off, out.to(h_ptr.dtype.element_ty),
                  mask=vr[:, None] & mv[None, :])
         if pid_v == 0:
+            tl.store(tok_ptr + ((H + h) * T_all + r0) + ob, m_r, mask=vr)
             tl.store(tok_ptr + ((2 * H + h) * T_all + r0) + ob, ssum, mask=vr)
