@@ -127,9 +127,13 @@ def _chunkwise(q: Tensor, k: Tensor, v: Tensor, i: Tensor, f: Tensor, c0: Tensor
     fwd._chunk_stab_kernel[(N * H,)](m0, cu, first, chs, mT, H=H, L=L, BLOCK=CONFIG["stab"]["BLOCK"], num_warps=4)
     cfg = _tiles("fwd_state", q)
     BK, BV = _tile(K, cfg["BK"]), _tile(V, cfg["BV"])
+    kw = torch.empty_like(k)
+    fwd._key_weight_kernel[(triton.cdiv(K, 64), num_chunks, H)](k, i, chs, tok, start, end, kw, ns, T_all, H=H, K=K,
+                                                                L=L, BK=64, num_warps=4)
     fwd._state_kernel[(triton.cdiv(K, BK), triton.cdiv(V, BV), N * H)](
-        k, v, i, c0, n0, cu, first, chs, tok, cs, ns, cT, nT,
-        T_all, H=H, K=K, V=V, L=L, BK=BK, BV=BV, PREC=prec, num_warps=cfg["W"], num_stages=cfg["S"])
+        kw, v, c0, n0, cu, first, chs, cs, ns, cT, nT,
+        H=H, K=K, V=V, L=L, BK=BK, BV=BV, PREC=prec, num_warps=cfg["W"], num_stages=cfg["S"])
+    del kw
     cfg = _tiles("fwd_out", q)
     BT, BK, BV = min(cfg["BT"], L), _tile(K, cfg["BK"]), _tile(V, cfg["BV"])
     fwd._out_kernel[(triton.cdiv(V, BV), num_chunks * (L // BT), H)](
@@ -171,9 +175,13 @@ def _chunkwise_bwd(dh: Tensor, dcT: Tensor, dnT: Tensor, dmT: Tensor, q: Tensor,
     cfg = _tiles("bwd_state", q)
     BK, BV = _tile(K, cfg["BK"]), _tile(V, cfg["BV"])
     bparts = q.new_empty(num_chunks, H, triton.cdiv(K, BK) * triton.cdiv(V, BV) * BK, dtype=torch.float32)
+    qw = torch.empty_like(q)
+    bwd._query_weight_kernel[(triton.cdiv(K, 64), num_chunks, H)](q, tok, scal, chs, start, end, qw, dns, scale,
+                                                                  T_all, H=H, K=K, L=L, BK=64, num_warps=4)
     bwd._state_kernel[(triton.cdiv(K, BK), triton.cdiv(V, BV), N * H)](
-        q, dh, tok, scal, chs, cu, first, dcT, dnT, dcs, dns, dc0, dn0, cs, ns, c0, n0, bparts, scale, T_all,
+        qw, dh, scal, chs, cu, first, dcT, dnT, dcs, dns, dc0, dn0, cs, ns, c0, n0, bparts, T_all,
         H=H, K=K, V=V, L=L, BK=BK, BV=BV, PREC=prec, num_warps=cfg["W"], num_stages=cfg["S"])
+    del qw
     edot = bparts.sum(-1)
     cfg = _tiles("bwd_dqk", q)
     BT, BK, BV = min(cfg["BT"], L), _tile(K, cfg["BK"]), _tile(V, cfg["BV"])

@@ -11,6 +11,8 @@ per-token gate scalars and s; the backward re-reads q, k, v and recomputes the L
 and score blocks.
 
 _prep_kernel       grid (cdiv(T_all, BT), H): per token 1/den, ds, the stabiliser partial g and q . dq.
+_query_weight_kernel grid (cdiv(Dqk, BK), N_chunks, H): q~ = q exp(b + m_start - m) / sqrt(Dqk) and
+                   dn's own term per chunk, so the state kernel's loop carries nothing else.
 _state_kernel      grid (cdiv(Dqk, BK), cdiv(Dv, BV), N_seq * H): the reverse recurrence
                    dC_start = exp(g + m_start - m_end) dC_end + (q~ * w0)^T dO (dn likewise with
                    ds) in one sequential walk per tile, storing dC at every chunk end, the initial
@@ -62,10 +64,38 @@ def _prep_kernel(dh_ptr, h_ptr, tok_ptr, scal_ptr, eps, T_all, H: tl.constexpr, 
 
 
 @triton.jit
+def _query_weight_kernel(q_ptr, tok_ptr, scal_ptr, chs_ptr, start_ptr, end_ptr, qw_ptr, dns_ptr, scale, T_all,
+                         H: tl.constexpr, K: tl.constexpr, L: tl.constexpr, BK: tl.constexpr):
+    # The queries as the chunk-start state sees them, q~ = q exp(b + m_start - m) / sqrt(Dqk), in
+    # the operand dtype (the state kernel's dot rounds them so anyway), and dn's own term per
+    # chunk, sum_t q~_t ds_t in fp32, written into the chunk's dn slot for the state kernel.
+    pid_k = tl.program_id(0)
+    gc = tl.program_id(1).to(tl.int64)
+    h = tl.program_id(2).to(tl.int64)  # int64: h * T_all and friends must not wrap
+    t0 = tl.load(start_ptr + gc)
+    te = tl.load(end_ptr + gc)
+    ot = tl.arange(0, L)
+    ok = tl.arange(0, BK)
+    valid = ot < te - t0
+    mk = pid_k * BK + ok < K
+    b = tl.load(tok_ptr + (h * T_all + t0) + ot, mask=valid, other=0.0)
+    m = tl.load(tok_ptr + ((H + h) * T_all + t0) + ot, mask=valid, other=0.0)
+    ds = tl.load(scal_ptr + ((H + h) * T_all + t0) + ot, mask=valid, other=0.0)
+    m_start = tl.load(chs_ptr + (gc * H + h) * 3)
+    w0 = tl.where(valid, tl.exp(b + m_start - m), 0.0) * scale
+    base = t0 * (H * K) + h * K + pid_k * BK                 # int64 scalar; int32 offsets in the tile
+    off = ot[:, None] * (H * K) + ok[None, :]
+    msk = valid[:, None] & mk[None, :]
+    qw = tl.load(q_ptr + base + off, mask=msk, other=0.0).to(tl.float32) * w0[:, None]
+    tl.store(qw_ptr + base + off, qw.to(qw_ptr.dtype.element_ty), mask=msk)
+    tl.store(dns_ptr + (gc * H + h) * K + pid_k * BK + ok, tl.sum(qw * ds[:, None], 0), mask=mk)
+
+
+@triton.jit
 def _state_kernel(
-    q_ptr, dh_ptr, tok_ptr, scal_ptr, chs_ptr, cu_ptr, first_ptr, dct_ptr, dnt_ptr,
+    qw_ptr, dh_ptr, scal_ptr, chs_ptr, cu_ptr, first_ptr, dct_ptr, dnt_ptr,
     dcs_ptr, dns_ptr, dc0_ptr, dn0_ptr, cs_ptr, ns_ptr, c0_ptr, n0_ptr, bdot_ptr,
-    scale, T_all, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+    T_all, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     L: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr,
 ):
     pid_k = tl.program_id(0)
@@ -88,15 +118,16 @@ def _state_kernel(
     state_off = (seq * H + h).to(tl.int64)
     dc = tl.load(dct_ptr + state_off * K * V + c_tile + kv_off, mask=mkv, other=0.0).to(tl.float32)
     dn = tl.load(dnt_ptr + state_off * K + pid_k * BK + ok, mask=mk, other=0.0).to(tl.float32)
-    q_off = ot[:, None] * (H * K) + ok[None, :]
+    q_off = ok[:, None] + ot[None, :] * (H * K)          # q~ read transposed: (BK, L)
     v_off = ot[:, None] * (H * V) + ov[None, :]
     for jj in range(0, n_chunks):
         j = n_chunks - 1 - jj
         gc = first + j
         cst = (gc * H + h) * K
         tl.store(dcs_ptr + cst * V + c_tile + kv_off, dc.to(dcs_ptr.dtype.element_ty), mask=mkv)
-        if pid_v == 0:
-            tl.store(dns_ptr + cst + pid_k * BK + ok, dn, mask=mk)
+        # n's slot: the pid_v == 0 programs read this chunk's own term, then store dn_end over it
+        dnd = tl.load(dns_ptr + cst + pid_k * BK + ok, mask=mk & (pid_v == 0), other=0.0)
+        tl.store(dns_ptr + cst + pid_k * BK + ok, dn, mask=mk & (pid_v == 0))
         # <dC_end, C_start> + <dn_end, n_start> per chunk for the gate gradients, with the carried
         # fp32 dC and, at a document's first chunk, the caller's fp32 initial state: the terms the
         # gate gradients cancel it against (<c0, dc0>, <dC_T, C_T>) see the same values.
@@ -114,21 +145,14 @@ def _state_kernel(
         tl.store(bdot_ptr + (((gc * H + h) * tl.num_programs(0) + pid_k) * tl.num_programs(1) + pid_v) * BK + ok, part)
         t0 = bos + j * L
         valid = ot < eos - t0
-        b_r = tl.load(tok_ptr + (h * T_all + t0) + ot, mask=valid, other=0.0)
-        m_r = tl.load(tok_ptr + ((H + h) * T_all + t0) + ot, mask=valid, other=0.0)
         inv_den = tl.load(scal_ptr + (h * T_all + t0) + ot, mask=valid, other=0.0)
-        ds = tl.load(scal_ptr + ((H + h) * T_all + t0) + ot, mask=valid, other=0.0)
-        m_prev = tl.load(chs_ptr + (gc * H + h) * 3)
-        g = tl.load(chs_ptr + (gc * H + h) * 3 + 1)
-        m_end = tl.load(chs_ptr + (gc * H + h) * 3 + 2)
-        w0 = tl.where(valid, tl.exp(b_r + m_prev - m_r), 0.0) * scale
-        qt = tl.load(q_ptr + t0 * (H * K) + h * K + pid_k * BK + q_off, mask=valid[:, None] & mk[None, :], other=0.0)
+        decay = tl.exp(tl.load(chs_ptr + (gc * H + h) * 3 + 1) + tl.load(chs_ptr + (gc * H + h) * 3)
+                       - tl.load(chs_ptr + (gc * H + h) * 3 + 2))
+        qt = tl.load(qw_ptr + t0 * (H * K) + h * K + pid_k * BK + q_off, mask=mk[:, None] & valid[None, :], other=0.0)
         do = tl.load(dh_ptr + t0 * (H * V) + h * V + pid_v * BV + v_off, mask=valid[:, None] & mv[None, :], other=0.0)
         do = (do.to(tl.float32) * inv_den[:, None]).to(qt.dtype)
-        qw = qt.to(tl.float32) * w0[:, None]
-        decay = tl.exp(g + m_prev - m_end)
-        dc = dc * decay + tl.dot(tl.trans(qw.to(qt.dtype)), do, input_precision=PREC)
-        dn = dn * decay + tl.sum(qw * ds[:, None], 0)
+        dc = dc * decay + tl.dot(qt, do, input_precision=PREC)
+        dn = dn * decay + dnd
     tl.store(dc0_ptr + state_off * K * V + c_tile + kv_off, dc, mask=mkv)
     if pid_v == 0:
         tl.store(dn0_ptr + state_off * K + pid_k * BK + ok, dn, mask=mk)

@@ -4,16 +4,18 @@ Sequences are packed along time (cu_seqlens; a dense (B, T) batch is B sequences
 chunks of L tokens never straddle a sequence boundary (the last chunk of each sequence may be
 short; masked, never padded in memory). Chunk c covers tokens [start[c], end[c]).
 
-Chunk-start states, three launches:
+Chunk-start states, four launches:
 _chunk_gate_kernel  grid (N_chunks, H), fully parallel: per token the chunk-local cumulative log
                     forget b and the running max of i - b; per chunk its log decay g and the max
                     of g - b + i.
 _chunk_stab_kernel  grid (N_seq * H,): the stabiliser across chunks, m_end = max(m_start + g, a),
                     a max-plus scan over blocks of chunks; per chunk (m_start, g, m_end).
+_key_weight_kernel  grid (cdiv(Dqk, BK), N_chunks, H), fully parallel: the keys weighted for the
+                    chunk-end state, k~ = k exp(g - b + i - m_end), and n's term per chunk.
 _state_kernel       grid (cdiv(Dqk, BK), cdiv(Dv, BV), N_seq * H). One program walks all chunks of
                     one sequence and head for a BK x BV tile of C (n by the pid_v == 0 programs) in
-                    fp32 registers; with the gate scalars precomputed, C is the only dependence
-                    carried from chunk to chunk (the loop is latency-bound otherwise).
+                    fp32 registers: loads and one dot per chunk, C the only dependence carried
+                    (with the gate work inside, the loop measured 2x slower on the H200).
 Then:
 _out_kernel     grid (cdiv(Dv, BV), N_chunks * L / BT, H). One program owns BT query rows of one
                 chunk and a BV slice of h: h = (w0 q~ C_start + sum_j (q~ k_j^T * W) v_j) / den,
@@ -103,15 +105,43 @@ def _chunk_stab_kernel(m0_ptr, cu_ptr, first_ptr, chs_ptr, mt_ptr, H: tl.constex
 
 
 @triton.jit
+def _key_weight_kernel(k_ptr, i_ptr, chs_ptr, tok_ptr, start_ptr, end_ptr, kw_ptr, ns_ptr, T_all,
+                       H: tl.constexpr, K: tl.constexpr, L: tl.constexpr, BK: tl.constexpr):
+    # The keys as the chunk-end state sees them, k~ = k * exp(g - b + i - m_end), in the operand
+    # dtype (the state kernel's dot rounds them so anyway), and their fp32 sum over the chunk (n's
+    # own term), written into the chunk's n slot, which the state kernel reads before it stores n.
+    pid_k = tl.program_id(0)
+    gc = tl.program_id(1).to(tl.int64)
+    h = tl.program_id(2).to(tl.int64)  # int64: h * T_all and friends must not wrap
+    t0 = tl.load(start_ptr + gc)
+    te = tl.load(end_ptr + gc)
+    ot = tl.arange(0, L)
+    ok = tl.arange(0, BK)
+    valid = ot < te - t0
+    mk = pid_k * BK + ok < K
+    b = tl.load(tok_ptr + (h * T_all + t0) + ot, mask=valid, other=0.0)
+    ig = tl.load(i_ptr + (t0 * H + h) + ot * H, mask=valid, other=0.0).to(tl.float32)
+    g = tl.load(chs_ptr + (gc * H + h) * 3 + 1)
+    m_end = tl.load(chs_ptr + (gc * H + h) * 3 + 2)
+    w = tl.where(valid, tl.exp(g - b + ig - m_end), 0.0)
+    base = t0 * (H * K) + h * K + pid_k * BK                 # int64 scalar; int32 offsets in the tile
+    off = ot[:, None] * (H * K) + ok[None, :]
+    msk = valid[:, None] & mk[None, :]
+    kw = tl.load(k_ptr + base + off, mask=msk, other=0.0).to(tl.float32) * w[:, None]
+    tl.store(kw_ptr + base + off, kw.to(kw_ptr.dtype.element_ty), mask=msk)
+    tl.store(ns_ptr + (gc * H + h) * K + pid_k * BK + ok, tl.sum(kw, 0), mask=mk)
+
+
+@triton.jit
 def _state_kernel(
-    k_ptr, v_ptr, i_ptr, c0_ptr, n0_ptr, cu_ptr, first_ptr, chs_ptr, tok_ptr,
-    cs_ptr, ns_ptr, ct_ptr, nt_ptr,
-    T_all, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+    kw_ptr, v_ptr, c0_ptr, n0_ptr, cu_ptr, first_ptr, chs_ptr, cs_ptr, ns_ptr, ct_ptr, nt_ptr,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     L: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr,
 ):
     # One program walks all chunks of one sequence and head for a BK x BV tile of C (n by the
-    # pid_v == 0 programs), in fp32 registers. The gate scalars are precomputed, so the only
-    # dependence carried from chunk to chunk is C itself: C <- decay C + (K w)^T V.
+    # pid_v == 0 programs), in fp32 registers: C <- decay C + k~^T V. With the gate work done
+    # before (k~ and n's term per chunk), the loop is loads and one dot, and C is the only
+    # dependence carried from chunk to chunk.
     # 64-bit scalar bases, 32-bit offsets inside a tile: keeps per-element address registers low.
     pid_k = tl.program_id(0)
     pid_v = tl.program_id(1)
@@ -134,30 +164,24 @@ def _state_kernel(
     c_tile = pid_k * BK * V + pid_v * BV
     c = tl.load(c0_ptr + state_off * K * V + c_tile + kv_off, mask=mkv, other=0.0).to(tl.float32)
     n = tl.load(n0_ptr + state_off * K + pid_k * BK + ok, mask=mk, other=0.0).to(tl.float32)
-    k_off = ot[:, None] * (H * K) + ok[None, :]
+    k_off = ok[:, None] + ot[None, :] * (H * K)          # k~ read transposed: (BK, L)
     v_off = ot[:, None] * (H * V) + ov[None, :]
 
     for j in range(0, n_chunks):
         gc = first + j
         cst = (gc * H + h) * K
         tl.store(cs_ptr + cst * V + c_tile + kv_off, c.to(cs_ptr.dtype.element_ty), mask=mkv)
-        if pid_v == 0:
-            tl.store(ns_ptr + cst + pid_k * BK + ok, n, mask=mk)
         t0 = bos + j * L
         valid = ot < eos - t0
-        b = tl.load(tok_ptr + (h * T_all + t0) + ot, mask=valid, other=0.0)
-        ig = tl.load(i_ptr + (t0 * H + h) + ot * H, mask=valid, other=0.0).to(tl.float32)
-        m_start = tl.load(chs_ptr + (gc * H + h) * 3)
-        g = tl.load(chs_ptr + (gc * H + h) * 3 + 1)
-        m_end = tl.load(chs_ptr + (gc * H + h) * 3 + 2)
-        w = tl.where(valid, tl.exp(g - b + ig - m_end), 0.0)
-        decay = tl.exp(g + m_start - m_end)
-        kt = tl.load(k_ptr + t0 * (H * K) + h * K + pid_k * BK + k_off, mask=valid[:, None] & mk[None, :], other=0.0)
+        decay = tl.exp(tl.load(chs_ptr + (gc * H + h) * 3 + 1) + tl.load(chs_ptr + (gc * H + h) * 3)
+                       - tl.load(chs_ptr + (gc * H + h) * 3 + 2))
+        kt = tl.load(kw_ptr + t0 * (H * K) + h * K + pid_k * BK + k_off, mask=mk[:, None] & valid[None, :], other=0.0)
         vt = tl.load(v_ptr + t0 * (H * V) + h * V + pid_v * BV + v_off, mask=valid[:, None] & mv[None, :], other=0.0)
-        kw = kt.to(tl.float32) * w[:, None]
-        c = c * decay + tl.dot(tl.trans(kw.to(vt.dtype)), vt, input_precision=PREC)
+        c = c * decay + tl.dot(kt, vt, input_precision=PREC)
         if pid_v == 0:
-            n = n * decay + tl.sum(kw, 0)
+            dn = tl.load(ns_ptr + cst + pid_k * BK + ok, mask=mk, other=0.0)   # this chunk's own term
+            tl.store(ns_ptr + cst + pid_k * BK + ok, n, mask=mk)
+            n = n * decay + dn
 
     tl.store(ct_ptr + state_off * K * V + c_tile + kv_off, c, mask=mkv)
     if pid_v == 0:
