@@ -1,8 +1,15 @@
 """The fused decode step (generation/fused.py) equals the model's one-token forward, and generation
-through it equals generation through ``model(token, state)``."""
+through it equals generation through ``model(token, state)``; both of its paths: the compiled
+pieces and the decode kernels (ops/decode.py, on the CPU under TRITON_INTERPRET=1)."""
+
+import functools
+import os
 
 import pytest
 import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")      # before the decode kernels are first imported
 
 from fastxlstm.config import ModelConfig
 from fastxlstm.generation import generate, prefill
@@ -24,14 +31,14 @@ def variant(name, **over):
     return ModelConfig(**{**CFG.to_dict(), **VARIANTS[name], **over})
 
 
-def step_both(model, B=3, seed=2):
+def step_both(model, B=3, seed=2, kernels=False):
     """(model's logits and state, fused step's logits and state) for one token after a prompt."""
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, model.cfg.vocab_size, (B, 11), generator=g)
     with torch.inference_mode():
         _, state = model(ids[:, :10])
         ref = model(ids[:, 10:], state)
-        out = FusedStep(model, compile=False)(ids[:, 10:], state)
+        out = FusedStep(model, compile=False, kernels=kernels)(ids[:, 10:], state)
     return ref, out
 
 
@@ -56,6 +63,40 @@ def test_fused_step_in_bfloat16_equals_the_model_to_its_rounding():
     torch.manual_seed(0)
     model = XLSTMLarge(CFG).to(torch.bfloat16)          # init-scale weights: bf16 logits of a real model
     assert_step_equal(*step_both(model), torch.bfloat16)
+
+
+# The decode kernels on the CPU (interpreter): bfloat16 at batch 1 only, the interpreter's bf16 dot
+# being wrong (tests/ops/test_decode_kernels.py); float16 and float32 run the batch > 1 dot path.
+KERNEL_CASES = [(torch.float32, 1), (torch.float32, 3), (torch.float16, 3), (torch.bfloat16, 1)]
+
+
+@pytest.mark.parametrize("name", list(VARIANTS))
+@pytest.mark.parametrize("dtype,B", KERNEL_CASES)
+def test_kernel_step_equals_the_model_step(name, dtype, B):
+    pytest.importorskip("triton")
+    model = random_model(variant(name), dtype=dtype, scale=0.1 if dtype != torch.float32 else 0.3)
+    assert_step_equal(*step_both(model, B=B, kernels=True), dtype)
+
+
+def test_kernel_path_is_the_default_on_cuda_for_small_batches_only():
+    model = random_model(dtype=torch.float32)
+    step = FusedStep(model, compile=False)
+    assert not step.uses_kernels(1)                                      # CPU: exact eager PyTorch
+    step._kernels_fit = True                                             # as on CUDA
+    assert step.uses_kernels(1) and step.uses_kernels(16) and not step.uses_kernels(17)
+    assert not FusedStep(model, compile=False, kernels=False).uses_kernels(1)
+
+
+def test_generation_through_the_kernel_step_equals_the_model_step(fake_graphs, monkeypatch):  # noqa: F811
+    pytest.importorskip("triton")
+    import fastxlstm.generation.engine as engine
+
+    monkeypatch.setattr(engine, "FusedStep", functools.partial(FusedStep, kernels=True))
+    model = random_model(dtype=torch.float32)
+    prompts = prompts_of([5, 7, 3])
+    kw = dict(max_new_tokens=9, temperature=0.9, top_k=40, seed=[1, 2, 3])
+    graph = generate(model, prompts, fused=True, cuda_graph=True, steps_per_graph=4, **kw)
+    assert graph == generate(model, prompts, fused=False, cuda_graph=False, **kw)
 
 
 def test_fused_weights_are_one_copy_of_the_input_and_ffn_projections():
@@ -140,8 +181,9 @@ GPU_7B_HEADS = ModelConfig(vocab_size=4096, embedding_dim=4096, num_heads=8, num
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("B", [1, 16])
-def test_gpu_fused_step_equals_the_model_step_bf16(B):
+@pytest.mark.parametrize("B,kernels", [(1, None), (16, None), (17, None), (1, False)])
+def test_gpu_fused_step_equals_the_model_step_bf16(B, kernels):
+    """Batches up to 16 take the decode kernels, 17 and kernels=False the compiled pieces."""
     torch.manual_seed(0)
     model = XLSTMLarge(GPU_7B_HEADS).to(device="cuda", dtype=torch.bfloat16)
     g = torch.Generator().manual_seed(3)
@@ -149,7 +191,8 @@ def test_gpu_fused_step_equals_the_model_step_bf16(B):
     with torch.inference_mode():
         _, state = model(ids[:, :69])
         ref_logits, ref_state = model(ids[:, 69:], state)
-        step = FusedStep(model)                                           # compiled on CUDA
+        step = FusedStep(model, kernels=kernels)                          # compiled on CUDA
+        assert step.uses_kernels(B) == (B <= 16 and kernels is None)
         for _ in range(2):                                                # the second call: compiled code
             logits, new_state = step(ids[:, 69:], state)
     assert_step_equal((ref_logits, ref_state), (logits, new_state), torch.bfloat16)

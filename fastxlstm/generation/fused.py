@@ -19,6 +19,13 @@ freed with it (the engine builds one per decode call): for the 7B, 32 x (12304 +
 bf16 = 9.0 GB while decoding, on top of the model's 13.7 GB. Every other weight is shared.
 The formulas mirror layers/common.py and layers/mlstm.py; tests/test_fused_decode.py holds them to
 the model's forward.
+
+Decode kernels (B <= 16 on CUDA, float32/bfloat16/float16): the Triton kernels of ops/decode.py
+run a block in five launches instead, each streaming its weights (RMSNorm + the q|k|v|o|i|f GEMV +
+gate caps; the mLSTM step + head norm x sigmoid(o); out_proj + residual; RMSNorm + the gate|up
+GEMV + SwiGLU; proj_down), and the head in one (residual + out norm + LM head + logit cap). They
+read the same concatenated weights. Larger batches keep the compiled pieces (cuBLAS GEMMs, whose
+weight reads are amortised over the batch).
 """
 
 from __future__ import annotations
@@ -56,11 +63,15 @@ class _BlockWeights(NamedTuple):
 class FusedStep:
     """The decode step of ``model`` (an XLSTMLarge) with fused projections and elementwise work.
 
-    compile: run the pieces through torch.compile (default: on CUDA). The weights are read from the
-    model when this is built: rebuild after changing them.
+    compile: run the pieces through torch.compile (default: on CUDA). kernels: run the decode kernels
+    (ops/decode.py); None: on CUDA for batches up to ``max_kernel_batch`` in float32/bfloat16/float16,
+    True: at every batch size (also on the CPU under TRITON_INTERPRET=1, for tests), False: never.
+    The weights are read from the model when this is built: rebuild after changing them.
     """
 
-    def __init__(self, model, *, compile: bool | None = None):
+    max_kernel_batch = 16
+
+    def __init__(self, model, *, compile: bool | None = None, kernels: bool | None = None):
         from ..model import XLSTMLarge
 
         if not isinstance(model, XLSTMLarge):
@@ -83,6 +94,15 @@ class FusedStep:
         use_compile = self.device.type == "cuda" if compile is None else compile
         self._in, self._out, self._head = ((_compiled("in"), _compiled("out"), _compiled("head")) if use_compile
                                            else (_mlstm_in, _mlstm_out_ffn, _head))
+        self.kernels = kernels
+        self._kernels_fit = (self.device.type == "cuda" and ops.triton_available()
+                             and model.embedding.weight.dtype in (torch.float32, torch.bfloat16, torch.float16))
+        self._lock = None
+        # the kernels' RMSNorm has no bias: a norm bias is folded into the bias of the GEMV after it
+        with torch.no_grad():
+            self._kbias = [self._fold(w) for w in self.blocks]
+            self._head_bias = (_fold_norm_bias(model.lm_head.weight, None, self.out_norm[1])
+                               if self.out_norm is not None else None)
 
     @staticmethod
     def _fuse(block) -> _BlockWeights:
@@ -99,6 +119,16 @@ class FusedStep:
                              layer.out_proj.weight, layer.out_proj.bias, block.norm_ffn.weight, block.norm_ffn.bias,
                              w_up, b_up, ffn.proj_down.weight, ffn.proj_down.bias)
 
+    def _fold(self, w: _BlockWeights) -> tuple:
+        b_in = _fold_norm_bias(w.w_in, w.b_in, w.norm_b)
+        return (b_in if w.norm_b is not None or w.b_in.any() else None), _fold_norm_bias(w.w_up, w.b_up, w.ffn_norm_b)
+
+    def uses_kernels(self, batch: int) -> bool:
+        """Whether a step of this batch size runs the decode kernels."""
+        if self.kernels is not None:
+            return self.kernels
+        return self._kernels_fit and batch <= self.max_kernel_batch
+
     @property
     def extra_bytes(self) -> int:
         """Bytes of the fused weight copies this step holds."""
@@ -110,6 +140,8 @@ class FusedStep:
             raise ValueError(f"the fused step takes one token per row, (B, 1), got {tuple(input_ids.shape)}")
         if state is None or len(state) != len(self.blocks):
             raise ValueError(f"the fused step needs a state of {len(self.blocks)} blocks")
+        if self.uses_kernels(input_ids.shape[0]):
+            return self._kernel_step(input_ids, state)
         x = self.model.embedding(input_ids[:, 0])                     # (B, E)
         d = None
         new_state = []
@@ -124,6 +156,49 @@ class FusedStep:
         logits = self._head(x, d, self.out_norm is not None, nw, nb, self.model.lm_head.weight,
                             self.eps, self.f32, self.logit_cap)
         return logits.unsqueeze(1), new_state
+
+    def _kernel_step(self, input_ids, state):
+        """The step through ops/decode.py: five launches a block, one for the head."""
+        from ..ops import decode
+
+        B, H = input_ids.shape[0], self.num_heads
+        lock = self._lock_for(B)
+        cap_from = sum(self.sizes) - 2 * H                           # the i and f columns are capped
+        x = self.model.embedding(input_ids[:, 0])                     # (B, E)
+        d = None
+        new_state = []
+        for w, (b_in, b_up), s in zip(self.blocks, self._kbias, state):
+            x, y = decode.norm_linear(x, d, w.norm_w, w.w_in, b_in, eps=self.eps, cap=self.gate_cap,
+                                      cap_from=cap_from, lock=lock)
+            h, s = decode.mlstm_head_step(y, self.sizes, s, w.head_w, w.head_b, num_heads=H, eps=self.cell_eps,
+                                          norm_eps=self.eps, lock=lock)
+            x = decode.linear(h, w.out_w, w.out_b, residual=x, lock=lock)
+            d = decode.linear(decode.norm_swiglu(x, w.ffn_norm_w, w.w_up, b_up, eps=self.eps, lock=lock),
+                              w.down_w, w.down_b, lock=lock)
+            new_state.append(s)
+        lm_w = self.model.lm_head.weight
+        out = torch.float32 if lm_w.dtype in (torch.float16, torch.bfloat16) else lm_w.dtype
+        _, logits = decode.norm_linear(x, d, self.out_norm[0] if self.out_norm is not None else None, lm_w,
+                                       self._head_bias, eps=self.eps, cap=self.logit_cap, out_dtype=out, lock=lock)
+        return logits.unsqueeze(1), new_state
+
+    def _lock_for(self, batch: int) -> torch.Tensor:
+        """The kernels' split-K and per-head counters: int32 zeros, reset by the kernels themselves,
+        one buffer for every launch (they run one after another)."""
+        rows = max(self.model.lm_head.weight.shape[0], self.blocks[0].w_in.shape[0] if self.blocks else 0,
+                   self.ffn_dim, self.model.cfg.embedding_dim)
+        need = max(batch * self.num_heads, rows * -(-batch // 16))
+        if self._lock is None or self._lock.numel() < need:
+            self._lock = torch.zeros(need, dtype=torch.int32, device=self.device)
+        return self._lock
+
+
+def _fold_norm_bias(w, b, norm_b):
+    """b + W norm_b (the bias of W (x_n + norm_b) + b as a bias of W x_n); b where there is no norm bias."""
+    if norm_b is None:
+        return b
+    folded = w.float() @ norm_b.float()
+    return (folded if b is None else folded + b.float()).to(w.dtype)
 
 
 # --- the pieces: plain tensor functions (torch.compile sees the same arguments for every block) ---

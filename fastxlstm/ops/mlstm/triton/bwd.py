@@ -112,6 +112,7 @@ def _state_kernel(
     mk = pid_k * BK + ok < K
     mv = pid_v * BV + ov < V
     mkv = mk[:, None] & mv[None, :]
+    mn = mk & (ok * 0 + pid_v == 0)                         # n is the pid_v == 0 programs' work
     ot = tl.arange(0, L)
     kv_off = ok[:, None] * V + ov[None, :]
     c_tile = pid_k * BK * V + pid_v * BV
@@ -126,8 +127,8 @@ def _state_kernel(
         cst = (gc * H + h) * K
         tl.store(dcs_ptr + cst * V + c_tile + kv_off, dc.to(dcs_ptr.dtype.element_ty), mask=mkv)
         # n's slot: the pid_v == 0 programs read this chunk's own term, then store dn_end over it
-        dnd = tl.load(dns_ptr + cst + pid_k * BK + ok, mask=mk & (pid_v == 0), other=0.0)
-        tl.store(dns_ptr + cst + pid_k * BK + ok, dn, mask=mk & (pid_v == 0))
+        dnd = tl.load(dns_ptr + cst + pid_k * BK + ok, mask=mn, other=0.0)
+        tl.store(dns_ptr + cst + pid_k * BK + ok, dn, mask=mn)
         # <dC_end, C_start> + <dn_end, n_start> per chunk for the gate gradients, with the carried
         # fp32 dC and, at a document's first chunk, the caller's fp32 initial state: the terms the
         # gate gradients cancel it against (<c0, dc0>, <dC_T, C_T>) see the same values.
