@@ -8,6 +8,7 @@ fp32. Chunk size 128 is the fastest on the H200 at the 7B head shape (benchmarks
 Tile sizes live in CONFIG so benchmarks can sweep them; they never change results beyond rounding.
 """
 
+import functools
 import math
 import os
 from typing import Optional
@@ -49,14 +50,14 @@ def mlstm(q, k, v, i, f, state: Optional[MLSTMState] = None, *, chunk_size: int 
     dt = q.dtype
     k, v = k.to(dt), v.to(dt)
     if cu_seqlens is None:
-        cu = torch.arange(B + 1, device=q.device, dtype=torch.int64) * T
-        num_chunks = B * math.ceil(T / chunk_size)
+        table = (_chunk_table if torch.compiler.is_compiling() else _dense_table)(B, T, chunk_size, q.device)
     else:
         if B != 1:
             raise ValueError(f"cu_seqlens needs a batch of one packed sequence, got B={B}")
         cu = cu_seqlens.to(device=q.device, dtype=torch.int64)
         lens = (cu[1:] - cu[:-1]).tolist()
-        num_chunks = sum(-(-n // chunk_size) for n in lens)
+        table = _packed_chunk_table(cu, sum(-(-n // chunk_size) for n in lens), chunk_size)
+    cu = table[0]
     N = cu.numel() - 1
     if state is None:
         state = MLSTMState.zeros(N, H, K, V, device=q.device)
@@ -65,7 +66,7 @@ def mlstm(q, k, v, i, f, state: Optional[MLSTMState] = None, *, chunk_size: int 
         return q.new_zeros(B, 0, H, V), MLSTMState(c0, n0, m0)
     out = torch.ops.fastxlstm.mlstm_chunkwise(
         q.contiguous(), k.contiguous(), v.contiguous(), i.to(torch.float32).contiguous(),
-        f.to(torch.float32).contiguous(), c0, n0, m0, cu, num_chunks, chunk_size, eps)
+        f.to(torch.float32).contiguous(), c0, n0, m0, *table, chunk_size, eps)
     return out[0], MLSTMState(out[1], out[2], out[3])
 
 
@@ -106,15 +107,16 @@ def mlstm_step(q, k, v, i, f, state: Optional[MLSTMState] = None, *, eps: float 
 
 @torch.library.custom_op("fastxlstm::mlstm_chunkwise", mutates_args=())
 def _chunkwise(q: Tensor, k: Tensor, v: Tensor, i: Tensor, f: Tensor, c0: Tensor, n0: Tensor, m0: Tensor,
-               cu: Tensor, num_chunks: int, chunk_size: int, eps: float
+               cu: Tensor, start: Tensor, end: Tensor, first: Tensor, doc: Tensor, chunk_size: int, eps: float
                ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Returns h, final (c, n, m) and, for the backward, chunk-start states (c, n), per-chunk
-    scalars (m_start, g, m_end) and per-token scalars (b, m, s)."""
+    scalars (m_start, g, m_end) and per-token scalars (b, m, s, and scratch). The chunk table
+    (start, end, document per chunk; first chunk per document) comes from _packed_chunk_table."""
     B, T, H, K = q.shape
     V = v.shape[-1]
     N = cu.numel() - 1
     T_all, L = B * T, chunk_size
-    start, end, first, _ = _chunk_table(cu, num_chunks, L)
+    num_chunks = start.numel()
     sdt = _chunk_state_dtype(q)
     cs = q.new_empty(num_chunks, H, K, V, dtype=sdt)
     ns = q.new_empty(num_chunks, H, K, dtype=torch.float32)
@@ -143,8 +145,9 @@ def _chunkwise(q: Tensor, k: Tensor, v: Tensor, i: Tensor, f: Tensor, c0: Tensor
 
 
 @_chunkwise.register_fake
-def _(q, k, v, i, f, c0, n0, m0, cu, num_chunks, chunk_size, eps):
+def _(q, k, v, i, f, c0, n0, m0, cu, start, end, first, doc, chunk_size, eps):
     B, T, H, K = q.shape
+    num_chunks = start.shape[0]
     V = v.shape[-1]
     sdt = _chunk_state_dtype(q)
     return (q.new_empty(B, T, H, V), torch.empty_like(c0), torch.empty_like(n0), torch.empty_like(m0),
@@ -155,15 +158,15 @@ def _(q, k, v, i, f, c0, n0, m0, cu, num_chunks, chunk_size, eps):
 @torch.library.custom_op("fastxlstm::mlstm_chunkwise_bwd", mutates_args=())
 def _chunkwise_bwd(dh: Tensor, dcT: Tensor, dnT: Tensor, dmT: Tensor, q: Tensor, k: Tensor, v: Tensor,
                    i: Tensor, f: Tensor, c0: Tensor, n0: Tensor, m0: Tensor, h: Tensor, cT: Tensor,
-                   nT: Tensor, cs: Tensor, ns: Tensor, chs: Tensor, tok: Tensor, cu: Tensor,
-                   num_chunks: int, chunk_size: int, eps: float
+                   nT: Tensor, cs: Tensor, ns: Tensor, chs: Tensor, tok: Tensor, cu: Tensor, start: Tensor,
+                   end: Tensor, first: Tensor, doc: Tensor, chunk_size: int, eps: float
                    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Gradients of (q, k, v, i, f, c0, n0, m0)."""
     B, T, H, K = q.shape
     V = v.shape[-1]
     N = cu.numel() - 1
     T_all, L = B * T, chunk_size
-    start, end, first, doc = _chunk_table(cu, num_chunks, L)
+    num_chunks = start.numel()
     scale = K ** -0.5
     scal = q.new_empty(4, H, T_all, dtype=torch.float32)
     bwd._prep_kernel[(triton.cdiv(T_all, 64), H)](dh, h, tok, scal, eps, T_all, H=H, V=V, BT=64,
@@ -211,21 +214,21 @@ def _(dh, dcT, dnT, dmT, q, k, v, i, f, c0, n0, m0, *rest):
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, i, f, c0, n0, m0, cu, num_chunks, chunk_size, eps = inputs
+    q, k, v, i, f, c0, n0, m0, cu, start, end, first, doc, chunk_size, eps = inputs
     h, cT, nT, mT, cs, ns, chs, tok = output
-    ctx.save_for_backward(q, k, v, i, f, c0, n0, m0, h, cT, nT, cs, ns, chs, tok, cu)
-    ctx.args = (num_chunks, chunk_size, eps)
+    ctx.save_for_backward(q, k, v, i, f, c0, n0, m0, h, cT, nT, cs, ns, chs, tok, cu, start, end, first, doc)
+    ctx.args = (chunk_size, eps)
 
 
 def _backward(ctx, dh, dcT, dnT, dmT, *unused):
-    q, k, v, i, f, c0, n0, m0, h, cT, nT, cs, ns, chs, tok, cu = ctx.saved_tensors
+    q, k, v, i, f, c0, n0, m0, h, cT, nT, cs, ns, chs, tok, *table = ctx.saved_tensors
     dh = torch.zeros_like(h) if dh is None else dh.to(h.dtype).contiguous()
     dcT = torch.zeros_like(cT) if dcT is None else dcT.float().contiguous()
     dnT = torch.zeros_like(nT) if dnT is None else dnT.float().contiguous()
     dmT = torch.zeros_like(m0) if dmT is None else dmT.float().contiguous()
     grads = torch.ops.fastxlstm.mlstm_chunkwise_bwd(dh, dcT, dnT, dmT, q, k, v, i, f, c0, n0, m0, h, cT, nT,
-                                                   cs, ns, chs, tok, cu, *ctx.args)
-    return (*grads, None, None, None, None)
+                                                   cs, ns, chs, tok, *table, *ctx.args)
+    return (*grads, None, None, None, None, None, None, None)
 
 
 torch.library.register_autograd("fastxlstm::mlstm_chunkwise", _backward, setup_context=_setup_context)
@@ -294,15 +297,27 @@ def _gate_grads(i, f, m0, c0, n0, dc0, dn0, dmT, tok, scal, kdk_parts, edot, chs
             dm0)
 
 
-def _chunk_table(cu: Tensor, num_chunks: int, L: int):
-    """Per chunk its first and one-past-last token and its document; per document its first chunk."""
+def _chunk_table(B: int, T: int, L: int, device) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The table of a dense batch: B documents of T tokens."""
+    cu = torch.arange(B + 1, device=device, dtype=torch.int64) * T
+    return _packed_chunk_table(cu, B * math.ceil(T / L), L)
+
+
+# A dense batch's table depends on (B, T, L) only: built once, not with ~15 small launches per call
+# (the host time of a call showed on the GPU's timeline as ~0.7 ms idle at the goal shape).
+_dense_table = functools.lru_cache(maxsize=64)(_chunk_table)
+
+
+def _packed_chunk_table(cu: Tensor, num_chunks: int, L: int):
+    """cu, and per chunk its first and one-past-last token and its document; per document its
+    first chunk."""
     lens = cu[1:] - cu[:-1]
     n_ch = (lens + L - 1) // L
     first = torch.cumsum(n_ch, 0) - n_ch
     seq = torch.repeat_interleave(torch.arange(n_ch.numel(), device=cu.device), n_ch, output_size=num_chunks)
     start = cu[seq] + (torch.arange(num_chunks, device=cu.device) - first[seq]) * L
     end = torch.minimum(start + L, cu[seq + 1])
-    return start, end, first, seq
+    return cu, start, end, first, seq
 
 
 def _tiles(name: str, q) -> dict:
