@@ -26,7 +26,7 @@ __all__ = ["mlstm", "mlstm_step", "CONFIG"]
 # BT: rows per intra-chunk block; BK / BV: tiles of Dqk / Dv; W*: num_warps; S*: num_stages.
 # Defaults: the best of the H200 sweep at the 7B head shape, chunk 128 (benchmarks/NOTES-kernels.md).
 CONFIG = dict(
-    fwd_state=dict(BK=64, BV=64, W=4, S=2),
+    fwd_state=dict(BK=64, BV=128, W=4, S=2),
     # S=1: with num_stages=2 triton 3.6 gives wrong h at chunk 64 with Dqk 256 / Dv 512 in bf16
     # (rel error 0.1-0.3 on the H200, 2026-11-28); one stage is exact there (benchmarks/NOTES-kernels.md).
     fwd_out=dict(BT=64, BK=64, BV=256, W=8, S=1),
