@@ -14,6 +14,7 @@ Peak memory is torch.cuda.max_memory_allocated over one call, inputs included.
     python benchmarks/kernels.py                    # full table (8 shapes)
     python benchmarks/kernels.py --quick            # the goal shape only: 7B heads, B8 S8192
     python benchmarks/kernels.py --quick --sweep    # also sweep fastxlstm tile configs there
+    python benchmarks/kernels.py --quick --profile  # also print ours' GPU time per kernel there
 """
 
 from __future__ import annotations
@@ -112,7 +113,8 @@ def kernels(B, S, H, K, V):
     return out
 
 
-def run_one(make, mode, reps):
+def build_call(make, mode):
+    """The timed closure of one kernel in one mode ("fwd" or "fwdbwd")."""
     fwd, leaves = make()
     if mode == "fwd":
         def fn():
@@ -126,7 +128,29 @@ def run_one(make, mode, reps):
 
         def fn():
             torch.autograd.grad(fwd(*leaves), leaves, dh)
-    return timed(fn, reps)
+    return fn
+
+
+def run_one(make, mode, reps):
+    return timed(build_call(make, mode), reps)
+
+
+def profile_kernels(make, mode, rows=12):
+    """GPU time per kernel of one call (torch.profiler, mean of 3 calls after warm-up)."""
+    from torch.profiler import ProfilerActivity, profile
+    fn = build_call(make, mode)
+    for _ in range(2):
+        fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(3):
+            fn()
+        torch.cuda.synchronize()
+    events = [e for e in prof.key_averages() if e.device_type.name == "CUDA"]
+    total = sum(e.self_device_time_total for e in events) / 3e3
+    print(f"profile {mode}: {total:.3f} ms of GPU time per call, {sum(e.count for e in events) // 3} kernels", flush=True)
+    for e in sorted(events, key=lambda e: -e.self_device_time_total)[:rows]:
+        print(f"  {e.self_device_time_total / 3e3:8.3f} ms  {e.count // 3:4d}x  {e.key[:90]}", flush=True)
 
 
 def sdpa(B, S, mode, reps):
@@ -200,7 +224,7 @@ def measure(name, make, B, S, H, K, V, reps, modes=("fwd", "fwdbwd")):
 
 # Variants that compile without register spills for sm_90 (triton 3.9 AOT, checked off-device).
 SWEEP = {
-    "fwd_state": [dict(BK=64, BV=64, W=8, S=2), dict(BK=64, BV=64, W=4, S=2), dict(BK=64, BV=32, W=4, S=2)],
+    "fwd_state": [dict(BK=64, BV=128, W=4, S=2), dict(BK=128, BV=64, W=8, S=2), dict(BK=64, BV=64, W=4, S=2)],
     "fwd_out": [dict(BT=64, BK=64, BV=128, W=8, S=2), dict(BT=64, BK=64, BV=128, W=8, S=3),
                 dict(BT=64, BK=128, BV=128, W=8, S=2), dict(BT=64, BK=64, BV=256, W=8, S=2)],
     "bwd_state": [dict(BK=64, BV=64, W=8, S=2), dict(BK=64, BV=64, W=4, S=2), dict(BK=64, BV=128, W=8, S=2)],
@@ -264,6 +288,7 @@ def main():
     ap.add_argument("--sweep-chunk", type=int, default=128)
     ap.add_argument("--only", default="", help="measure only kernels whose name contains one of these")
     ap.add_argument("--no-sdpa", action="store_true")
+    ap.add_argument("--profile", action="store_true", help="print ours' per-kernel GPU time at the goal shape, L128")
     ap.add_argument("--other", default="fastxlstm triton L128,TFLA xl_chunk L128",
                     help="kernels measured at the shapes other than the goal shape (name substrings)")
     args = ap.parse_args()
@@ -279,6 +304,9 @@ def main():
     skip = [s for s in args.skip.split(",") if s]
     log["checks"]["B8 S8192 H8"] = check_ours(*goal)
     print("check", log["checks"]["B8 S8192 H8"], flush=True)
+    if args.profile:
+        for mode in ("fwd", "fwdbwd"):
+            profile_kernels(_ours_plain(*goal, 128), mode)
     attn_done = set()
     for B, S, H, K, V in shapes:
         for name, make in kernels(B, S, H, K, V).items():
