@@ -91,10 +91,15 @@ class XLSTMLarge(nn.Module):
         per document.
         """
         x, new_states = self._hidden_states(input_ids, state, cu_seqlens)
-        logits = self.lm_head(x)
+        return self.logits(x), new_states
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The LM head on hidden states (as ``hidden_states`` returns them): soft-capped logits,
+        float32 (float64 for a float64 model). Prefill takes the last position's this way."""
+        logits = self.lm_head(hidden)
         if logits.dtype in (torch.float16, torch.bfloat16):
             logits = logits.float()                      # the cap and the softmax need the range
-        return soft_cap(logits, self.cfg.output_logit_soft_cap), new_states
+        return soft_cap(logits, self.cfg.output_logit_soft_cap)
 
     def hidden_states(self, input_ids: torch.Tensor, state: list[MLSTMState] | None = None, *,
                       cu_seqlens: torch.Tensor | None = None) -> tuple[torch.Tensor, list[MLSTMState]]:

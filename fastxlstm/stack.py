@@ -247,7 +247,11 @@ class XLSTMStackLM(nn.Module):
                 ) -> tuple[torch.Tensor, list[LayerState]]:
         """input_ids (B, T) integer -> logits (B, T, vocab) and the state after the last token."""
         x, state = self._hidden_states(input_ids, state)
-        return self.lm_head(x), state
+        return self.logits(x), state
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The LM head on hidden states (as ``hidden_states`` returns them)."""
+        return self.lm_head(hidden)
 
     def hidden_states(self, input_ids: torch.Tensor, state: list[LayerState] | None = None
                       ) -> tuple[torch.Tensor, list[LayerState]]:

@@ -3,9 +3,9 @@
 prefill: every prompt is consumed at its exact length by the chunkwise forward. Rows of equal
     length run together, rows of other lengths in their own calls: there is no padding at all, so
     a pad can never leak into a recurrent state, and a row of a batch computes exactly what it
-    computes alone. Long prompts run in fixed-length pieces, the state carried between them, so
-    the (rows, piece, vocab) logits stay bounded; the piece length depends only on the model, never
-    on the batch, so a prompt is cut the same way alone or in a batch.
+    computes alone. Long prompts run in fixed-length pieces, the state carried between them; the
+    piece length depends only on the model, never on the batch, so a prompt is cut the same way
+    alone or in a batch. Only each prompt's last position goes through the LM head.
 decode: one step is ``model(token (B, 1), state)`` (the step kernels) plus the token choice, all
     fixed-shape; on CUDA an XLSTMLarge steps through fused.FusedStep (the same step in far fewer
     kernels). On CUDA, for an XLSTMLarge, ``steps_per_graph`` steps are captured in one CUDA
@@ -31,8 +31,12 @@ from .states import check_state, tree_map
 
 __all__ = ["prefill", "decode_steps", "GenerationStats"]
 
-# Logit elements per prefill call (rows x piece x vocab): 2^28 float32 is 1 GiB.
+# Logit elements per scoring call (rows x piece x vocab): 2^28 float32 is 1 GiB; it sets the piece
+# length of prefill and scoring alike, so both cut a prompt the same way.
 _LOGIT_BUDGET = 1 << 28
+# Tokens per prefill call (rows x piece): prefill forms the logits of each prompt's last position
+# only, so what bounds a call is the activations of one forward.
+_TOKEN_BUDGET = 1 << 16
 
 
 @dataclass
@@ -111,7 +115,6 @@ def prefill(model, prompts: list[list[int]], state: list | None = None) -> tuple
     B = len(prompts)
     if state is not None:
         check_state(model, state, B)
-    cfg = model.cfg
     piece = prefill_piece(model)
     out_state: list | None = None                   # allocated from the first result (float32/float64)
     out_logits: torch.Tensor | None = None
@@ -119,15 +122,16 @@ def prefill(model, prompts: list[list[int]], state: list | None = None) -> tuple
     for r, p in enumerate(prompts):
         by_length.setdefault(len(p), []).append(r)
     for length, rows in by_length.items():
-        per_call = max(1, _LOGIT_BUDGET // (cfg.vocab_size * min(length, piece)))
+        per_call = max(1, _TOKEN_BUDGET // min(length, piece))
         for start in range(0, len(rows), per_call):
             sub = rows[start:start + per_call]
             idx = torch.tensor(sub, dtype=torch.long, device=device)
             ids = torch.tensor([prompts[r] for r in sub], dtype=torch.long, device=device)
             st = None if state is None else tree_map(lambda t: t.index_select(0, idx), state)
             for a in range(0, length, piece):
-                logits, st = model(ids[:, a:a + piece], st)
-            last = logits[:, -1] if logits.dtype == torch.float64 else logits[:, -1].float()
+                hidden, st = model.hidden_states(ids[:, a:a + piece], st)
+            logits = model.logits(hidden[:, -1])            # the last position's only
+            last = logits if logits.dtype == torch.float64 else logits.float()
             if out_state is None:
                 out_logits = last.new_empty(B, last.shape[-1])
                 out_state = tree_map(lambda t: t.new_empty(B, *t.shape[1:]), st)
