@@ -83,7 +83,8 @@ def test_kernel_path_is_the_default_on_cuda_for_small_batches_only():
     step = FusedStep(model, compile=False)
     assert not step.uses_kernels(1)                                      # CPU: exact eager PyTorch
     step._kernels_fit = True                                             # as on CUDA
-    assert step.uses_kernels(1) and step.uses_kernels(16) and not step.uses_kernels(17)
+    limit = FusedStep.max_kernel_batch
+    assert step.uses_kernels(1) and step.uses_kernels(limit) and not step.uses_kernels(limit + 1)
     assert not FusedStep(model, compile=False, kernels=False).uses_kernels(1)
 
 
@@ -181,9 +182,10 @@ GPU_7B_HEADS = ModelConfig(vocab_size=4096, embedding_dim=4096, num_heads=8, num
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("B,kernels", [(1, None), (16, None), (17, None), (1, False)])
+@pytest.mark.parametrize("B,kernels", [(1, None), (16, True), (16, None), (1, False)])
 def test_gpu_fused_step_equals_the_model_step_bf16(B, kernels):
-    """Batches up to 16 take the decode kernels, 17 and kernels=False the compiled pieces."""
+    """Batch 1 takes the decode kernels by default, 16 when asked; larger batches and kernels=False
+    the compiled pieces."""
     torch.manual_seed(0)
     model = XLSTMLarge(GPU_7B_HEADS).to(device="cuda", dtype=torch.bfloat16)
     g = torch.Generator().manual_seed(3)
@@ -192,19 +194,22 @@ def test_gpu_fused_step_equals_the_model_step_bf16(B, kernels):
         _, state = model(ids[:, :69])
         ref_logits, ref_state = model(ids[:, 69:], state)
         step = FusedStep(model, kernels=kernels)                          # compiled on CUDA
-        assert step.uses_kernels(B) == (B <= 16 and kernels is None)
+        assert step.uses_kernels(B) == (kernels or (kernels is None and B <= FusedStep.max_kernel_batch))
         for _ in range(2):                                                # the second call: compiled code
             logits, new_state = step(ids[:, 69:], state)
     assert_step_equal((ref_logits, ref_state), (logits, new_state), torch.bfloat16)
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("lengths", [[5, 130, 12], [130]])                # batch 1: the decode kernels
 @pytest.mark.parametrize("kw", [dict(), dict(temperature=0.9, top_k=40, seed=[1, 2, 3])])
-def test_gpu_fused_graph_decode_equals_model_step(kw):
+def test_gpu_fused_graph_decode_equals_model_step(kw, lengths):
     from .test_generate import GPU_CFG
 
     m = random_model(GPU_CFG, dtype=torch.float32).cuda()
-    prompts = prompts_of([5, 130, 12])
+    prompts = prompts_of(lengths)
+    if "seed" in kw:
+        kw = dict(kw, seed=kw["seed"][:len(lengths)])
     fused = generate(m, prompts, max_new_tokens=23, cuda_graph=True, steps_per_graph=4, **kw)
     plain = generate(m, prompts, max_new_tokens=23, cuda_graph=False, fused=False, **kw)
     assert fused == plain
