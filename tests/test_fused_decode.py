@@ -1,6 +1,6 @@
 """The fused decode step (generation/fused.py) equals the model's one-token forward, and generation
 through it equals generation through ``model(token, state)``; both of its paths: the compiled
-pieces and the decode kernels (ops/decode.py, on the CPU under TRITON_INTERPRET=1)."""
+pieces and the decode kernels (ops/decode/triton, on the CPU under TRITON_INTERPRET=1)."""
 
 import functools
 import os

@@ -20,13 +20,13 @@ bf16 = 9.0 GB while decoding, on top of the model's 13.7 GB. Every other weight 
 The formulas mirror layers/common.py and layers/mlstm.py; tests/test_fused_decode.py holds them to
 the model's forward.
 
-Decode kernels (batch 1 on CUDA, float32/bfloat16/float16): the Triton kernels of ops/decode.py
+Decode kernels (batch 1 on CUDA, float32/bfloat16/float16): the Triton kernels of ops/decode/triton
 run a block in five launches instead, each streaming its weights (RMSNorm + the q|k|v|o|i|f GEMV +
 gate caps; the mLSTM step + head norm x sigmoid(o); out_proj + residual; RMSNorm + the gate|up
 GEMV + SwiGLU; proj_down), and the head in one (residual + out norm + LM head + logit cap). They
 read the same concatenated weights. Larger batches keep the compiled pieces (cuBLAS GEMMs): the
 kernels' batch > 1 path (tl.dot, batch padded to 16) is correct at any batch but was measured
-slower than cuBLAS on the H200 at 4, 8 and 16 (ops/decode.py says what was measured);
+slower than cuBLAS on the H200 at 4, 8 and 16 (ops/decode/triton says what was measured);
 ``max_kernel_batch`` sets the limit.
 """
 
@@ -66,7 +66,7 @@ class FusedStep:
     """The decode step of ``model`` (an XLSTMLarge) with fused projections and elementwise work.
 
     compile: run the pieces through torch.compile (default: on CUDA). kernels: run the decode kernels
-    (ops/decode.py); None: on CUDA for batches up to ``max_kernel_batch`` (1) in float32/bfloat16/float16,
+    (ops/decode/triton); None: on CUDA for batches up to ``max_kernel_batch`` (1) in float32/bfloat16/float16,
     True: at every batch size (also on the CPU under TRITON_INTERPRET=1, for tests), False: never.
     The weights are read from the model when this is built: rebuild after changing them.
     """
@@ -160,7 +160,7 @@ class FusedStep:
         return logits.unsqueeze(1), new_state
 
     def _kernel_step(self, input_ids, state):
-        """The step through ops/decode.py: five launches a block, one for the head."""
+        """The step through ops/decode/triton: five launches a block, one for the head."""
         from ..ops import decode
 
         B, H = input_ids.shape[0], self.num_heads

@@ -1,4 +1,4 @@
-"""The decode kernels (fastxlstm/ops/decode.py) against plain float64 math on the same inputs.
+"""The decode kernels (fastxlstm/ops/decode/triton) against plain float64 math on the same inputs.
 
 Without CUDA they run under TRITON_INTERPRET=1 at tiny shapes (set here, before the kernels are
 decorated). The interpreter's tl.dot is wrong for bfloat16 operands, so there bfloat16 runs the

@@ -71,7 +71,8 @@ import triton
 import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
-from .state import MLSTMState
+from ...mlstm.triton.fwd import _logsigmoid
+from ...state import MLSTMState
 
 __all__ = ["norm_linear", "linear", "norm_swiglu", "mlstm_head_step", "lock_size", "CONFIG"]
 
@@ -113,11 +114,6 @@ def _tanh(x):
     small = a * (1.0 + x2 * (-1.0 / 3.0 + x2 * (2.0 / 15.0 + x2 * (-17.0 / 315.0))))
     t = tl.where(a < 0.125, small, (1.0 - e) / (1.0 + e))
     return tl.where(x < 0, -t, t)
-
-
-@triton.jit
-def _logsigmoid(x):
-    return tl.minimum(x, 0.0) - tl.log(1.0 + tl.exp(-tl.abs(x)))
 
 
 @triton.jit

@@ -1,0 +1,6 @@
+"""Small-batch decode ops for XLSTMLarge: a block in five launches at batch 1 (Triton kernels in
+triton/, which says what each does and what was measured). No autograd: decoding only."""
+
+from .triton import CONFIG, linear, lock_size, mlstm_head_step, norm_linear, norm_swiglu
+
+__all__ = ["norm_linear", "linear", "norm_swiglu", "mlstm_head_step", "lock_size", "CONFIG"]
