@@ -33,7 +33,7 @@ CONFIG = dict(
     bwd_state=dict(BK=64, BV=128, W=8, S=2),
     bwd_dqk=dict(BT=64, BK=64, BV=64, W=8, S=3),
     bwd_dv=dict(BT=64, BK=64, BV=128, W=8, S=3),
-    stab=dict(BLOCK=256),
+    stab=dict(BLOCK=256),          # chunks per block of the stabiliser's max-plus scan
     step=dict(BK=32, BV=64, W=4),
 )
 
