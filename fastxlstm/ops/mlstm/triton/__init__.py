@@ -50,7 +50,9 @@ def mlstm(q, k, v, i, f, state: Optional[MLSTMState] = None, *, chunk_size: int 
     dt = q.dtype
     k, v = k.to(dt), v.to(dt)
     if cu_seqlens is None:
-        table = (_chunk_table if torch.compiler.is_compiling() else _dense_table)(B, T, chunk_size, q.device)
+        # not cached while compiling (traced into the graph) or capturing (it would live in the graph's pool)
+        fresh = torch.compiler.is_compiling() or (q.is_cuda and torch.cuda.is_current_stream_capturing())
+        table = (_chunk_table if fresh else _dense_table)(B, T, chunk_size, q.device)
     else:
         if B != 1:
             raise ValueError(f"cu_seqlens needs a batch of one packed sequence, got B={B}")
