@@ -29,6 +29,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from .fwd import _sequence_of
+
 
 @triton.jit
 def _prep_kernel(dh_ptr, h_ptr, tok_ptr, scal_ptr, eps, T_all, H: tl.constexpr, V: tl.constexpr,
@@ -100,13 +102,7 @@ def _state_kernel(
 ):
     pid_k = tl.program_id(0)
     pid_v = tl.program_id(1)
-    pid = tl.program_id(2)
-    seq = pid // H
-    h = (pid % H).to(tl.int64)  # int64: h * T_all and friends must not wrap
-    bos = tl.load(cu_ptr + seq).to(tl.int64)
-    eos = tl.load(cu_ptr + seq + 1).to(tl.int64)
-    first = tl.load(first_ptr + seq).to(tl.int64)
-    n_chunks = tl.cdiv(eos - bos, L)
+    seq, h, bos, eos, first, n_chunks = _sequence_of(tl.program_id(2), cu_ptr, first_ptr, H, L)
     ok = tl.arange(0, BK)
     ov = tl.arange(0, BV)
     mk = pid_k * BK + ok < K

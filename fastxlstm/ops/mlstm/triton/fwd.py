@@ -44,6 +44,16 @@ def _logsigmoid(x):
 
 
 @triton.jit
+def _sequence_of(pid, cu_ptr, first_ptr, H: tl.constexpr, L: tl.constexpr):
+    """A per-(sequence, head) program's sequence and head, its token span [bos, eos), its first
+    chunk and its number of chunks (int64: h * T_all and friends must not wrap)."""
+    seq = pid // H
+    bos = tl.load(cu_ptr + seq).to(tl.int64)
+    eos = tl.load(cu_ptr + seq + 1).to(tl.int64)
+    return seq, (pid % H).to(tl.int64), bos, eos, tl.load(first_ptr + seq).to(tl.int64), tl.cdiv(eos - bos, L)
+
+
+@triton.jit
 def _chunk_gate_kernel(i_ptr, f_ptr, start_ptr, end_ptr, chs_ptr, tok_ptr, T_all, H: tl.constexpr,
                        L: tl.constexpr):
     # Chunk-local gate work, fully parallel: per token b (cumulative log forget within the chunk)
@@ -79,13 +89,7 @@ def _chunk_stab_kernel(m0_ptr, cu_ptr, first_ptr, chs_ptr, mt_ptr, H: tl.constex
     # The stabiliser across chunks, m_end = max(m_start + g, a), as a scan over BLOCK chunks at a
     # time (a max-plus recurrence is associative): writes m_start and m_end of every chunk (m_end
     # over the slot that held a) and the final m.
-    pid = tl.program_id(0)
-    seq = pid // H
-    h = (pid % H).to(tl.int64)
-    bos = tl.load(cu_ptr + seq).to(tl.int64)
-    eos = tl.load(cu_ptr + seq + 1).to(tl.int64)
-    first = tl.load(first_ptr + seq).to(tl.int64)
-    n_chunks = tl.cdiv(eos - bos, L)
+    seq, h, bos, eos, first, n_chunks = _sequence_of(tl.program_id(0), cu_ptr, first_ptr, H, L)
     m = tl.load(m0_ptr + seq * H + h).to(tl.float32)
     if n_chunks > 0:
         tl.store(chs_ptr + (first * H + h) * 3, m)
@@ -145,13 +149,7 @@ def _state_kernel(
     # 64-bit scalar bases, 32-bit offsets inside a tile: keeps per-element address registers low.
     pid_k = tl.program_id(0)
     pid_v = tl.program_id(1)
-    pid = tl.program_id(2)
-    seq = pid // H
-    h = (pid % H).to(tl.int64)  # int64: h * T_all and friends must not wrap
-    bos = tl.load(cu_ptr + seq).to(tl.int64)
-    eos = tl.load(cu_ptr + seq + 1).to(tl.int64)
-    first = tl.load(first_ptr + seq).to(tl.int64)
-    n_chunks = tl.cdiv(eos - bos, L)
+    seq, h, bos, eos, first, n_chunks = _sequence_of(tl.program_id(2), cu_ptr, first_ptr, H, L)
 
     ok = tl.arange(0, BK)
     ov = tl.arange(0, BV)
