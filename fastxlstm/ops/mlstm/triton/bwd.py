@@ -29,7 +29,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .fwd import _sequence_of
+from .fwd import _rows_of, _sequence_of
 
 
 @triton.jit
@@ -167,11 +167,7 @@ def _dqk_kernel(
     pid_c = tl.program_id(1)
     h = tl.program_id(2).to(tl.int64)
     NSUB: tl.constexpr = L // BT
-    gc = (pid_c // NSUB).to(tl.int64)
-    sub = pid_c % NSUB
-    t0 = tl.load(start_ptr + gc)
-    te = tl.load(end_ptr + gc)
-    r0 = t0 + sub * BT
+    gc, sub, t0, te, r0 = _rows_of(pid_c, start_ptr, end_ptr, L, BT)
     if r0 < te:
         ob = tl.arange(0, BT)
         vr = ob < te - r0
@@ -299,11 +295,7 @@ def _dv_kernel(
     pid_c = tl.program_id(1)
     h = tl.program_id(2).to(tl.int64)
     NSUB: tl.constexpr = L // BT
-    gc = (pid_c // NSUB).to(tl.int64)
-    sub = pid_c % NSUB
-    t0 = tl.load(start_ptr + gc)
-    te = tl.load(end_ptr + gc)
-    r0 = t0 + sub * BT
+    gc, sub, t0, te, r0 = _rows_of(pid_c, start_ptr, end_ptr, L, BT)
     if r0 < te:
         dt = q_ptr.dtype.element_ty
         ob = tl.arange(0, BT)

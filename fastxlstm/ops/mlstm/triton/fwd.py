@@ -54,6 +54,16 @@ def _sequence_of(pid, cu_ptr, first_ptr, H: tl.constexpr, L: tl.constexpr):
 
 
 @triton.jit
+def _rows_of(pid_c, start_ptr, end_ptr, L: tl.constexpr, BT: tl.constexpr):
+    """A per-row-block program's chunk, sub-block within it, the chunk's token span [t0, te) and
+    its first row r0 (the block is empty where r0 >= te: a short last chunk)."""
+    gc = (pid_c // (L // BT)).to(tl.int64)
+    sub = pid_c % (L // BT)
+    t0 = tl.load(start_ptr + gc)
+    return gc, sub, t0, tl.load(end_ptr + gc), t0 + sub * BT
+
+
+@triton.jit
 def _chunk_gate_kernel(i_ptr, f_ptr, start_ptr, end_ptr, chs_ptr, tok_ptr, T_all, H: tl.constexpr,
                        L: tl.constexpr):
     # Chunk-local gate work, fully parallel: per token b (cumulative log forget within the chunk)
@@ -195,12 +205,7 @@ def _out_kernel(
     pid_v = tl.program_id(0)
     pid_c = tl.program_id(1)
     h = tl.program_id(2).to(tl.int64)
-    NSUB: tl.constexpr = L // BT
-    gc = (pid_c // NSUB).to(tl.int64)
-    sub = pid_c % NSUB
-    t0 = tl.load(start_ptr + gc)
-    te = tl.load(end_ptr + gc)
-    r0 = t0 + sub * BT
+    gc, sub, t0, te, r0 = _rows_of(pid_c, start_ptr, end_ptr, L, BT)
     if r0 < te:
         ob = tl.arange(0, BT)
         vr = ob < te - r0
