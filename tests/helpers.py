@@ -66,3 +66,16 @@ def make_mlstm_inputs(B, T, H, Dqk, Dv, *, dtype=torch.float64, device="cpu", ga
         sdt = torch.float64 if dtype == torch.float64 else torch.float32
         state = MLSTMState(rnd(B, H, Dqk, Dv, dt=sdt), rnd(B, H, Dqk, dt=sdt), rnd(B, H, scale=2.0, dt=sdt))
     return x, state
+
+
+def poison_allocations(monkeypatch) -> None:
+    """Fill every fresh allocation (torch.empty, empty_like, Tensor.new_empty) with NaN, so an
+    output element that no kernel wrote fails the comparison."""
+    empty, empty_like, new_empty = torch.empty, torch.empty_like, torch.Tensor.new_empty
+
+    def nan(t):
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    monkeypatch.setattr(torch, "empty", lambda *a, **kw: nan(empty(*a, **kw)))
+    monkeypatch.setattr(torch, "empty_like", lambda *a, **kw: nan(empty_like(*a, **kw)))
+    monkeypatch.setattr(torch.Tensor, "new_empty", lambda self, *a, **kw: nan(new_empty(self, *a, **kw)))

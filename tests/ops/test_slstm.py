@@ -15,7 +15,7 @@ from fastxlstm import ops  # noqa: E402
 from fastxlstm.ops import Backend, SLSTMState  # noqa: E402
 from fastxlstm.ops import triton_available  # noqa: E402
 from fastxlstm.ops.slstm import available, reference  # noqa: E402
-from tests.helpers import assert_close  # noqa: E402
+from tests.helpers import assert_close, poison_allocations  # noqa: E402
 
 LENGTHS = [1, 2, 17, 64]
 FAST = [b for b in available() if b is not Backend.REFERENCE and (b is not Backend.TRITON or triton_available())]
@@ -52,17 +52,6 @@ def run(backend, x, r, state, forget_gate="sigmoid", seed=1):
     inputs = [x, r] + (list(state) if state is not None else [])
     grads = torch.autograd.grad(loss, inputs)
     return h, s, grads
-
-
-def poison(monkeypatch):
-    """Fill every fresh allocation with NaN, so an output element no kernel wrote fails."""
-    empty, empty_like = torch.empty, torch.empty_like
-
-    def nan(t):
-        return t.fill_(float("nan")) if t.is_floating_point() else t
-
-    monkeypatch.setattr(torch, "empty", lambda *a, **kw: nan(empty(*a, **kw)))
-    monkeypatch.setattr(torch, "empty_like", lambda *a, **kw: nan(empty_like(*a, **kw)))
 
 
 def compare(name, ref, out, dtype, grad_dtype=None):
@@ -145,7 +134,7 @@ def test_triton_split_indexing_in_interpreter(monkeypatch):
     compare("triton split", ref, triton_grads(x, r, state), torch.float32)
 
     monkeypatch.setattr(slstm_triton, "launch", launch)    # one run, fresh buffers NaN: dh0 must miss dpre
-    poison(monkeypatch)
+    poison_allocations(monkeypatch)
     x, r, state = make_inputs(19, 1, 2, 40, dtype=torch.float32, with_state=True)
     dh0 = triton_grads(x, r, state)[2][-1]
     assert not torch.isfinite(dh0).all(), "one run saw every program's dpre: the test would not see the exchange"
@@ -208,7 +197,7 @@ def gpu_check(monkeypatch, B, T, dtype, *, with_state=True, forget_gate="sigmoid
     ref_in = [t.detach().double().requires_grad_() for t in (x, r)]
     ref_state = SLSTMState(*(t.detach().double().requires_grad_() for t in state)) if with_state else None
     ref = run(Backend.REFERENCE, *ref_in, ref_state, forget_gate=forget_gate)
-    poison(monkeypatch)
+    poison_allocations(monkeypatch)
     from fastxlstm.ops.slstm import triton as slstm_triton
 
     h, s = slstm_triton.slstm(x, r, state, forget_gate=forget_gate, **launch)
