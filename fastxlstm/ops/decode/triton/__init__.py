@@ -69,7 +69,12 @@ import os
 import torch
 import triton
 import triton.language as tl
-from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+try:  # programmatic dependent launch: triton >= 3.3 (torch 2.5 / 2.6 ship older ones)
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+    _HAS_PDL = True
+except ImportError:
+    gdc_launch_dependents = gdc_wait = None     # never reached: PDL is a constexpr False then
+    _HAS_PDL = False
 
 from ...mlstm.triton.fwd import _logsigmoid
 from ...state import MLSTMState
@@ -305,7 +310,7 @@ def _interpreting() -> bool:
 
 
 def _use_pdl(t: torch.Tensor) -> bool:
-    return (CONFIG["pdl"] and t.is_cuda and not _interpreting()
+    return (CONFIG["pdl"] and _HAS_PDL and t.is_cuda and not _interpreting()
             and torch.cuda.get_device_capability(t.device)[0] >= 9)
 
 
