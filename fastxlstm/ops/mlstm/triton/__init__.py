@@ -184,7 +184,7 @@ def _chunkwise_bwd(dh: Tensor, dcT: Tensor, dnT: Tensor, dmT: Tensor, q: Tensor,
     bwd._query_weight_kernel[(triton.cdiv(K, 64), num_chunks, H)](q, tok, scal, chs, start, end, qw, dns, scale,
                                                                   T_all, H=H, K=K, L=L, BK=64, num_warps=4)
     bwd._state_kernel[(triton.cdiv(K, BK), triton.cdiv(V, BV), N * H)](
-        qw, dh, scal, chs, cu, first, dcT, dnT, dcs, dns, dc0, dn0, cs, ns, c0, n0, bparts, T_all,
+        qw, dh, chs, cu, first, dcT, dnT, dcs, dns, dc0, dn0, cs, ns, c0, n0, bparts,
         H=H, K=K, V=V, L=L, BK=BK, BV=BV, PREC=prec, num_warps=cfg["W"], num_stages=cfg["S"])
     del qw
     edot = bparts.sum(-1)

@@ -11,8 +11,8 @@ per-token gate scalars and s; the backward re-reads q, k, v and recomputes the L
 and score blocks.
 
 _prep_kernel       grid (cdiv(T_all, BT), H): per token 1/den, ds, the stabiliser partial g and q . dq.
-_query_weight_kernel grid (cdiv(Dqk, BK), N_chunks, H): q~ = q exp(b + m_start - m) / sqrt(Dqk) and
-                   dn's own term per chunk, so the state kernel's loop carries nothing else.
+_query_weight_kernel grid (cdiv(Dqk, BK), N_chunks, H): q~ = q exp(b + m_start - m) / (sqrt(Dqk) den)
+                   and dn's own term per chunk, so the state kernel's loop carries nothing else.
 _state_kernel      grid (cdiv(Dqk, BK), cdiv(Dv, BV), N_seq * H): the reverse recurrence
                    dC_start = exp(g + m_start - m_end) dC_end + (q~ * w0)^T dO (dn likewise with
                    ds) in one sequential walk per tile, storing dC at every chunk end, the initial
@@ -68,9 +68,12 @@ def _prep_kernel(dh_ptr, h_ptr, tok_ptr, scal_ptr, eps, T_all, H: tl.constexpr, 
 @triton.jit
 def _query_weight_kernel(q_ptr, tok_ptr, scal_ptr, chs_ptr, start_ptr, end_ptr, qw_ptr, dns_ptr, scale, T_all,
                          H: tl.constexpr, K: tl.constexpr, L: tl.constexpr, BK: tl.constexpr):
-    # The queries as the chunk-start state sees them, q~ = q exp(b + m_start - m) / sqrt(Dqk), in
-    # the operand dtype (the state kernel's dot rounds them so anyway), and dn's own term per
-    # chunk, sum_t q~_t ds_t in fp32, written into the chunk's dn slot for the state kernel.
+    # The queries as the chunk-start state sees them, q~ = q exp(b + m_start - m) / sqrt(Dqk),
+    # with 1/den folded in (dC's term is q~^T dh / den): rounded once to the operand dtype, while
+    # dh enters the state kernel's dot exact. Rounding dh / den to the operand dtype as well cost
+    # the initial state's gradients (dm0 = <c0, dc0> + ... cancels) 10x their precision (fp16, CPU).
+    # Also dn's own term per chunk, sum_t q~_t ds_t in fp32 (ds already holds 1/den), written into
+    # the chunk's dn slot for the state kernel.
     pid_k = tl.program_id(0)
     gc = tl.program_id(1).to(tl.int64)
     h = tl.program_id(2).to(tl.int64)  # int64: h * T_all and friends must not wrap
@@ -83,21 +86,22 @@ def _query_weight_kernel(q_ptr, tok_ptr, scal_ptr, chs_ptr, start_ptr, end_ptr, 
     b = tl.load(tok_ptr + (h * T_all + t0) + ot, mask=valid, other=0.0)
     m = tl.load(tok_ptr + ((H + h) * T_all + t0) + ot, mask=valid, other=0.0)
     ds = tl.load(scal_ptr + ((H + h) * T_all + t0) + ot, mask=valid, other=0.0)
+    inv_den = tl.load(scal_ptr + (h * T_all + t0) + ot, mask=valid, other=0.0)
     m_start = tl.load(chs_ptr + (gc * H + h) * 3)
     w0 = tl.where(valid, tl.exp(b + m_start - m), 0.0) * scale
     base = t0 * (H * K) + h * K + pid_k * BK                 # int64 scalar; int32 offsets in the tile
     off = ot[:, None] * (H * K) + ok[None, :]
     msk = valid[:, None] & mk[None, :]
     qw = tl.load(q_ptr + base + off, mask=msk, other=0.0).to(tl.float32) * w0[:, None]
-    tl.store(qw_ptr + base + off, qw.to(qw_ptr.dtype.element_ty), mask=msk)
+    tl.store(qw_ptr + base + off, (qw * inv_den[:, None]).to(qw_ptr.dtype.element_ty), mask=msk)
     tl.store(dns_ptr + (gc * H + h) * K + pid_k * BK + ok, tl.sum(qw * ds[:, None], 0), mask=mk)
 
 
 @triton.jit
 def _state_kernel(
-    qw_ptr, dh_ptr, scal_ptr, chs_ptr, cu_ptr, first_ptr, dct_ptr, dnt_ptr,
+    qw_ptr, dh_ptr, chs_ptr, cu_ptr, first_ptr, dct_ptr, dnt_ptr,
     dcs_ptr, dns_ptr, dc0_ptr, dn0_ptr, cs_ptr, ns_ptr, c0_ptr, n0_ptr, bdot_ptr,
-    T_all, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     L: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr,
 ):
     pid_k = tl.program_id(0)
@@ -142,13 +146,11 @@ def _state_kernel(
         tl.store(bdot_ptr + (((gc * H + h) * tl.num_programs(0) + pid_k) * tl.num_programs(1) + pid_v) * BK + ok, part)
         t0 = bos + j * L
         valid = ot < eos - t0
-        inv_den = tl.load(scal_ptr + (h * T_all + t0) + ot, mask=valid, other=0.0)
         decay = tl.exp(tl.load(chs_ptr + (gc * H + h) * 3 + 1) + tl.load(chs_ptr + (gc * H + h) * 3)
                        - tl.load(chs_ptr + (gc * H + h) * 3 + 2))
         qt = tl.load(qw_ptr + t0 * (H * K) + h * K + pid_k * BK + q_off, mask=mk[:, None] & valid[None, :], other=0.0)
-        do = tl.load(dh_ptr + t0 * (H * V) + h * V + pid_v * BV + v_off, mask=valid[:, None] & mv[None, :], other=0.0)
-        do = (do.to(tl.float32) * inv_den[:, None]).to(qt.dtype)
-        dc = dc * decay + tl.dot(qt, do, input_precision=PREC)
+        dht = tl.load(dh_ptr + t0 * (H * V) + h * V + pid_v * BV + v_off, mask=valid[:, None] & mv[None, :], other=0.0)
+        dc = dc * decay + tl.dot(qt, dht.to(qt.dtype), input_precision=PREC)
         dn = dn * decay + dnd
     tl.store(dc0_ptr + state_off * K * V + c_tile + kv_off, dc, mask=mkv)
     if pid_v == 0:
@@ -201,13 +203,16 @@ def _dqk_kernel(
         for vv in range(0, V, BV):
             mv = vv + ov < V
             v_msk = vr[:, None] & mv[None, :]
-            do = (tl.load(dh_ptr + v_base + vv + v_off, mask=v_msk, other=0.0).to(tl.float32) * inv_r[:, None]).to(dt)
+            do = tl.load(dh_ptr + v_base + vv + v_off, mask=v_msk, other=0.0).to(dt)
             vt = tl.load(v_ptr + v_base + vv + v_off, mask=v_msk, other=0.0)
             cp = tl.load(cs_ptr + c_base + vv + c_off, mask=mk[:, None] & mv[None, :], other=0.0)
             dce = tl.load(dcs_ptr + c_base + vv + c_off, mask=mk[:, None] & mv[None, :], other=0.0)
             dq += tl.dot(do, tl.trans(cp.to(dt)), input_precision=PREC)
             dk += tl.dot(vt, tl.trans(dce.to(dt)), input_precision=PREC)
             dp_diag += tl.dot(do, tl.trans(vt), input_precision=PREC)
+        # dO = dh / den: the row scale applied to the fp32 results, so dh enters the dots exact
+        dq = dq * inv_r[:, None]
+        dp_diag = dp_diag * inv_r[:, None]
         if HAS_LO:
             # A document's last chunk meets the caller's dC_T: add the part of it that rounding
             # to the operand dtype dropped (dlo), so k . dk against the final state is exact.
@@ -247,10 +252,10 @@ def _dqk_kernel(
             dp = tl.zeros([BT, BT], dtype=tl.float32)
             for vv in range(0, V, BV):
                 mv = vv + ov < V
-                do = (tl.load(dh_ptr + v_base + vv + v_off, mask=vr[:, None] & mv[None, :],
-                              other=0.0).to(tl.float32) * inv_r[:, None]).to(dt)
+                do = tl.load(dh_ptr + v_base + vv + v_off, mask=vr[:, None] & mv[None, :], other=0.0).to(dt)
                 vt = tl.load(v_ptr + c0 * (H * V) + h * V + vv + v_off, mask=mv[None, :], other=0.0)
                 dp += tl.dot(do, tl.trans(vt), input_precision=PREC)
+            dp = dp * inv_r[:, None]
             w = tl.where(vr[:, None], tl.exp(b_r[:, None] - b_c[None, :] + i_c[None, :] - m_r[:, None]), 0.0)
             kt = tl.load(k_ptr + c0 * (H * K) + h * K + pid_k * BK + qk_off, mask=mk[None, :], other=0.0)
             dq += tl.dot(((dp + ds_r[:, None]) * w).to(dt), kt, input_precision=PREC)
@@ -266,10 +271,11 @@ def _dqk_kernel(
             dp = tl.zeros([BT, BT], dtype=tl.float32)
             for vv in range(0, V, BV):
                 mv = vv + ov < V
-                do = (tl.load(dh_ptr + c0 * (H * V) + h * V + vv + v_off, mask=vc[:, None] & mv[None, :],
-                              other=0.0).to(tl.float32) * inv_c[:, None]).to(dt)
+                do = tl.load(dh_ptr + c0 * (H * V) + h * V + vv + v_off, mask=vc[:, None] & mv[None, :],
+                             other=0.0).to(dt)
                 vt = tl.load(v_ptr + v_base + vv + v_off, mask=vr[:, None] & mv[None, :], other=0.0)
                 dp += tl.dot(do, tl.trans(vt), input_precision=PREC)
+            dp = dp * inv_c[:, None]
             w = tl.where(vc[:, None] & vr[None, :],
                          tl.exp(b_c[:, None] - b_r[None, :] + i_r[None, :] - m_c[:, None]), 0.0)
             qt = tl.load(q_ptr + c0 * (H * K) + h * K + pid_k * BK + qk_off, mask=vc[:, None] & mk[None, :], other=0.0)
@@ -334,9 +340,8 @@ def _dv_kernel(
                 s += tl.dot(qt, tl.trans(kt), input_precision=PREC)
             causal = ((c0 + ob)[:, None] >= (r0 + ob)[None, :]) & vc[:, None] & vr[None, :]
             w = tl.where(causal, tl.exp(b_c[:, None] - b_r[None, :] + i_r[None, :] - m_c[:, None]), 0.0)
-            p = s * w * scale
+            p = s * w * (scale * inv_c[:, None])        # dO = dh / den: 1/den on the fp32 side, dh exact
             do = tl.load(dh_ptr + c0 * (H * V) + h * V + pid_v * BV + v_off, mask=vc[:, None] & mv[None, :], other=0.0)
-            do = (do.to(tl.float32) * inv_c[:, None]).to(dt)
-            dv += tl.dot(tl.trans(p.to(dt)), do, input_precision=PREC)
+            dv += tl.dot(tl.trans(p.to(dt)), do.to(dt), input_precision=PREC)
         tl.store(dv_ptr + r0 * (H * V) + h * V + pid_v * BV + v_off, dv.to(dv_ptr.dtype.element_ty),
                  mask=vr[:, None] & mv[None, :])
