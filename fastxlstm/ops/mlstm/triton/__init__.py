@@ -52,7 +52,7 @@ def mlstm(q, k, v, i, f, state: Optional[MLSTMState] = None, *, chunk_size: int 
     if cu_seqlens is None:
         # not cached while compiling (traced into the graph) or capturing (it would live in the graph's pool)
         fresh = torch.compiler.is_compiling() or (q.is_cuda and torch.cuda.is_current_stream_capturing())
-        table = (_chunk_table if fresh else _dense_table)(B, T, chunk_size, q.device)
+        table = (_dense_chunk_table if fresh else _cached_dense_chunk_table)(B, T, chunk_size, q.device)
     else:
         if B != 1:
             raise ValueError(f"cu_seqlens needs a batch of one packed sequence, got B={B}")
@@ -299,7 +299,7 @@ def _gate_grads(i, f, m0, c0, n0, dc0, dn0, dmT, tok, scal, kdk_parts, edot, chs
             dm0)
 
 
-def _chunk_table(B: int, T: int, L: int, device) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+def _dense_chunk_table(B: int, T: int, L: int, device) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """The table of a dense batch: B documents of T tokens."""
     cu = torch.arange(B + 1, device=device, dtype=torch.int64) * T
     return _packed_chunk_table(cu, B * math.ceil(T / L), L)
@@ -307,7 +307,7 @@ def _chunk_table(B: int, T: int, L: int, device) -> tuple[Tensor, Tensor, Tensor
 
 # A dense batch's table depends on (B, T, L) only: built once, not with ~15 small launches per call
 # (the host time of a call showed on the GPU's timeline as ~0.7 ms idle at the goal shape).
-_dense_table = functools.lru_cache(maxsize=64)(_chunk_table)
+_cached_dense_chunk_table = functools.lru_cache(maxsize=64)(_dense_chunk_table)
 
 
 def _packed_chunk_table(cu: Tensor, num_chunks: int, L: int):

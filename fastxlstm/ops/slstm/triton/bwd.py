@@ -15,6 +15,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from ...mlstm.triton.fwd import _logsigmoid
 from .fwd import group_barrier
 
 
@@ -79,7 +80,7 @@ def slstm_bwd_kernel(
         if FORGET_EXP:
             logf = gf
         else:
-            logf = tl.minimum(gf, 0.0) - tl.log(1.0 + tl.exp(-tl.abs(gf)))
+            logf = _logsigmoid(gf)
         fexp = m_p + logf - m
         fg = tl.exp(tl.minimum(fexp, 0.0))
         ig = tl.exp(gi - m)

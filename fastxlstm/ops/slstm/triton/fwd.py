@@ -28,6 +28,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from ...mlstm.triton.fwd import _logsigmoid
+
 
 @triton.jit
 def group_barrier(cnt_ptr, target, SPLIT: tl.constexpr):
@@ -109,7 +111,7 @@ def slstm_fwd_kernel(
         if FORGET_EXP:
             logf = gf
         else:
-            logf = tl.minimum(gf, 0.0) - tl.log(1.0 + tl.exp(-tl.abs(gf)))   # stable logsigmoid
+            logf = _logsigmoid(gf)
         m_new = tl.where(n == 0.0, gi, tl.maximum(gi, m + logf))
         ig = tl.exp(gi - m_new)
         fg = tl.exp(tl.minimum(m + logf - m_new, 0.0))
