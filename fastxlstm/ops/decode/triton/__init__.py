@@ -388,10 +388,8 @@ def _gemv(x, w, b, *, d=None, norm_w=None, eps=0.0, residual=None, cap=None, cap
         kw["launch_pdl"] = True
     # waves x (programs that fit on an SM at once) x SMs programs, all with the same work, so that
     # no wave runs part-empty
-    G = g_max
-    if p.get("per_tile"):
-        G = p["tiles"]                                      # each range is one whole tile
-    elif x.is_cuda and not _interpreting():
+    G = g_max                                               # per_tile: each range is one whole tile
+    if not p.get("per_tile") and x.is_cuda and not _interpreting():
         G = min(g_max, p["waves"] * min(p["ctas"], _resident(args, kw)) * _num_sms(x.device))
     _gemv_kernel[(G,)](*args, **kw)
     return y, xo
