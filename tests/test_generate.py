@@ -41,16 +41,20 @@ def prompts_of(lengths, seed=1):
 
 # --- greedy and batches -------------------------------------------------------------------------
 
-def test_greedy_equals_argmax_of_full_forward(model):
-    prompt = prompts_of([13])[0]
-    new = generate(model, [prompt], max_new_tokens=12)[0]
-    assert len(new) == 12
+def assert_greedy_equals_argmax_of_full_forward(model, prompt, n=12):
+    """Each of n greedy tokens is the argmax of a full forward over everything before it."""
+    new = generate(model, [prompt], max_new_tokens=n)[0]
+    assert len(new) == n
     seq = list(prompt)
     for t in new:
         logits, _ = model(torch.tensor([seq]))
         assert t == int(logits[0, -1].argmax())
         seq.append(t)
     assert len(set(new)) > 1, "a constant output would make this test vacuous"
+
+
+def test_greedy_equals_argmax_of_full_forward(model):
+    assert_greedy_equals_argmax_of_full_forward(model, prompts_of([13])[0])
 
 
 def test_mixed_length_batch_equals_each_prompt_alone(model):
@@ -508,15 +512,7 @@ def assert_states_equal(a, b, atol=0.0):
 
 
 def test_stack_greedy_equals_argmax_of_full_forward(stack):
-    prompt = stack_prompts([9])[0]
-    new = generate(stack, [prompt], max_new_tokens=12)[0]
-    assert len(new) == 12
-    seq = list(prompt)
-    for t in new:
-        logits, _ = stack(torch.tensor([seq]))
-        assert t == int(logits[0, -1].argmax())
-        seq.append(t)
-    assert len(set(new)) > 1, "a constant output would make this test vacuous"
+    assert_greedy_equals_argmax_of_full_forward(stack, stack_prompts([9])[0])
 
 
 def test_stack_mixed_length_batch_equals_each_prompt_alone(stack):
