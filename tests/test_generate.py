@@ -19,14 +19,19 @@ CFG = ModelConfig(vocab_size=256, embedding_dim=64, num_heads=4, num_blocks=2, c
                   bos_token_id=None, eos_token_id=None, pad_token_id=None)
 
 
-def random_model(cfg=CFG, dtype=torch.float64, scale=0.3, seed=0):
-    """Weights far from the init (peaked, varied logits); float64, so no argmax is a rounding tie."""
+def randomized(model, dtype=torch.float64, scale=0.3, seed=0):
+    """``model`` with weights far from the init (peaked, varied logits); float64, so no argmax is a
+    rounding tie."""
     g = torch.Generator().manual_seed(seed)
-    model = XLSTMLarge(cfg).to(dtype)
+    model = model.to(dtype)
     with torch.no_grad():
         for p in model.parameters():
             p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float64) * scale)
     return model
+
+
+def random_model(cfg=CFG, dtype=torch.float64, scale=0.3, seed=0):
+    return randomized(XLSTMLarge(cfg), dtype, scale, seed)
 
 
 @pytest.fixture(scope="module")
@@ -34,9 +39,9 @@ def model():
     return random_model()
 
 
-def prompts_of(lengths, seed=1):
+def prompts_of(lengths, seed=1, vocab=256):
     g = torch.Generator().manual_seed(seed)
-    return [torch.randint(0, 256, (n,), generator=g).tolist() for n in lengths]
+    return [torch.randint(0, vocab, (n,), generator=g).tolist() for n in lengths]
 
 
 # --- greedy and batches -------------------------------------------------------------------------
@@ -482,12 +487,7 @@ STACK_CFG = dict(vocab_size=50, embedding_dim=32, num_blocks=3, slstm_at=(1,), c
 def random_stack(seed=0, scale=0.3, dtype=torch.float64, **changes):
     from fastxlstm import StackConfig, XLSTMStackLM
 
-    g = torch.Generator().manual_seed(seed)
-    model = XLSTMStackLM(StackConfig(**{**STACK_CFG, **changes})).to(dtype)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float64) * scale)
-    return model
+    return randomized(XLSTMStackLM(StackConfig(**{**STACK_CFG, **changes})), dtype, scale, seed)
 
 
 @pytest.fixture(scope="module")
@@ -496,8 +496,7 @@ def stack():
 
 
 def stack_prompts(lengths, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(0, 50, (n,), generator=g).tolist() for n in lengths]
+    return prompts_of(lengths, seed, vocab=50)
 
 
 def assert_states_equal(a, b, atol=0.0):
