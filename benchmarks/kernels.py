@@ -230,10 +230,12 @@ SWEEP = {
     "fwd_out": [dict(BT=64, BK=64, BV=256, W=8, S=1), dict(BT=64, BK=128, BV=256, W=8, S=1),
                 dict(BT=64, BK=128, BV=128, W=8, S=1), dict(BT=64, BK=64, BV=128, W=4, S=1)],
     "bwd_state": [dict(BK=64, BV=128, W=8, S=2), dict(BK=64, BV=64, W=8, S=2), dict(BK=128, BV=64, W=8, S=2)],
-    "bwd_dqk": [dict(BT=64, BK=64, BV=64, W=8, S=3), dict(BT=64, BK=64, BV=32, W=8, S=3),
-                dict(BT=64, BK=32, BV=64, W=8, S=3), dict(BT=64, BK=64, BV=64, W=8, S=1)],
-    "bwd_dv": [dict(BT=64, BK=64, BV=128, W=8, S=3), dict(BT=64, BK=128, BV=128, W=8, S=2),
-               dict(BT=64, BK=64, BV=256, W=8, S=2)],
+    "bwd_scores": [dict(BT=64, BK=64, BV=64, W=8, S=2), dict(BT=64, BK=128, BV=128, W=8, S=2),
+                   dict(BT=64, BK=64, BV=64, W=4, S=2)],
+    "bwd_dqk": [dict(BK=64, BV=64, W=8, S=3), dict(BK=64, BV=128, W=8, S=2),
+                dict(BK=32, BV=64, W=8, S=3), dict(BK=64, BV=64, W=4, S=3)],
+    "bwd_dv": [dict(BK=64, BV=128, W=8, S=3), dict(BK=128, BV=128, W=8, S=2),
+               dict(BK=64, BV=256, W=8, S=2), dict(BK=64, BV=64, W=4, S=3)],
 }
 
 

@@ -31,8 +31,10 @@ CONFIG = dict(
     # (rel error 0.1-0.3 on the H200, 2026-11-28); one stage is exact there (benchmarks/NOTES-kernels.md).
     fwd_out=dict(BT=64, BK=64, BV=256, W=8, S=1),
     bwd_state=dict(BK=64, BV=128, W=8, S=2),
-    bwd_dqk=dict(BT=64, BK=64, BV=64, W=8, S=3),
-    bwd_dv=dict(BT=64, BK=64, BV=128, W=8, S=3),
+    # the backward's intra-chunk row blocks are bwd_scores' BT (dq/dk and dv read its blocks)
+    bwd_scores=dict(BT=64, BK=64, BV=64, W=8, S=2),
+    bwd_dqk=dict(BK=64, BV=64, W=8, S=3),
+    bwd_dv=dict(BK=64, BV=128, W=8, S=3),
     stab=dict(BLOCK=256),          # chunks per block of the stabiliser's max-plus scan
     step=dict(BK=32, BV=64, W=4),
 )
@@ -188,24 +190,38 @@ def _chunkwise_bwd(dh: Tensor, dcT: Tensor, dnT: Tensor, dmT: Tensor, q: Tensor,
         H=H, K=K, V=V, L=L, BK=BK, BV=BV, PREC=prec, num_warps=cfg["W"], num_stages=cfg["S"])
     del qw
     edot = bparts.sum(-1)
-    cfg = _tiles("bwd_dqk", q)
+    cfg = _tiles("bwd_scores", q)
     BT, BK, BV = min(cfg["BT"], L), _tile(K, cfg["BK"]), _tile(V, cfg["BV"])
+    NSUB = L // BT
+    # per chunk and head the L x L blocks of P and dP~ (only those at or below the diagonal are written)
+    p_blk = q.new_empty(num_chunks, H, L, L)
+    dpw_blk = q.new_empty(num_chunks, H, L, L)
+    kdk_intra = q.new_zeros(NSUB, H, T_all, dtype=torch.float32)
+    bwd._scores_kernel[(num_chunks * NSUB, H)](
+        q, k, v, i, dh, tok, scal, start, end, p_blk, dpw_blk, kdk_intra, scale, T_all,
+        H=H, K=K, V=V, L=L, BT=BT, BK=BK, BV=BV, PREC=prec, num_warps=cfg["W"], num_stages=cfg["S"])
+    cfg = _tiles("bwd_dqk", q)
+    BK, BV = _tile(K, cfg["BK"]), _tile(V, cfg["BV"])
     NKT = triton.cdiv(K, BK)
     dq, dk = torch.empty_like(q), torch.empty_like(k)
-    part = q.new_empty(2, NKT, H, T_all, dtype=torch.float32)
+    kdk_inter = q.new_empty(NKT, H, T_all, dtype=torch.float32)
     cdoc = torch.where(end == cu[doc + 1], doc, -1)                 # document whose last chunk this is
     has_lo = q.dtype != torch.float32
     dlo = (dcT - dcT.to(q.dtype).float()).to(q.dtype) if has_lo else dcT
-    bwd._dqk_kernel[(NKT, num_chunks * (L // BT), H)](
-        q, k, v, i, dh, cs, ns, dcs, dns, chs, tok, scal, start, end, dq, dk, part, cdoc, dlo, scale, T_all,
-        H=H, K=K, V=V, L=L, BT=BT, BK=BK, BV=BV, PREC=prec, HAS_LO=has_lo, num_warps=cfg["W"], num_stages=cfg["S"])
+    bwd._dqk_kernel[(NKT, num_chunks * NSUB, H)](
+        q, k, v, dh, cs, ns, dcs, dns, chs, tok, scal, i, start, end, dpw_blk, dq, dk, kdk_inter, cdoc, dlo,
+        scale, T_all, H=H, K=K, V=V, L=L, BT=BT, BK=BK, BV=BV, PREC=prec, HAS_LO=has_lo,
+        num_warps=cfg["W"], num_stages=cfg["S"])
+    del dpw_blk
     cfg = _tiles("bwd_dv", q)
-    BT, BK, BV = min(cfg["BT"], L), _tile(K, cfg["BK"]), _tile(V, cfg["BV"])
+    BK, BV = _tile(K, cfg["BK"]), _tile(V, cfg["BV"])
     dv = torch.empty_like(v)
-    bwd._dv_kernel[(triton.cdiv(V, BV), num_chunks * (L // BT), H)](
-        q, k, i, dh, dcs, chs, tok, scal, start, end, dv, scale, T_all,
+    bwd._dv_kernel[(triton.cdiv(V, BV), num_chunks * NSUB, H)](
+        k, i, dh, dcs, chs, tok, start, end, p_blk, dv, T_all,
         H=H, K=K, V=V, L=L, BT=BT, BK=BK, BV=BV, PREC=prec, num_warps=cfg["W"], num_stages=cfg["S"])
-    di, df, dm0 = _gate_grads(i, f, m0, c0, n0, dc0, dn0, dmT, tok, scal, part.sum(1), edot, chs, cu, start, L)
+    del p_blk
+    kdk_parts = torch.stack([kdk_inter.sum(0), kdk_intra.sum(0)])
+    di, df, dm0 = _gate_grads(i, f, m0, c0, n0, dc0, dn0, dmT, tok, scal, kdk_parts, edot, chs, cu, start, L)
     return dq, dk, dv, di, df, dc0, dn0, dm0
 
 

@@ -157,10 +157,65 @@ def _state_kernel(
         tl.store(dn0_ptr + state_off * K + pid_k * BK + ok, dn, mask=mk)
 
 
+
+@triton.jit
+def _scores_kernel(
+    q_ptr, k_ptr, v_ptr, i_ptr, dh_ptr, tok_ptr, scal_ptr, start_ptr, end_ptr, p_ptr, dpw_ptr, kdk_ptr,
+    scale, T_all, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+    L: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr,
+):
+    # For the BT query rows of one program and every key block at or before them in the chunk:
+    # the gated scores P = S W / (sqrt(Dqk) den) that dv needs and dP~ = (dO V^T + ds) W that dq
+    # and dk need, each formed once here and stored in the operand dtype (the same rounding as the
+    # dots' operands), instead of once per Dqk or Dv tile in the gradient kernels. Also k . dk's
+    # part within the chunk, sum_t dP~_ts S_ts / sqrt(Dqk), in fp32, per row block (summed on the host).
+    pid_c = tl.program_id(0)
+    h = tl.program_id(1).to(tl.int64)
+    gc, sub, t0, te, r0 = _rows_of(pid_c, start_ptr, end_ptr, L, BT)
+    if r0 < te:
+        ob = tl.arange(0, BT)
+        vr = ob < te - r0
+        ok = tl.arange(0, BK)
+        ov = tl.arange(0, BV)
+        b_r = tl.load(tok_ptr + (h * T_all + r0) + ob, mask=vr, other=0.0)
+        m_r = tl.load(tok_ptr + ((H + h) * T_all + r0) + ob, mask=vr, other=0.0)
+        inv_r = tl.load(scal_ptr + (h * T_all + r0) + ob, mask=vr, other=0.0)
+        ds_r = tl.load(scal_ptr + ((H + h) * T_all + r0) + ob, mask=vr, other=0.0)
+        qk_off = ob[:, None] * (H * K) + ok[None, :]
+        v_off = ob[:, None] * (H * V) + ov[None, :]
+        blk_off = ob[:, None] * L + ob[None, :]
+        blk_base = ((gc * H + h) * L + sub * BT) * L
+        for rb in range(0, sub + 1):
+            c0 = t0 + rb * BT
+            vc = ob < te - c0
+            s = tl.zeros([BT, BT], dtype=tl.float32)
+            for kk in range(0, K, BK):
+                mk = kk + ok < K
+                qt = tl.load(q_ptr + r0 * (H * K) + h * K + kk + qk_off, mask=vr[:, None] & mk[None, :], other=0.0)
+                kt = tl.load(k_ptr + c0 * (H * K) + h * K + kk + qk_off, mask=vc[:, None] & mk[None, :], other=0.0)
+                s += tl.dot(qt, tl.trans(kt), input_precision=PREC)
+            dp = tl.zeros([BT, BT], dtype=tl.float32)
+            for vv in range(0, V, BV):
+                mv = vv + ov < V
+                do = tl.load(dh_ptr + r0 * (H * V) + h * V + vv + v_off, mask=vr[:, None] & mv[None, :], other=0.0)
+                vt = tl.load(v_ptr + c0 * (H * V) + h * V + vv + v_off, mask=vc[:, None] & mv[None, :], other=0.0)
+                dp += tl.dot(do.to(vt.dtype), tl.trans(vt), input_precision=PREC)
+            b_c = tl.load(tok_ptr + (h * T_all + c0) + ob, mask=vc, other=0.0)
+            i_c = tl.load(i_ptr + (c0 * H + h) + ob * H, mask=vc, other=0.0).to(tl.float32)
+            causal = (ob[:, None] + sub * BT >= ob[None, :] + rb * BT) & vr[:, None] & vc[None, :]
+            w = tl.where(causal, tl.exp(b_r[:, None] - b_c[None, :] + i_c[None, :] - m_r[:, None]), 0.0)
+            # dO = dh / den: 1/den scales the fp32 results, so dh enters the dot exact
+            p = s * w * (scale * inv_r[:, None])
+            dpw = (dp * inv_r[:, None] + ds_r[:, None]) * w
+            tl.store(p_ptr + blk_base + rb * BT + blk_off, p.to(p_ptr.dtype.element_ty))
+            tl.store(dpw_ptr + blk_base + rb * BT + blk_off, dpw.to(dpw_ptr.dtype.element_ty))
+            tl.store(kdk_ptr + ((sub * H + h) * T_all + c0) + ob, tl.sum(dpw * s, 0) * scale, mask=vc)
+
+
 @triton.jit
 def _dqk_kernel(
-    q_ptr, k_ptr, v_ptr, i_ptr, dh_ptr, cs_ptr, ns_ptr, dcs_ptr, dns_ptr, chs_ptr, tok_ptr, scal_ptr,
-    start_ptr, end_ptr, dq_ptr, dk_ptr, part_ptr, cdoc_ptr, dlo_ptr,
+    q_ptr, k_ptr, v_ptr, dh_ptr, cs_ptr, ns_ptr, dcs_ptr, dns_ptr, chs_ptr, tok_ptr, scal_ptr, i_ptr,
+    start_ptr, end_ptr, dpw_ptr, dq_ptr, dk_ptr, part_ptr, cdoc_ptr, dlo_ptr,
     scale, T_all, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     L: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr,
     HAS_LO: tl.constexpr,
@@ -190,16 +245,14 @@ def _dqk_kernel(
         c_off = ok[:, None] * V + ov[None, :]
         qk_base = r0 * (H * K) + h * K + pid_k * BK
         qk_msk = vr[:, None] & mk[None, :]
-        q_r = tl.load(q_ptr + qk_base + qk_off, mask=qk_msk, other=0.0)
         k_r = tl.load(k_ptr + qk_base + qk_off, mask=qk_msk, other=0.0)
-        dt = q_r.dtype
+        dt = k_r.dtype
         v_base = r0 * (H * V) + h * V
         c_base = cst * V + pid_k * BK * V
 
         # inter-chunk terms: dO C_start^T (for dq) and V dC_end^T (for dk), over Dv tiles
         dq = tl.zeros([BT, BK], dtype=tl.float32)
         dk = tl.zeros([BT, BK], dtype=tl.float32)
-        dp_diag = tl.zeros([BT, BT], dtype=tl.float32)
         for vv in range(0, V, BV):
             mv = vv + ov < V
             v_msk = vr[:, None] & mv[None, :]
@@ -209,10 +262,7 @@ def _dqk_kernel(
             dce = tl.load(dcs_ptr + c_base + vv + c_off, mask=mk[:, None] & mv[None, :], other=0.0)
             dq += tl.dot(do, tl.trans(cp.to(dt)), input_precision=PREC)
             dk += tl.dot(vt, tl.trans(dce.to(dt)), input_precision=PREC)
-            dp_diag += tl.dot(do, tl.trans(vt), input_precision=PREC)
-        # dO = dh / den: the row scale applied to the fp32 results, so dh enters the dots exact
-        dq = dq * inv_r[:, None]
-        dp_diag = dp_diag * inv_r[:, None]
+        dq = dq * inv_r[:, None]          # dO = dh / den on the fp32 side: dh enters the dot exact
         if HAS_LO:
             # A document's last chunk meets the caller's dC_T: add the part of it that rounding
             # to the operand dtype dropped (dlo), so k . dk against the final state is exact.
@@ -230,80 +280,45 @@ def _dqk_kernel(
         w_end = tl.where(vr, tl.exp(g - b_r + i_r - m_end), 0.0)
         dq = (dq + ds_r[:, None] * n_p[None, :]) * w0[:, None]
         dk = (dk + dn_e[None, :]) * w_end[:, None]
-        # k . dk for the gate gradients, its parts apart: through the chunk-end state (kdk_inter)
-        # and within the chunk, summed in fp32 from the score blocks (k_s . dk_s = sum_t dP~_ts
-        # S_ts), not from dk, whose operands were rounded to bf16.
-        kdk_inter = tl.sum(k_r.to(tl.float32) * dk, 1)
+        # k . dk through the chunk-end state, for the gate gradients (the part within the chunk
+        # comes from the scores kernel, in fp32)
+        tl.store(part_ptr + ((pid_k * H + h) * T_all + r0) + ob, tl.sum(k_r.to(tl.float32) * dk, 1), mask=vr)
 
-        # diagonal block, shared by dq and dk
-        causal = (ob[None, :] <= ob[:, None]) & vr[None, :] & vr[:, None]
-        w = tl.where(causal, tl.exp(b_r[:, None] - b_r[None, :] + i_r[None, :] - m_r[:, None]), 0.0)
-        dpw32 = (dp_diag + ds_r[:, None]) * w
-        dpw = dpw32.to(dt)
-        dq += tl.dot(dpw, k_r, input_precision=PREC)
-        dk += tl.dot(tl.trans(dpw), q_r, input_precision=PREC) * scale
-        kdk = tl.sum(dpw32 * tl.dot(q_r, tl.trans(k_r), input_precision=PREC), 0) * scale
-
-        # earlier key blocks of the chunk -> dq
-        for jb in range(0, sub):
-            c0 = t0 + jb * BT
-            b_c = tl.load(tok_ptr + (h * T_all + c0) + ob)
-            i_c = tl.load(i_ptr + (c0 * H + h) + ob * H).to(tl.float32)
-            dp = tl.zeros([BT, BT], dtype=tl.float32)
-            for vv in range(0, V, BV):
-                mv = vv + ov < V
-                do = tl.load(dh_ptr + v_base + vv + v_off, mask=vr[:, None] & mv[None, :], other=0.0).to(dt)
-                vt = tl.load(v_ptr + c0 * (H * V) + h * V + vv + v_off, mask=mv[None, :], other=0.0)
-                dp += tl.dot(do, tl.trans(vt), input_precision=PREC)
-            dp = dp * inv_r[:, None]
-            w = tl.where(vr[:, None], tl.exp(b_r[:, None] - b_c[None, :] + i_c[None, :] - m_r[:, None]), 0.0)
-            kt = tl.load(k_ptr + c0 * (H * K) + h * K + pid_k * BK + qk_off, mask=mk[None, :], other=0.0)
-            dq += tl.dot(((dp + ds_r[:, None]) * w).to(dt), kt, input_precision=PREC)
-
-        # later query blocks of the chunk -> dk
-        for tb in range(sub + 1, NSUB):
+        # within the chunk: dq from the key blocks at or before these rows, dk from the query
+        # blocks at or after them, with the scores kernel's dP~ blocks
+        blk_off = ob[:, None] * L + ob[None, :]
+        chunk_blk = (gc * H + h) * L * L
+        for rb in range(0, sub + 1):
+            c0 = t0 + rb * BT
+            dpw = tl.load(dpw_ptr + chunk_blk + sub * BT * L + rb * BT + blk_off, mask=vr[:, None], other=0.0)
+            kt = tl.load(k_ptr + c0 * (H * K) + h * K + pid_k * BK + qk_off,
+                         mask=(ob < te - c0)[:, None] & mk[None, :], other=0.0)
+            dq += tl.dot(dpw, kt, input_precision=PREC)
+        for tb in range(sub, NSUB):
             c0 = t0 + tb * BT
             vc = ob < te - c0
-            b_c = tl.load(tok_ptr + (h * T_all + c0) + ob, mask=vc, other=0.0)
-            m_c = tl.load(tok_ptr + ((H + h) * T_all + c0) + ob, mask=vc, other=0.0)
-            inv_c = tl.load(scal_ptr + (h * T_all + c0) + ob, mask=vc, other=0.0)
-            ds_c = tl.load(scal_ptr + ((H + h) * T_all + c0) + ob, mask=vc, other=0.0)
-            dp = tl.zeros([BT, BT], dtype=tl.float32)
-            for vv in range(0, V, BV):
-                mv = vv + ov < V
-                do = tl.load(dh_ptr + c0 * (H * V) + h * V + vv + v_off, mask=vc[:, None] & mv[None, :],
-                             other=0.0).to(dt)
-                vt = tl.load(v_ptr + v_base + vv + v_off, mask=vr[:, None] & mv[None, :], other=0.0)
-                dp += tl.dot(do, tl.trans(vt), input_precision=PREC)
-            dp = dp * inv_c[:, None]
-            w = tl.where(vc[:, None] & vr[None, :],
-                         tl.exp(b_c[:, None] - b_r[None, :] + i_r[None, :] - m_c[:, None]), 0.0)
+            dpw = tl.load(dpw_ptr + chunk_blk + tb * BT * L + sub * BT + blk_off, mask=vc[:, None], other=0.0)
             qt = tl.load(q_ptr + c0 * (H * K) + h * K + pid_k * BK + qk_off, mask=vc[:, None] & mk[None, :], other=0.0)
-            dpw32 = (dp + ds_c[:, None]) * w * scale
-            dk += tl.dot(tl.trans(dpw32.to(dt)), qt, input_precision=PREC)
-            kdk += tl.sum(dpw32 * tl.dot(qt, tl.trans(k_r), input_precision=PREC), 0)
-
-        dq = dq * scale
-        tl.store(dq_ptr + qk_base + qk_off, dq.to(dq_ptr.dtype.element_ty), mask=qk_msk)
+            dk += tl.dot(tl.trans(dpw), qt, input_precision=PREC) * scale
+        tl.store(dq_ptr + qk_base + qk_off, (dq * scale).to(dq_ptr.dtype.element_ty), mask=qk_msk)
         tl.store(dk_ptr + qk_base + qk_off, dk.to(dk_ptr.dtype.element_ty), mask=qk_msk)
-        NKT = tl.num_programs(0)
-        tl.store(part_ptr + ((pid_k * H + h) * T_all + r0) + ob, kdk_inter, mask=vr)
-        tl.store(part_ptr + (((NKT + pid_k) * H + h) * T_all + r0) + ob, kdk, mask=vr)
 
 
 @triton.jit
 def _dv_kernel(
-    q_ptr, k_ptr, i_ptr, dh_ptr, dcs_ptr, chs_ptr, tok_ptr, scal_ptr, start_ptr, end_ptr, dv_ptr,
-    scale, T_all, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+    k_ptr, i_ptr, dh_ptr, dcs_ptr, chs_ptr, tok_ptr, start_ptr, end_ptr, p_ptr, dv_ptr, T_all,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     L: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr,
 ):
+    # dv = w_end K dC_end + sum over the query blocks at or after these rows of P^T dh
+    # (P, from the scores kernel, already holds 1/den)
     pid_v = tl.program_id(0)
     pid_c = tl.program_id(1)
     h = tl.program_id(2).to(tl.int64)
     NSUB: tl.constexpr = L // BT
     gc, sub, t0, te, r0 = _rows_of(pid_c, start_ptr, end_ptr, L, BT)
     if r0 < te:
-        dt = q_ptr.dtype.element_ty
+        dt = k_ptr.dtype.element_ty
         ob = tl.arange(0, BT)
         vr = ob < te - r0
         ok = tl.arange(0, BK)
@@ -326,22 +341,13 @@ def _dv_kernel(
             dv += tl.dot(kt, dce.to(dt), input_precision=PREC)
         w_end = tl.where(vr, tl.exp(g - b_r + i_r - m_end), 0.0)
         dv = dv * w_end[:, None]
+        blk_off = ob[:, None] * L + ob[None, :]
+        chunk_blk = (gc * H + h) * L * L
         for tb in range(sub, NSUB):
             c0 = t0 + tb * BT
             vc = ob < te - c0
-            b_c = tl.load(tok_ptr + (h * T_all + c0) + ob, mask=vc, other=0.0)
-            m_c = tl.load(tok_ptr + ((H + h) * T_all + c0) + ob, mask=vc, other=0.0)
-            inv_c = tl.load(scal_ptr + (h * T_all + c0) + ob, mask=vc, other=0.0)
-            s = tl.zeros([BT, BT], dtype=tl.float32)
-            for kk in range(0, K, BK):
-                mk = kk + ok < K
-                qt = tl.load(q_ptr + c0 * (H * K) + h * K + kk + qk_off, mask=vc[:, None] & mk[None, :], other=0.0)
-                kt = tl.load(k_ptr + k_base + kk + qk_off, mask=vr[:, None] & mk[None, :], other=0.0)
-                s += tl.dot(qt, tl.trans(kt), input_precision=PREC)
-            causal = ((c0 + ob)[:, None] >= (r0 + ob)[None, :]) & vc[:, None] & vr[None, :]
-            w = tl.where(causal, tl.exp(b_c[:, None] - b_r[None, :] + i_r[None, :] - m_c[:, None]), 0.0)
-            p = s * w * (scale * inv_c[:, None])        # dO = dh / den: 1/den on the fp32 side, dh exact
+            p = tl.load(p_ptr + chunk_blk + tb * BT * L + sub * BT + blk_off, mask=vc[:, None], other=0.0)
             do = tl.load(dh_ptr + c0 * (H * V) + h * V + pid_v * BV + v_off, mask=vc[:, None] & mv[None, :], other=0.0)
-            dv += tl.dot(tl.trans(p.to(dt)), do.to(dt), input_precision=PREC)
+            dv += tl.dot(tl.trans(p), do.to(dt), input_precision=PREC)
         tl.store(dv_ptr + r0 * (H * V) + h * V + pid_v * BV + v_off, dv.to(dv_ptr.dtype.element_ty),
                  mask=vr[:, None] & mv[None, :])
