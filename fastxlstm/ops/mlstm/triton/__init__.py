@@ -181,15 +181,15 @@ def _chunkwise_bwd(dh: Tensor, dcT: Tensor, dnT: Tensor, dmT: Tensor, q: Tensor,
     prec = _precision(q)
     cfg = _tiles("bwd_state", q)
     BK, BV = _tile(K, cfg["BK"]), _tile(V, cfg["BV"])
-    bparts = q.new_empty(num_chunks, H, triton.cdiv(K, BK) * triton.cdiv(V, BV) * BK, dtype=torch.float32)
     qw = torch.empty_like(q)
     bwd._query_weight_kernel[(triton.cdiv(K, 64), num_chunks, H)](q, tok, scal, chs, start, end, qw, dns, scale,
                                                                   T_all, H=H, K=K, L=L, BK=64, num_warps=4)
-    bwd._state_kernel[(triton.cdiv(K, BK), triton.cdiv(V, BV), N * H)](
-        qw, dh, chs, cu, first, dcT, dnT, dcs, dns, dc0, dn0, cs, ns, c0, n0, bparts,
-        H=H, K=K, V=V, L=L, BK=BK, BV=BV, PREC=prec, num_warps=cfg["W"], num_stages=cfg["S"])
+    dcf, dnf = torch.empty_like(c0), torch.empty_like(n0)     # dC_end, dn_end of each document's first chunk
+    for first_chunk, ins, outs in ((False, (dcT, dnT), (dcf, dnf)), (True, (dcf, dnf), (dc0, dn0))):
+        bwd._state_kernel[(triton.cdiv(K, BK), triton.cdiv(V, BV), N * H)](
+            qw, dh, chs, cu, first, *ins, dcs, dns, *outs,
+            H=H, K=K, V=V, L=L, BK=BK, BV=BV, PREC=prec, FIRST=first_chunk, num_warps=cfg["W"], num_stages=cfg["S"])
     del qw
-    edot = bparts.sum(-1)
     cfg = _tiles("bwd_scores", q)
     BT, BK, BV = min(cfg["BT"], L), _tile(K, cfg["BK"]), _tile(V, cfg["BV"])
     NSUB = L // BT
@@ -208,8 +208,11 @@ def _chunkwise_bwd(dh: Tensor, dcT: Tensor, dnT: Tensor, dmT: Tensor, q: Tensor,
     cdoc = torch.where(end == cu[doc + 1], doc, -1)                 # document whose last chunk this is
     has_lo = q.dtype != torch.float32
     dlo = (dcT - dcT.to(q.dtype).float()).to(q.dtype) if has_lo else dcT
+    inner = ((torch.arange(num_chunks, device=q.device) != first[doc]) & (cdoc < 0)).to(torch.int32)
+    edot_inner = q.new_zeros(num_chunks, H, NKT, dtype=torch.float32)
     bwd._dqk_kernel[(NKT, num_chunks * NSUB, H)](
         q, k, v, dh, cs, ns, dcs, dns, chs, tok, scal, i, start, end, dpw_blk, dq, dk, kdk_inter, cdoc, dlo,
+        inner, edot_inner,
         scale, T_all, H=H, K=K, V=V, L=L, BT=BT, BK=BK, BV=BV, PREC=prec, HAS_LO=has_lo,
         num_warps=cfg["W"], num_stages=cfg["S"])
     del dpw_blk
@@ -221,6 +224,7 @@ def _chunkwise_bwd(dh: Tensor, dcT: Tensor, dnT: Tensor, dmT: Tensor, q: Tensor,
         H=H, K=K, V=V, L=L, BT=BT, BK=BK, BV=BV, PREC=prec, num_warps=cfg["W"], num_stages=cfg["S"])
     del p_blk
     kdk_parts = torch.stack([kdk_inter.sum(0), kdk_intra.sum(0)])
+    edot = _chunk_state_dots(edot_inner.sum(-1), dcf, dnf, c0, n0, dcT, dnT, cs, ns, cu, first, L)
     di, df, dm0 = _gate_grads(i, f, m0, c0, n0, dc0, dn0, dmT, tok, scal, kdk_parts, edot, chs, cu, start, L)
     return dq, dk, dv, di, df, dc0, dn0, dm0
 
@@ -253,6 +257,20 @@ torch.library.register_autograd("fastxlstm::mlstm_chunkwise", _backward, setup_c
 
 
 # ----------------------------------------------------------------------------- helpers
+
+def _chunk_state_dots(edot, dcf, dnf, c0, n0, dcT, dnT, cs, ns, cu, first, L):
+    """<dC_end, C_start> + <dn_end, n_start> per chunk: the dq/dk kernel's interior chunks
+    (``edot``, zero elsewhere) plus each document's first chunk (fp32 dC_end against c0) and last
+    (the caller's dC_T against the stored C_start), exact where the gate gradients cancel them."""
+    num_chunks = edot.shape[0]
+    n_ch = (cu[1:] - cu[:-1] + L - 1) // L
+    at_first = first.clamp(max=num_chunks - 1)
+    at_last = (first + n_ch - 1).clamp(min=0, max=num_chunks - 1)
+    e_first = (dcf * c0).sum((-1, -2)) + (dnf * n0).sum(-1)
+    e_last = (dcT * cs[at_last].float()).sum((-1, -2)) + (dnT * ns[at_last]).sum(-1)
+    edot = edot.index_put((at_first,), torch.where((n_ch > 0)[:, None], e_first, 0.0), accumulate=True)
+    return edot.index_put((at_last,), torch.where((n_ch > 1)[:, None], e_last, 0.0), accumulate=True)
+
 
 def _gate_grads(i, f, m0, c0, n0, dc0, dn0, dmT, tok, scal, kdk_parts, edot, chs, cu, start, L):
     """Gradients of the gates and of m0 from per-token and per-chunk scalars.

@@ -99,11 +99,15 @@ def _query_weight_kernel(q_ptr, tok_ptr, scal_ptr, chs_ptr, start_ptr, end_ptr, 
 
 @triton.jit
 def _state_kernel(
-    qw_ptr, dh_ptr, chs_ptr, cu_ptr, first_ptr, dct_ptr, dnt_ptr,
-    dcs_ptr, dns_ptr, dc0_ptr, dn0_ptr, cs_ptr, ns_ptr, c0_ptr, n0_ptr, bdot_ptr,
+    qw_ptr, dh_ptr, chs_ptr, cu_ptr, first_ptr, dc_in_ptr, dn_in_ptr, dcs_ptr, dns_ptr, dc_out_ptr, dn_out_ptr,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
-    L: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr,
+    L: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr, FIRST: tl.constexpr,
 ):
+    # Launched twice: FIRST=False walks each document's chunks from the last down to the second,
+    # from dC_T, and leaves dC_end of the first chunk in fp32 (the gate gradients' <dC_end, c0>
+    # must see the value that dm0's <dc0, c0> cancels it against); FIRST=True takes that chunk's
+    # step to dc0. Two launches rather than a peeled step or a branch in the loop: either took
+    # the loop's registers from ~105 to ~175-240 (triton 3.6, sm_90), and it is latency-bound.
     pid_k = tl.program_id(0)
     pid_v = tl.program_id(1)
     seq, h, bos, eos, first, n_chunks = _sequence_of(tl.program_id(2), cu_ptr, first_ptr, H, L)
@@ -117,33 +121,24 @@ def _state_kernel(
     kv_off = ok[:, None] * V + ov[None, :]
     c_tile = pid_k * BK * V + pid_v * BV
     state_off = (seq * H + h).to(tl.int64)
-    dc = tl.load(dct_ptr + state_off * K * V + c_tile + kv_off, mask=mkv, other=0.0).to(tl.float32)
-    dn = tl.load(dnt_ptr + state_off * K + pid_k * BK + ok, mask=mk, other=0.0).to(tl.float32)
+    dc = tl.load(dc_in_ptr + state_off * K * V + c_tile + kv_off, mask=mkv, other=0.0).to(tl.float32)
+    dn = tl.load(dn_in_ptr + state_off * K + pid_k * BK + ok, mask=mk, other=0.0).to(tl.float32)
     q_off = ok[:, None] + ot[None, :] * (H * K)          # q~ read transposed: (BK, L)
     v_off = ot[:, None] * (H * V) + ov[None, :]
-    for jj in range(0, n_chunks):
+    if FIRST:
+        steps = tl.minimum(n_chunks, 1)
+    else:
+        steps = tl.maximum(n_chunks - 1, 0)
+    for jj in range(0, steps):
         j = n_chunks - 1 - jj
+        if FIRST:
+            j = 0
         gc = first + j
         cst = (gc * H + h) * K
         tl.store(dcs_ptr + cst * V + c_tile + kv_off, dc.to(dcs_ptr.dtype.element_ty), mask=mkv)
         # n's slot: the pid_v == 0 programs read this chunk's own term, then store dn_end over it
         dnd = tl.load(dns_ptr + cst + pid_k * BK + ok, mask=mn, other=0.0)
         tl.store(dns_ptr + cst + pid_k * BK + ok, dn, mask=mn)
-        # <dC_end, C_start> + <dn_end, n_start> per chunk for the gate gradients, with the carried
-        # fp32 dC and, at a document's first chunk, the caller's fp32 initial state: the terms the
-        # gate gradients cancel it against (<c0, dc0>, <dC_T, C_T>) see the same values.
-        if j == 0:
-            c_st = tl.load(c0_ptr + state_off * K * V + c_tile + kv_off, mask=mkv, other=0.0)
-            n_st = tl.load(n0_ptr + state_off * K + pid_k * BK + ok, mask=mk, other=0.0)
-        else:
-            c_st = tl.load(cs_ptr + cst * V + c_tile + kv_off, mask=mkv, other=0.0).to(tl.float32)
-            n_st = tl.load(ns_ptr + cst + pid_k * BK + ok, mask=mk, other=0.0)
-        # per row of the tile: summed over rows on the host (a full reduction here would put a
-        # barrier in every step of this latency-bound loop)
-        part = tl.sum(dc * c_st, 1)
-        if pid_v == 0:
-            part += dn * n_st
-        tl.store(bdot_ptr + (((gc * H + h) * tl.num_programs(0) + pid_k) * tl.num_programs(1) + pid_v) * BK + ok, part)
         t0 = bos + j * L
         valid = ot < eos - t0
         decay = tl.exp(tl.load(chs_ptr + (gc * H + h) * 3 + 1) + tl.load(chs_ptr + (gc * H + h) * 3)
@@ -152,10 +147,9 @@ def _state_kernel(
         dht = tl.load(dh_ptr + t0 * (H * V) + h * V + pid_v * BV + v_off, mask=valid[:, None] & mv[None, :], other=0.0)
         dc = dc * decay + tl.dot(qt, dht.to(qt.dtype), input_precision=PREC)
         dn = dn * decay + dnd
-    tl.store(dc0_ptr + state_off * K * V + c_tile + kv_off, dc, mask=mkv)
+    tl.store(dc_out_ptr + state_off * K * V + c_tile + kv_off, dc, mask=mkv)
     if pid_v == 0:
-        tl.store(dn0_ptr + state_off * K + pid_k * BK + ok, dn, mask=mk)
-
+        tl.store(dn_out_ptr + state_off * K + pid_k * BK + ok, dn, mask=mk)
 
 
 @triton.jit
@@ -215,7 +209,7 @@ def _scores_kernel(
 @triton.jit
 def _dqk_kernel(
     q_ptr, k_ptr, v_ptr, dh_ptr, cs_ptr, ns_ptr, dcs_ptr, dns_ptr, chs_ptr, tok_ptr, scal_ptr, i_ptr,
-    start_ptr, end_ptr, dpw_ptr, dq_ptr, dk_ptr, part_ptr, cdoc_ptr, dlo_ptr,
+    start_ptr, end_ptr, dpw_ptr, dq_ptr, dk_ptr, part_ptr, cdoc_ptr, dlo_ptr, inner_ptr, edot_ptr,
     scale, T_all, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     L: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr,
     HAS_LO: tl.constexpr,
@@ -253,6 +247,10 @@ def _dqk_kernel(
         # inter-chunk terms: dO C_start^T (for dq) and V dC_end^T (for dk), over Dv tiles
         dq = tl.zeros([BT, BK], dtype=tl.float32)
         dk = tl.zeros([BT, BK], dtype=tl.float32)
+        # an interior chunk's <dC_end, C_start> + <dn_end, n_start> (for the gate gradients), from
+        # the tiles loaded here anyway; a document's first and last chunk get theirs in fp32 on the host
+        edot = (sub == 0) & (tl.load(inner_ptr + gc) != 0)
+        e = tl.zeros([BK], dtype=tl.float32)
         for vv in range(0, V, BV):
             mv = vv + ov < V
             v_msk = vr[:, None] & mv[None, :]
@@ -262,6 +260,8 @@ def _dqk_kernel(
             dce = tl.load(dcs_ptr + c_base + vv + c_off, mask=mk[:, None] & mv[None, :], other=0.0)
             dq += tl.dot(do, tl.trans(cp.to(dt)), input_precision=PREC)
             dk += tl.dot(vt, tl.trans(dce.to(dt)), input_precision=PREC)
+            if edot:
+                e += tl.sum(cp.to(tl.float32) * dce.to(tl.float32), 1)
         dq = dq * inv_r[:, None]          # dO = dh / den on the fp32 side: dh enters the dot exact
         if HAS_LO:
             # A document's last chunk meets the caller's dC_T: add the part of it that rounding
@@ -276,6 +276,8 @@ def _dqk_kernel(
                     dk += tl.dot(vt, tl.trans(lo), input_precision=PREC)
         n_p = tl.load(ns_ptr + cst + pid_k * BK + ok, mask=mk, other=0.0)
         dn_e = tl.load(dns_ptr + cst + pid_k * BK + ok, mask=mk, other=0.0)
+        if edot:
+            tl.store(edot_ptr + (gc * H + h) * tl.num_programs(0) + pid_k, tl.sum(e + n_p * dn_e, 0))
         w0 = tl.where(vr, tl.exp(b_r + m_prev - m_r), 0.0)
         w_end = tl.where(vr, tl.exp(g - b_r + i_r - m_end), 0.0)
         dq = (dq + ds_r[:, None] * n_p[None, :]) * w0[:, None]
