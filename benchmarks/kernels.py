@@ -223,18 +223,19 @@ def measure(name, make, B, S, H, K, V, reps, modes=("fwd", "fwdbwd")):
 
 
 # Variants that compile without register spills for sm_90 under triton 3.6 (compiled off-device;
-# benchmarks/NOTES-kernels.md), except each group's first entry, the current default. fwd_out stays
-# at one pipeline stage (two miscompile at chunk 64 in bf16 under triton 3.6).
+# benchmarks/NOTES-kernels.md), each group's first entry the current default. fwd_out (chunk >= 128)
+# may pipeline; fwd_out_short (chunk 64) stays at one stage (two miscompile there under triton 3.6).
 SWEEP = {
     "fwd_state": [dict(BK=64, BV=128, W=4, S=2), dict(BK=128, BV=64, W=8, S=2), dict(BK=64, BV=64, W=4, S=2)],
-    "fwd_out": [dict(BT=64, BK=64, BV=256, W=8, S=1), dict(BT=64, BK=128, BV=256, W=8, S=1),
-                dict(BT=64, BK=128, BV=128, W=8, S=1), dict(BT=64, BK=64, BV=128, W=4, S=1)],
-    "bwd_state": [dict(BK=64, BV=128, W=8, S=2), dict(BK=64, BV=64, W=8, S=2), dict(BK=128, BV=64, W=8, S=2)],
-    "bwd_scores": [dict(BT=64, BK=64, BV=64, W=8, S=2), dict(BT=64, BK=128, BV=128, W=8, S=2),
-                   dict(BT=64, BK=64, BV=64, W=4, S=2)],
+    "fwd_out": [dict(BT=64, BK=128, BV=256, W=8, S=2), dict(BT=64, BK=64, BV=256, W=8, S=2),
+                dict(BT=64, BK=128, BV=128, W=8, S=2)],
+    "bwd_state": [dict(BK=64, BV=128, W=8, S=2), dict(BK=64, BV=64, W=4, S=2), dict(BK=128, BV=64, W=8, S=2),
+                  dict(BK=64, BV=64, W=4, S=3)],
+    "bwd_scores": [dict(BT=64, BK=64, BV=64, W=4, S=2), dict(BT=64, BK=128, BV=128, W=8, S=2),
+                   dict(BT=64, BK=64, BV=64, W=8, S=2)],
     "bwd_dqk": [dict(BK=64, BV=64, W=8, S=3), dict(BK=64, BV=128, W=8, S=2),
                 dict(BK=32, BV=64, W=8, S=3), dict(BK=64, BV=64, W=4, S=3)],
-    "bwd_dv": [dict(BK=64, BV=128, W=8, S=3), dict(BK=128, BV=128, W=8, S=2),
+    "bwd_dv": [dict(BK=128, BV=128, W=8, S=2), dict(BK=64, BV=128, W=8, S=3),
                dict(BK=64, BV=256, W=8, S=2), dict(BK=64, BV=64, W=4, S=3)],
 }
 

@@ -93,7 +93,7 @@ def test_forward_backward_tiny(poison, T, chunk_size, with_state):
 
 def test_sub_blocks_within_a_chunk(poison, tiles):
     # BT < chunk: the intra-chunk form is tiled into 16-row blocks (the path chunks 128/256 take).
-    for name in ("fwd_out", "bwd_scores"):
+    for name in ("fwd_out", "fwd_out_short", "bwd_scores"):
         tiles[name]["BT"] = 16
     check_against_reference(1, 71, 2, 16, 16, dtype=torch.float32, chunk_size=64)
 

@@ -27,14 +27,16 @@ __all__ = ["mlstm", "mlstm_step", "CONFIG"]
 # Defaults: the best of the H200 sweep at the 7B head shape, chunk 128 (benchmarks/NOTES-kernels.md).
 CONFIG = dict(
     fwd_state=dict(BK=64, BV=128, W=4, S=2),
-    # S=1: with num_stages=2 triton 3.6 gives wrong h at chunk 64 with Dqk 256 / Dv 512 in bf16
-    # (rel error 0.1-0.3 on the H200, 2026-11-28); one stage is exact there (benchmarks/NOTES-kernels.md).
-    fwd_out=dict(BT=64, BK=64, BV=256, W=8, S=1),
+    # fwd_out_short below chunk 128: with num_stages=2 triton 3.6 gives wrong h at chunk 64 with
+    # Dqk 256 / Dv 512 in bf16 (rel error 0.2-0.3 on the H200, measured twice on 2026-11-28, while
+    # chunk 128 agrees to 2e-5); one stage is exact there (benchmarks/NOTES-kernels.md).
+    fwd_out=dict(BT=64, BK=128, BV=256, W=8, S=2),
+    fwd_out_short=dict(BT=64, BK=64, BV=256, W=8, S=1),
     bwd_state=dict(BK=64, BV=128, W=8, S=2),
     # the backward's intra-chunk row blocks are bwd_scores' BT (dq/dk and dv read its blocks)
-    bwd_scores=dict(BT=64, BK=64, BV=64, W=8, S=2),
+    bwd_scores=dict(BT=64, BK=64, BV=64, W=4, S=2),
     bwd_dqk=dict(BK=64, BV=64, W=8, S=3),
-    bwd_dv=dict(BK=64, BV=128, W=8, S=3),
+    bwd_dv=dict(BK=128, BV=128, W=8, S=2),
     stab=dict(BLOCK=256),          # chunks per block of the stabiliser's max-plus scan
     step=dict(BK=32, BV=64, W=4),
 )
@@ -140,7 +142,7 @@ def _chunkwise(q: Tensor, k: Tensor, v: Tensor, i: Tensor, f: Tensor, c0: Tensor
         kw, v, c0, n0, cu, first, chs, cs, ns, cT, nT,
         H=H, K=K, V=V, L=L, BK=BK, BV=BV, PREC=prec, num_warps=cfg["W"], num_stages=cfg["S"])
     del kw
-    cfg = _tiles("fwd_out", q)
+    cfg = _tiles("fwd_out" if L >= 128 else "fwd_out_short", q)
     BT, BK, BV = min(cfg["BT"], L), _tile(K, cfg["BK"]), _tile(V, cfg["BV"])
     fwd._out_kernel[(triton.cdiv(V, BV), num_chunks * (L // BT), H)](
         q, k, v, i, cs, ns, chs, tok, start, end, h, K ** -0.5, eps, T_all,
@@ -240,6 +242,9 @@ def _setup_context(ctx, inputs, output):
     h, cT, nT, mT, cs, ns, chs, tok = output
     ctx.save_for_backward(q, k, v, i, f, c0, n0, m0, h, cT, nT, cs, ns, chs, tok, cu, start, end, first, doc)
     ctx.args = (chunk_size, eps)
+    # the saved-for-backward outputs never get gradients: without this autograd would hand the
+    # backward zero tensors for them, the chunk states' alone ~1 GiB of fill at the 7B goal shape
+    ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, dh, dcT, dnT, dmT, *unused):
