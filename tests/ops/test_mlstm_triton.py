@@ -98,10 +98,12 @@ def test_sub_blocks_within_a_chunk(poison, tiles):
     check_against_reference(1, 71, 2, 16, 16, dtype=torch.float32, chunk_size=64)
 
 
-def test_stabiliser_scan_over_several_blocks(poison, tiles):
-    # The stabiliser is scanned over blocks of chunks; blocks of 2 make every carry between them
-    # count (9 and 3 chunks per document, an empty document between).
+def test_scans_over_several_blocks(poison, tiles):
+    # The stabiliser is scanned over blocks of chunks and the gate gradients walk blocks of tokens;
+    # blocks of 2 chunks make every carry between them count (9 and 3 chunks per document, an
+    # empty document between).
     tiles["stab"]["BLOCK"] = 2
+    tiles["gate"]["BLOCK"] = 32
     check_against_reference(2, 33, 2, 16, 32, dtype=torch.float32, chunk_size=16)
     check_against_reference(1, 180, 2, 16, 16, dtype=torch.float32, chunk_size=16, cu_seqlens=[0, 140, 140, 180])
 

@@ -38,6 +38,7 @@ CONFIG = dict(
     bwd_dqk=dict(BK=64, BV=64, W=8, S=3),
     bwd_dv=dict(BK=128, BV=128, W=8, S=2),
     stab=dict(BLOCK=256),          # chunks per block of the stabiliser's max-plus scan
+    gate=dict(BLOCK=1024),         # tokens per block of the gate gradients' backward walk
     step=dict(BK=32, BV=64, W=4),
 )
 
@@ -225,9 +226,9 @@ def _chunkwise_bwd(dh: Tensor, dcT: Tensor, dnT: Tensor, dmT: Tensor, q: Tensor,
         k, i, dh, dcs, chs, tok, start, end, p_blk, dv, T_all,
         H=H, K=K, V=V, L=L, BT=BT, BK=BK, BV=BV, PREC=prec, num_warps=cfg["W"], num_stages=cfg["S"])
     del p_blk
-    kdk_parts = torch.stack([kdk_inter.sum(0), kdk_intra.sum(0)])
     edot = _chunk_state_dots(edot_inner.sum(-1), dcf, dnf, c0, n0, dcT, dnT, cs, ns, cu, first, L)
-    di, df, dm0 = _gate_grads(i, f, m0, c0, n0, dc0, dn0, dmT, tok, scal, kdk_parts, edot, chs, cu, start, L)
+    di, df, dm0 = _gate_grads(i, f, m0, c0, n0, dc0, dn0, dmT, tok, scal, kdk_inter, kdk_intra, edot, chs, cu,
+                              first, L)
     return dq, dk, dv, di, df, dc0, dn0, dm0
 
 
@@ -277,8 +278,8 @@ def _chunk_state_dots(edot, dcf, dnf, c0, n0, dcT, dnT, cs, ns, cu, first, L):
     return edot.index_put((at_last,), torch.where((n_ch > 1)[:, None], e_last, 0.0), accumulate=True)
 
 
-def _gate_grads(i, f, m0, c0, n0, dc0, dn0, dmT, tok, scal, kdk_parts, edot, chs, cu, start, L):
-    """Gradients of the gates and of m0 from per-token and per-chunk scalars.
+def _gate_grads(i, f, m0, c0, n0, dc0, dn0, dmT, tok, scal, kdk_inter, kdk_intra, edot, chs, cu, first, L):
+    """Gradients of the gates and of m0 from per-token and per-chunk scalars, one launch.
 
     di = k.dk + G. The gradient of the log forget gate at t is the fixed-stabiliser part R_t (all
     pairs s < t <= u of key and query joined through f_t, plus s < t reaching the final state)
@@ -291,51 +292,19 @@ def _gate_grads(i, f, m0, c0, n0, dc0, dn0, dmT, tok, scal, kdk_parts, edot, chs
     (chunk-local sums; qdq in closed form from the prep pass, kdk_intra from fp32 score blocks).
     The textbook form, a reverse cumsum of q.dq - k.dk over the whole document, subtracts large
     partial sums whose bf16 rounding swamps small gradients. At a document's last chunk the same
-    terms give <dC_T, C_T> for the stabiliser part, so the two parts cancel exactly where they should."""
+    terms give <dC_T, C_T> for the stabiliser part, so the two parts cancel exactly where they
+    should. bwd._gate_grad_kernel walks each document backwards (it replaced ~100 small torch ops,
+    ~0.8 ms of GPU time and more of launch gaps at the 7B goal shape)."""
     B, T, H = i.shape
-    T_all = B * T
-    dev = i.device
-    i_ht = i.reshape(T_all, H).t()
-    f_ht = f.reshape(T_all, H).t()
-    m_tok = tok[1]
-    pos = torch.arange(T_all, device=dev)
-    seq = torch.searchsorted(cu[1:], pos, right=True)               # document of each token
-    is_start = pos == cu[seq]
-    is_end = pos == cu[seq + 1] - 1
-    chunk = torch.searchsorted(start, pos, right=True) - 1          # chunk of each token
-    chunk_start = start[chunk]
-    chunk_end = torch.minimum(chunk_start + L, cu[seq + 1])
-    kdk_inter, kdk_intra = kdk_parts.double()
-    qdq = scal[3].double()
-
-    def suffix(x):  # (H, T_all + 1): sum over u >= t, zero past the end
-        return torch.cat([x.flip(1).cumsum(1).flip(1), x.new_zeros(H, 1)], dim=1)
-
-    decay = torch.exp(chs[:, :, 1] + chs[:, :, 0] - chs[:, :, 2]).double()   # (chunks, H)
-    base = (edot.double() * decay)[chunk].t()
-    S_inter, S_qk = suffix(kdk_inter), suffix(qdq - kdk_intra)
-    R = (base + S_inter[:, chunk_start] - S_inter[:, :T_all]
-         + S_qk[:, :T_all] - S_qk[:, chunk_end])
-    # <dC_T, C_T> + <dn_T, n_T> of each document, from its last chunk's terms
-    final_dot = base + S_inter[:, chunk_start] - S_inter[:, chunk_end]
-
-    m_before = torch.cat([m_tok[:, :1], m_tok[:, :-1]], dim=1)
-    m_before = torch.where(is_start, m0[seq].t(), m_before)
-    record = i_ht > F.logsigmoid(f_ht) + m_before                   # m_t = i_t: the input gate won
-    g = scal[2].double() + torch.where(is_end, dmT[seq].t().double() - final_dot, 0.0)
-    marker = torch.where(record, 2 * pos + 1, torch.where(is_start, 2 * pos, -1))
-    owner = torch.cummax(marker.expand(H, T_all), dim=1).values
-    G = torch.zeros(H, 2 * T_all, device=dev, dtype=torch.float64).scatter_add_(1, owner, g)
-    G_rec = G[:, 1::2]
-    di = kdk_inter + kdk_intra + G_rec
-    S_m = suffix(g - G_rec)
-    dl = R + S_m[:, :T_all] - S_m[:, cu[seq + 1]]
-    df = dl * torch.sigmoid(-f_ht.double())
-    starts = cu[:-1].clamp(max=T_all - 1)
-    dm0 = (c0 * dc0).sum((-1, -2)) + (n0 * dn0).sum(-1) + G[:, 2 * starts].t().float()
+    N = cu.numel() - 1
+    di, df = torch.empty_like(i), torch.empty_like(f)
+    a0 = m0.new_empty(N, H)
+    bwd._gate_grad_kernel[(N * H,)](i, f, m0, dmT, tok, scal, kdk_inter, kdk_intra, edot, chs, cu, first,
+                                    di, df, a0, B * T, H=H, L=L, BLOCK=max(L, CONFIG["gate"]["BLOCK"]),
+                                    NKT=kdk_inter.shape[0], NSUB=kdk_intra.shape[0], num_warps=8)
+    dm0 = (c0 * dc0).sum((-1, -2)) + (n0 * dn0).sum(-1) + a0
     dm0 = torch.where((cu[1:] > cu[:-1])[:, None], dm0, dmT)      # an empty document passes m0 through
-    return (di.t().reshape(B, T, H).to(i.dtype).contiguous(), df.t().reshape(B, T, H).to(f.dtype).contiguous(),
-            dm0)
+    return di, df, dm0
 
 
 def _dense_chunk_table(B: int, T: int, L: int, device) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:

@@ -29,7 +29,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .fwd import _rows_of, _sequence_of
+from .fwd import _logsigmoid, _rows_of, _sequence_of
 
 
 @triton.jit
@@ -247,10 +247,6 @@ def _dqk_kernel(
         # inter-chunk terms: dO C_start^T (for dq) and V dC_end^T (for dk), over Dv tiles
         dq = tl.zeros([BT, BK], dtype=tl.float32)
         dk = tl.zeros([BT, BK], dtype=tl.float32)
-        # an interior chunk's <dC_end, C_start> + <dn_end, n_start> (for the gate gradients), from
-        # the tiles loaded here anyway; a document's first and last chunk get theirs in fp32 on the host
-        edot = (sub == 0) & (tl.load(inner_ptr + gc) != 0)
-        e = tl.zeros([BK], dtype=tl.float32)
         for vv in range(0, V, BV):
             mv = vv + ov < V
             v_msk = vr[:, None] & mv[None, :]
@@ -260,8 +256,6 @@ def _dqk_kernel(
             dce = tl.load(dcs_ptr + c_base + vv + c_off, mask=mk[:, None] & mv[None, :], other=0.0)
             dq += tl.dot(do, tl.trans(cp.to(dt)), input_precision=PREC)
             dk += tl.dot(vt, tl.trans(dce.to(dt)), input_precision=PREC)
-            if edot:
-                e += tl.sum(cp.to(tl.float32) * dce.to(tl.float32), 1)
         dq = dq * inv_r[:, None]          # dO = dh / den on the fp32 side: dh enters the dot exact
         if HAS_LO:
             # A document's last chunk meets the caller's dC_T: add the part of it that rounding
@@ -276,7 +270,16 @@ def _dqk_kernel(
                     dk += tl.dot(vt, tl.trans(lo), input_precision=PREC)
         n_p = tl.load(ns_ptr + cst + pid_k * BK + ok, mask=mk, other=0.0)
         dn_e = tl.load(dns_ptr + cst + pid_k * BK + ok, mask=mk, other=0.0)
-        if edot:
+        if (sub == 0) & (tl.load(inner_ptr + gc) != 0):
+            # an interior chunk's <dC_end, C_start> + <dn_end, n_start> for the gate gradients, from
+            # the tiles just loaded (L2-warm; a branch in the loop above cost it registers); a
+            # document's first and last chunk get theirs in fp32 on the host
+            e = tl.zeros([BK], dtype=tl.float32)
+            for vv in range(0, V, BV):
+                mv = vv + ov < V
+                cp = tl.load(cs_ptr + c_base + vv + c_off, mask=mk[:, None] & mv[None, :], other=0.0)
+                dce = tl.load(dcs_ptr + c_base + vv + c_off, mask=mk[:, None] & mv[None, :], other=0.0)
+                e += tl.sum(cp.to(tl.float32) * dce.to(tl.float32), 1)
             tl.store(edot_ptr + (gc * H + h) * tl.num_programs(0) + pid_k, tl.sum(e + n_p * dn_e, 0))
         w0 = tl.where(vr, tl.exp(b_r + m_prev - m_r), 0.0)
         w_end = tl.where(vr, tl.exp(g - b_r + i_r - m_end), 0.0)
@@ -353,3 +356,94 @@ def _dv_kernel(
             dv += tl.dot(tl.trans(p), do.to(dt), input_precision=PREC)
         tl.store(dv_ptr + r0 * (H * V) + h * V + pid_v * BV + v_off, dv.to(dv_ptr.dtype.element_ty),
                  mask=vr[:, None] & mv[None, :])
+
+
+@triton.jit
+def _affine_combine(c1, v1, c2, v2):
+    # x -> c x + v, composed: first (c1, v1), then (c2, v2)
+    return c1 * c2, c2 * v1 + v2
+
+
+@triton.jit
+def _gate_grad_kernel(
+    i_ptr, f_ptr, m0_ptr, dmT_ptr, tok_ptr, scal_ptr, kinter_ptr, kintra_ptr, edot_ptr, chs_ptr, cu_ptr, first_ptr,
+    di_ptr, df_ptr, a0_ptr, T_all, H: tl.constexpr, L: tl.constexpr, BLOCK: tl.constexpr,
+    NKT: tl.constexpr, NSUB: tl.constexpr,
+):
+    # The gate gradients of one document and head (see _gate_grads in __init__.py for the terms),
+    # walking its tokens backwards BLOCK at a time. Each block is loaded reversed (index i is token
+    # blk_end - 1 - i), so the two backward recurrences are forward scans:
+    #   R_t  = decay_c <dC_end, C_start>_c + sum_{chunk start <= u < t} kdk_inter_u
+    #          + sum_{t <= u < chunk end} (qdq_u - kdk_intra_u)          (chunk-local sums)
+    #   B_t  = g_t + a_{t+1} B_{t+1},  a_t = 0 where the input gate set m_t (a record), else 1
+    # B_t sums the stabiliser partials g from t to just before the next record: a record's di
+    # takes it (the tokens whose m it set), df takes A_t = a_t B_t, and A at the document's first
+    # token is what m0 owns (dm0's share). All sums in fp64, as the host version had them.
+    seq, h, bos, eos, first, n_chunks = _sequence_of(tl.program_id(0), cu_ptr, first_ptr, H, L)
+    NCB: tl.constexpr = BLOCK // L
+    o2 = (tl.arange(0, NCB)[:, None] * L + tl.arange(0, L)[None, :])        # (NCB, L): reversed index
+    m0 = tl.load(m0_ptr + seq * H + h)
+    # <dC_T, C_T> + <dn_T, n_T> from the last chunk's terms, so that the final state's stabiliser
+    # partial dmT - <.,.> cancels against R exactly as the terms do
+    last = first + n_chunks - 1
+    ol = tl.arange(0, L)
+    t_l = bos + (n_chunks - 1) * L + ol
+    vl = t_l < eos
+    kin = tl.zeros([L], dtype=tl.float64)
+    for p in tl.static_range(NKT):
+        kin += tl.load(kinter_ptr + (p * H + h) * T_all + t_l, mask=vl, other=0.0).to(tl.float64)
+    has = n_chunks > 0                                              # an empty document has no chunk to read
+    dec_l = tl.exp(tl.load(chs_ptr + (last * H + h) * 3 + 1, mask=has, other=0.0)
+                   + tl.load(chs_ptr + (last * H + h) * 3, mask=has, other=0.0)
+                   - tl.load(chs_ptr + (last * H + h) * 3 + 2, mask=has, other=0.0)).to(tl.float64)
+    final_dot = tl.load(edot_ptr + last * H + h, mask=has, other=0.0).to(tl.float64) * dec_l + tl.sum(kin, 0)
+    g_end = tl.load(dmT_ptr + seq * H + h).to(tl.float64) - final_dot
+
+    b_in = tl.zeros([1], dtype=tl.float64).sum(0)                   # B of the token after the block
+    n_blk = tl.cdiv(eos - bos, BLOCK)
+    for bb in range(0, n_blk):
+        blk = bos + (n_blk - 1 - bb) * BLOCK
+        t = blk + BLOCK - 1 - o2                                    # token of each slot
+        valid = t < eos
+        nxt = (t + 1) < eos
+        ig = tl.load(i_ptr + t * H + h, mask=valid, other=0.0).to(tl.float32)
+        fg = tl.load(f_ptr + t * H + h, mask=valid, other=0.0).to(tl.float32)
+        m_prev = tl.load(tok_ptr + (H + h) * T_all + t - 1, mask=valid & (t > bos), other=0.0)
+        m_prev = tl.where(t > bos, m_prev, m0)
+        rec = valid & (ig > _logsigmoid(fg) + m_prev)
+        ig_n = tl.load(i_ptr + (t + 1) * H + h, mask=nxt, other=0.0).to(tl.float32)
+        fg_n = tl.load(f_ptr + (t + 1) * H + h, mask=nxt, other=0.0).to(tl.float32)
+        m_t = tl.load(tok_ptr + (H + h) * T_all + t, mask=valid, other=0.0)
+        rec_n = nxt & (ig_n > _logsigmoid(fg_n) + m_t)
+        g = tl.load(scal_ptr + (2 * H + h) * T_all + t, mask=valid, other=0.0).to(tl.float64)
+        g = g + tl.where(valid & (t == eos - 1), g_end, 0.0)
+        qdq = tl.load(scal_ptr + (3 * H + h) * T_all + t, mask=valid, other=0.0).to(tl.float64)
+        k_in = tl.zeros([NCB, L], dtype=tl.float64)
+        for p in tl.static_range(NKT):
+            k_in += tl.load(kinter_ptr + (p * H + h) * T_all + t, mask=valid, other=0.0).to(tl.float64)
+        k_ia = tl.zeros([NCB, L], dtype=tl.float64)
+        for p in tl.static_range(NSUB):
+            k_ia += tl.load(kintra_ptr + (p * H + h) * T_all + t, mask=valid, other=0.0).to(tl.float64)
+        # chunk-local sums: along a row, tokens run backwards within one chunk
+        gc = first + (blk - bos) // L + (NCB - 1 - tl.arange(0, NCB))
+        vc = gc < first + n_chunks
+        dec = tl.exp(tl.load(chs_ptr + (gc * H + h) * 3 + 1, mask=vc, other=0.0)
+                     + tl.load(chs_ptr + (gc * H + h) * 3, mask=vc, other=0.0)
+                     - tl.load(chs_ptr + (gc * H + h) * 3 + 2, mask=vc, other=0.0)).to(tl.float64)
+        base = tl.load(edot_ptr + gc * H + h, mask=vc, other=0.0).to(tl.float64) * dec
+        r = (base[:, None] + (tl.sum(k_in, 1)[:, None] - tl.cumsum(k_in, 1))
+             + tl.cumsum(qdq - k_ia, 1))
+        # the stabiliser recurrence over the whole block, in slot order (tokens backwards)
+        coef = tl.where(valid, tl.where(rec_n, 0.0, 1.0), 1.0).to(tl.float64)
+        coef = tl.where(valid & ~nxt, 0.0, coef)                   # the document's last token: nothing after
+        cs, vs = tl.associative_scan((tl.reshape(coef, [BLOCK]), tl.reshape(g, [BLOCK])), 0, _affine_combine)
+        b1 = cs * b_in + vs
+        b_t = tl.reshape(b1, [NCB, L])
+        a_t = tl.where(rec, 0.0, b_t)
+        tl.store(di_ptr + t * H + h, (k_in + k_ia + tl.where(rec, b_t, 0.0)).to(di_ptr.dtype.element_ty), mask=valid)
+        df = (r + a_t) * tl.sigmoid(-fg).to(tl.float64)
+        tl.store(df_ptr + t * H + h, df.to(df_ptr.dtype.element_ty), mask=valid)
+        b_in = tl.sum(tl.where(tl.arange(0, BLOCK) == BLOCK - 1, b1, 0.0), 0)
+        a_first = tl.sum(tl.reshape(tl.where(t == bos, a_t, 0.0), [BLOCK]), 0)
+        if bb == n_blk - 1:
+            tl.store(a0_ptr + seq * H + h, a_first.to(tl.float32))
