@@ -166,9 +166,10 @@ def _(q, k, v, i, f, c0, n0, m0, cu, start, end, first, doc, chunk_size, eps):
 def _chunkwise_bwd(dh: Tensor, dcT: Tensor, dnT: Tensor, dmT: Tensor, q: Tensor, k: Tensor, v: Tensor,
                    i: Tensor, f: Tensor, c0: Tensor, n0: Tensor, m0: Tensor, h: Tensor, cT: Tensor,
                    nT: Tensor, cs: Tensor, ns: Tensor, chs: Tensor, tok: Tensor, cu: Tensor, start: Tensor,
-                   end: Tensor, first: Tensor, doc: Tensor, chunk_size: int, eps: float
+                   end: Tensor, first: Tensor, doc: Tensor, chunk_size: int, eps: float, has_dstate: bool
                    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Gradients of (q, k, v, i, f, c0, n0, m0)."""
+    """Gradients of (q, k, v, i, f, c0, n0, m0); ``has_dstate``: whether the final state had
+    gradients (dcT etc. are zeros otherwise)."""
     B, T, H, K = q.shape
     V = v.shape[-1]
     N = cu.numel() - 1
@@ -208,14 +209,12 @@ def _chunkwise_bwd(dh: Tensor, dcT: Tensor, dnT: Tensor, dmT: Tensor, q: Tensor,
     NKT = triton.cdiv(K, BK)
     dq, dk = torch.empty_like(q), torch.empty_like(k)
     kdk_inter = q.new_empty(NKT, H, T_all, dtype=torch.float32)
-    cdoc = torch.where(end == cu[doc + 1], doc, -1)                 # document whose last chunk this is
-    has_lo = q.dtype != torch.float32
+    has_lo = q.dtype != torch.float32 and has_dstate
     dlo = (dcT - dcT.to(q.dtype).float()).to(q.dtype) if has_lo else dcT
-    inner = ((torch.arange(num_chunks, device=q.device) != first[doc]) & (cdoc < 0)).to(torch.int32)
-    edot_inner = q.new_zeros(num_chunks, H, NKT, dtype=torch.float32)
+    edot = q.new_empty(num_chunks, H, NKT, dtype=torch.float32)
     bwd._dqk_kernel[(NKT, num_chunks * NSUB, H)](
-        q, k, v, dh, cs, ns, dcs, dns, chs, tok, scal, i, start, end, dpw_blk, dq, dk, kdk_inter, cdoc, dlo,
-        inner, edot_inner,
+        q, k, v, dh, cs, ns, dcs, dns, chs, tok, scal, i, start, end, cu, first, doc, dpw_blk, dq, dk, kdk_inter,
+        dlo, edot,
         scale, T_all, H=H, K=K, V=V, L=L, BT=BT, BK=BK, BV=BV, PREC=prec, HAS_LO=has_lo,
         num_warps=cfg["W"], num_stages=cfg["S"])
     del dpw_blk
@@ -226,9 +225,11 @@ def _chunkwise_bwd(dh: Tensor, dcT: Tensor, dnT: Tensor, dmT: Tensor, q: Tensor,
         k, i, dh, dcs, chs, tok, start, end, p_blk, dv, T_all,
         H=H, K=K, V=V, L=L, BT=BT, BK=BK, BV=BV, PREC=prec, num_warps=cfg["W"], num_stages=cfg["S"])
     del p_blk
-    edot = _chunk_state_dots(edot_inner.sum(-1), dcf, dnf, c0, n0, dcT, dnT, cs, ns, cu, first, L)
-    di, df, dm0 = _gate_grads(i, f, m0, c0, n0, dc0, dn0, dmT, tok, scal, kdk_inter, kdk_intra, edot, chs, cu,
-                              first, L)
+    di, df, dm0 = torch.empty_like(i), torch.empty_like(f), torch.empty_like(m0)
+    bwd._gate_grad_kernel[(N * H,)](
+        i, f, m0, dmT, tok, scal, kdk_inter, kdk_intra, edot, chs, cu, first,
+        c0, n0, dc0, dn0, dcf, dnf, dcT, dnT, cs, ns, di, df, dm0, T_all, H=H, K=K, V=V, L=L,
+        BLOCK=max(L, CONFIG["gate"]["BLOCK"]), NKT=NKT, NSUB=NSUB, num_warps=8)
     return dq, dk, dv, di, df, dc0, dn0, dm0
 
 
@@ -250,12 +251,13 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, dh, dcT, dnT, dmT, *unused):
     q, k, v, i, f, c0, n0, m0, h, cT, nT, cs, ns, chs, tok, *table = ctx.saved_tensors
+    has_dstate = dcT is not None or dnT is not None or dmT is not None
     dh = torch.zeros_like(h) if dh is None else dh.to(h.dtype).contiguous()
     dcT = torch.zeros_like(cT) if dcT is None else dcT.float().contiguous()
     dnT = torch.zeros_like(nT) if dnT is None else dnT.float().contiguous()
     dmT = torch.zeros_like(m0) if dmT is None else dmT.float().contiguous()
     grads = torch.ops.fastxlstm.mlstm_chunkwise_bwd(dh, dcT, dnT, dmT, q, k, v, i, f, c0, n0, m0, h, cT, nT,
-                                                   cs, ns, chs, tok, *table, *ctx.args)
+                                                   cs, ns, chs, tok, *table, *ctx.args, has_dstate)
     return (*grads, None, None, None, None, None, None, None)
 
 
@@ -263,49 +265,6 @@ torch.library.register_autograd("fastxlstm::mlstm_chunkwise", _backward, setup_c
 
 
 # ----------------------------------------------------------------------------- helpers
-
-def _chunk_state_dots(edot, dcf, dnf, c0, n0, dcT, dnT, cs, ns, cu, first, L):
-    """<dC_end, C_start> + <dn_end, n_start> per chunk: the dq/dk kernel's interior chunks
-    (``edot``, zero elsewhere) plus each document's first chunk (fp32 dC_end against c0) and last
-    (the caller's dC_T against the stored C_start), exact where the gate gradients cancel them."""
-    num_chunks = edot.shape[0]
-    n_ch = (cu[1:] - cu[:-1] + L - 1) // L
-    at_first = first.clamp(max=num_chunks - 1)
-    at_last = (first + n_ch - 1).clamp(min=0, max=num_chunks - 1)
-    e_first = (dcf * c0).sum((-1, -2)) + (dnf * n0).sum(-1)
-    e_last = (dcT * cs[at_last].float()).sum((-1, -2)) + (dnT * ns[at_last]).sum(-1)
-    edot = edot.index_put((at_first,), torch.where((n_ch > 0)[:, None], e_first, 0.0), accumulate=True)
-    return edot.index_put((at_last,), torch.where((n_ch > 1)[:, None], e_last, 0.0), accumulate=True)
-
-
-def _gate_grads(i, f, m0, c0, n0, dc0, dn0, dmT, tok, scal, kdk_inter, kdk_intra, edot, chs, cu, first, L):
-    """Gradients of the gates and of m0 from per-token and per-chunk scalars, one launch.
-
-    di = k.dk + G. The gradient of the log forget gate at t is the fixed-stabiliser part R_t (all
-    pairs s < t <= u of key and query joined through f_t, plus s < t reaching the final state)
-    and the stabiliser part: g is each token's stabiliser partial (plus the final state's,
-    dmT - <dC_T, C_T>, at the last token), G collects g over the tokens whose m_t was set by the
-    input gate at token j (m_t = i_j + sum of log forget since j), or by m0.
-
-    R_t is summed within t's chunk only, from terms that carry no large cancelling parts:
-        R_t = decay * <dC_end, C_start> + sum_{s<t} kdk_inter_s + sum_{u>=t} (qdq_u - kdk_intra_u)
-    (chunk-local sums; qdq in closed form from the prep pass, kdk_intra from fp32 score blocks).
-    The textbook form, a reverse cumsum of q.dq - k.dk over the whole document, subtracts large
-    partial sums whose bf16 rounding swamps small gradients. At a document's last chunk the same
-    terms give <dC_T, C_T> for the stabiliser part, so the two parts cancel exactly where they
-    should. bwd._gate_grad_kernel walks each document backwards (it replaced ~100 small torch ops,
-    ~0.8 ms of GPU time and more of launch gaps at the 7B goal shape)."""
-    B, T, H = i.shape
-    N = cu.numel() - 1
-    di, df = torch.empty_like(i), torch.empty_like(f)
-    a0 = m0.new_empty(N, H)
-    bwd._gate_grad_kernel[(N * H,)](i, f, m0, dmT, tok, scal, kdk_inter, kdk_intra, edot, chs, cu, first,
-                                    di, df, a0, B * T, H=H, L=L, BLOCK=max(L, CONFIG["gate"]["BLOCK"]),
-                                    NKT=kdk_inter.shape[0], NSUB=kdk_intra.shape[0], num_warps=8)
-    dm0 = (c0 * dc0).sum((-1, -2)) + (n0 * dn0).sum(-1) + a0
-    dm0 = torch.where((cu[1:] > cu[:-1])[:, None], dm0, dmT)      # an empty document passes m0 through
-    return di, df, dm0
-
 
 def _dense_chunk_table(B: int, T: int, L: int, device) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """The table of a dense batch: B documents of T tokens."""

@@ -5,23 +5,37 @@ out as h = o[:Dv] / (max(|o[Dv]|, exp(-m)) + eps). So with do = dh / den and
 ds = -(dh . h) / den * sign(s) * [|s| > exp(-m)], the backward is a gated linear-attention
 backward with dO' = [do, ds] and V' = [v, 1]. Gate gradients come from per-token dot products
 (q . dq and k . dk sum the gradients of all log weights a token appears in) plus the path through
-the stabiliser m, whose partial is -eps / den * (dh . h); both are assembled in __init__.py.
-Nothing is recomputed from scratch: the forward saved the chunk-start states, the per-chunk and
-per-token gate scalars and s; the backward re-reads q, k, v and recomputes the L x L gate weights
-and score blocks.
+the stabiliser m, whose partial is -eps / den * (dh . h). Nothing is recomputed from scratch: the
+forward saved the chunk-start states, the per-chunk and per-token gate scalars and s; the backward
+re-reads q, k, v and forms each chunk's L x L score blocks once.
 
 _prep_kernel       grid (cdiv(T_all, BT), H): per token 1/den, ds, the stabiliser partial g and q . dq.
 _query_weight_kernel grid (cdiv(Dqk, BK), N_chunks, H): q~ = q exp(b + m_start - m) / (sqrt(Dqk) den)
                    and dn's own term per chunk, so the state kernel's loop carries nothing else.
-_state_kernel      grid (cdiv(Dqk, BK), cdiv(Dv, BV), N_seq * H): the reverse recurrence
-                   dC_start = exp(g + m_start - m_end) dC_end + (q~ * w0)^T dO (dn likewise with
-                   ds) in one sequential walk per tile, storing dC at every chunk end, the initial
-                   state's gradient, and per chunk and row of the tile the partial dots
-                   <dC_end, C_start> + <dn_end, n_start> of the gate gradients.
+_state_kernel      grid (cdiv(Dqk, BK), cdiv(Dv, BV), N_seq * H), launched twice (the last chunk
+                   down to the second, then the first): the reverse recurrence
+                   dC_start = exp(g + m_start - m_end) dC_end + q~^T dh (dn likewise with ds),
+                   storing dC at every chunk end and the initial state's gradient.
+_scores_kernel     grid (N_chunks * L / BT, H): per chunk the gated score blocks P = S W / den
+                   (for dv) and dP~ = (dO V^T + ds) W (for dq and dk), once, in the operand
+                   dtype; and k . dk's part within the chunk in fp32.
 _dqk_kernel        grid (cdiv(Dqk, BK), N_chunks * L / BT, H): dq and dk for BT rows and a BK
-                   slice; dP = dO V^T + ds is rebuilt from Dv tiles; the diagonal block is shared
-                   by dq and dk. Also stores k . dk partial sums per BK slice (inter and intra apart).
-_dv_kernel         grid (cdiv(Dv, BV), N_chunks * L / BT, H): dv = sum_t (S * W)^T dO + w_end K dC_end.
+                   slice from the states and the dP~ blocks; k . dk through the chunk-end state;
+                   an interior chunk's <dC_end, C_start> + <dn_end, n_start>.
+_dv_kernel         grid (cdiv(Dv, BV), N_chunks * L / BT, H): dv = sum_t P^T dh + w_end K dC_end.
+_gate_grad_kernel  grid (N_seq * H,): di, df and dm0, walking each document backwards.
+
+The gate gradients: di = k . dk + G. The gradient of the log forget gate at t is the
+fixed-stabiliser part R_t (all pairs s < t <= u of key and query joined through f_t, plus s < t
+reaching the final state) and the stabiliser part: g is each token's stabiliser partial (plus the
+final state's, dmT - <dC_T, C_T> - <dn_T, n_T>, at the last token), G collects g over the tokens
+whose m_t was set by the input gate at token j (m_t = i_j + sum of log forget since j), or by m0.
+R_t is summed within t's chunk only, from terms that carry no large cancelling parts:
+    R_t = decay * <dC_end, C_start> + sum_{s<t} kdk_inter_s + sum_{u>=t} (qdq_u - kdk_intra_u)
+(qdq in closed form from the prep pass, kdk_intra from fp32 score blocks). The textbook form, a
+reverse cumsum of q . dq - k . dk over the whole document, subtracts large partial sums whose bf16
+rounding swamps small gradients. At a document's last chunk the same terms give <dC_T, C_T>, so
+the two parts cancel exactly where they should.
 """
 
 from __future__ import annotations
@@ -209,7 +223,7 @@ def _scores_kernel(
 @triton.jit
 def _dqk_kernel(
     q_ptr, k_ptr, v_ptr, dh_ptr, cs_ptr, ns_ptr, dcs_ptr, dns_ptr, chs_ptr, tok_ptr, scal_ptr, i_ptr,
-    start_ptr, end_ptr, dpw_ptr, dq_ptr, dk_ptr, part_ptr, cdoc_ptr, dlo_ptr, inner_ptr, edot_ptr,
+    start_ptr, end_ptr, cu_ptr, first_ptr, doc_ptr, dpw_ptr, dq_ptr, dk_ptr, part_ptr, dlo_ptr, edot_ptr,
     scale, T_all, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     L: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr,
     HAS_LO: tl.constexpr,
@@ -257,11 +271,12 @@ def _dqk_kernel(
             dq += tl.dot(do, tl.trans(cp.to(dt)), input_precision=PREC)
             dk += tl.dot(vt, tl.trans(dce.to(dt)), input_precision=PREC)
         dq = dq * inv_r[:, None]          # dO = dh / den on the fp32 side: dh enters the dot exact
+        dd = tl.load(doc_ptr + gc)
+        cu_next = tl.load(cu_ptr + dd + 1)
         if HAS_LO:
             # A document's last chunk meets the caller's dC_T: add the part of it that rounding
             # to the operand dtype dropped (dlo), so k . dk against the final state is exact.
-            dd = tl.load(cdoc_ptr + gc)
-            if dd >= 0:
+            if te == cu_next:
                 lo_base = (dd * H + h) * K * V + pid_k * BK * V
                 for vv in range(0, V, BV):
                     mv = vv + ov < V
@@ -270,17 +285,19 @@ def _dqk_kernel(
                     dk += tl.dot(vt, tl.trans(lo), input_precision=PREC)
         n_p = tl.load(ns_ptr + cst + pid_k * BK + ok, mask=mk, other=0.0)
         dn_e = tl.load(dns_ptr + cst + pid_k * BK + ok, mask=mk, other=0.0)
-        if (sub == 0) & (tl.load(inner_ptr + gc) != 0):
+        if sub == 0:
             # an interior chunk's <dC_end, C_start> + <dn_end, n_start> for the gate gradients, from
             # the tiles just loaded (L2-warm; a branch in the loop above cost it registers); a
-            # document's first and last chunk get theirs in fp32 on the host
+            # document's first and last chunk get theirs in fp32 in the gate kernel (0 here)
             e = tl.zeros([BK], dtype=tl.float32)
-            for vv in range(0, V, BV):
-                mv = vv + ov < V
-                cp = tl.load(cs_ptr + c_base + vv + c_off, mask=mk[:, None] & mv[None, :], other=0.0)
-                dce = tl.load(dcs_ptr + c_base + vv + c_off, mask=mk[:, None] & mv[None, :], other=0.0)
-                e += tl.sum(cp.to(tl.float32) * dce.to(tl.float32), 1)
-            tl.store(edot_ptr + (gc * H + h) * tl.num_programs(0) + pid_k, tl.sum(e + n_p * dn_e, 0))
+            if (gc != tl.load(first_ptr + dd)) & (te != cu_next):
+                for vv in range(0, V, BV):
+                    mv = vv + ov < V
+                    cp = tl.load(cs_ptr + c_base + vv + c_off, mask=mk[:, None] & mv[None, :], other=0.0)
+                    dce = tl.load(dcs_ptr + c_base + vv + c_off, mask=mk[:, None] & mv[None, :], other=0.0)
+                    e += tl.sum(cp.to(tl.float32) * dce.to(tl.float32), 1)
+                e += n_p * dn_e
+            tl.store(edot_ptr + (gc * H + h) * tl.num_programs(0) + pid_k, tl.sum(e, 0))
         w0 = tl.where(vr, tl.exp(b_r + m_prev - m_r), 0.0)
         w_end = tl.where(vr, tl.exp(g - b_r + i_r - m_end), 0.0)
         dq = (dq + ds_r[:, None] * n_p[None, :]) * w0[:, None]
@@ -365,10 +382,33 @@ def _affine_combine(c1, v1, c2, v2):
 
 
 @triton.jit
+def _flat_dot(a_ptr, b_ptr, n, BLOCK: tl.constexpr):
+    # sum(a * b) over n contiguous elements: fp32 lanes, fp64 total
+    o = tl.arange(0, BLOCK)
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for s in range(0, n, BLOCK):
+        msk = s + o < n
+        acc += (tl.load(a_ptr + s + o, mask=msk, other=0.0).to(tl.float32)
+                * tl.load(b_ptr + s + o, mask=msk, other=0.0).to(tl.float32))
+    return tl.sum(acc.to(tl.float64), 0)
+
+
+@triton.jit
+def _chunk_edot(edot_ptr, gc, h, valid, e_first, e_last, first, last, n_chunks, H: tl.constexpr, NKT: tl.constexpr):
+    # <dC_end, C_start> + <dn_end, n_start> of chunk(s) gc: the dq/dk kernel's parts (interior
+    # chunks) plus a document's first chunk's and last chunk's own, computed here in fp32
+    e = tl.where(gc == first, e_first, 0.0) + tl.where((gc == last) & (n_chunks > 1), e_last, 0.0)
+    for p in tl.static_range(NKT):
+        e += tl.load(edot_ptr + (gc * H + h) * NKT + p, mask=valid, other=0.0).to(tl.float64)
+    return e
+
+
+@triton.jit
 def _gate_grad_kernel(
     i_ptr, f_ptr, m0_ptr, dmT_ptr, tok_ptr, scal_ptr, kinter_ptr, kintra_ptr, edot_ptr, chs_ptr, cu_ptr, first_ptr,
-    di_ptr, df_ptr, a0_ptr, T_all, H: tl.constexpr, L: tl.constexpr, BLOCK: tl.constexpr,
-    NKT: tl.constexpr, NSUB: tl.constexpr,
+    c0_ptr, n0_ptr, dc0_ptr, dn0_ptr, dcf_ptr, dnf_ptr, dct_ptr, dnt_ptr, cs_ptr, ns_ptr,
+    di_ptr, df_ptr, dm0_ptr, T_all, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, L: tl.constexpr,
+    BLOCK: tl.constexpr, NKT: tl.constexpr, NSUB: tl.constexpr,
 ):
     # The gate gradients of one document and head (see _gate_grads in __init__.py for the terms),
     # walking its tokens backwards BLOCK at a time. Each block is loaded reversed (index i is token
@@ -383,20 +423,27 @@ def _gate_grad_kernel(
     NCB: tl.constexpr = BLOCK // L
     o2 = (tl.arange(0, NCB)[:, None] * L + tl.arange(0, L)[None, :])        # (NCB, L): reversed index
     m0 = tl.load(m0_ptr + seq * H + h)
+    last = first + n_chunks - 1
+    has = n_chunks > 0                                              # an empty document has no chunk to read
+    # the first chunk's dC_end (fp32, from the state walk) against c0, the caller's dC_T against
+    # the last chunk's C_start: where the gate gradients cancel them against <dc0, c0>, <dC_T, C_T>
+    st = (seq * H + h).to(tl.int64)
+    e_first = _flat_dot(dcf_ptr + st * K * V, c0_ptr + st * K * V, K * V, 2048) + _flat_dot(dnf_ptr + st * K, n0_ptr + st * K, K, 256)
+    lst = (tl.maximum(last, 0) * H + h).to(tl.int64)
+    e_last = _flat_dot(dct_ptr + st * K * V, cs_ptr + lst * K * V, K * V * (n_chunks > 1), 2048) + _flat_dot(
+        dnt_ptr + st * K, ns_ptr + lst * K, K * (n_chunks > 1), 256)
     # <dC_T, C_T> + <dn_T, n_T> from the last chunk's terms, so that the final state's stabiliser
     # partial dmT - <.,.> cancels against R exactly as the terms do
-    last = first + n_chunks - 1
     ol = tl.arange(0, L)
     t_l = bos + (n_chunks - 1) * L + ol
     vl = t_l < eos
     kin = tl.zeros([L], dtype=tl.float64)
     for p in tl.static_range(NKT):
         kin += tl.load(kinter_ptr + (p * H + h) * T_all + t_l, mask=vl, other=0.0).to(tl.float64)
-    has = n_chunks > 0                                              # an empty document has no chunk to read
     dec_l = tl.exp(tl.load(chs_ptr + (last * H + h) * 3 + 1, mask=has, other=0.0)
                    + tl.load(chs_ptr + (last * H + h) * 3, mask=has, other=0.0)
                    - tl.load(chs_ptr + (last * H + h) * 3 + 2, mask=has, other=0.0)).to(tl.float64)
-    final_dot = tl.load(edot_ptr + last * H + h, mask=has, other=0.0).to(tl.float64) * dec_l + tl.sum(kin, 0)
+    final_dot = _chunk_edot(edot_ptr, last, h, has, e_first, e_last, first, last, n_chunks, H, NKT) * dec_l + tl.sum(kin, 0)
     g_end = tl.load(dmT_ptr + seq * H + h).to(tl.float64) - final_dot
 
     b_in = tl.zeros([1], dtype=tl.float64).sum(0)                   # B of the token after the block
@@ -430,7 +477,7 @@ def _gate_grad_kernel(
         dec = tl.exp(tl.load(chs_ptr + (gc * H + h) * 3 + 1, mask=vc, other=0.0)
                      + tl.load(chs_ptr + (gc * H + h) * 3, mask=vc, other=0.0)
                      - tl.load(chs_ptr + (gc * H + h) * 3 + 2, mask=vc, other=0.0)).to(tl.float64)
-        base = tl.load(edot_ptr + gc * H + h, mask=vc, other=0.0).to(tl.float64) * dec
+        base = _chunk_edot(edot_ptr, gc, h, vc, e_first, e_last, first, last, n_chunks, H, NKT) * dec
         r = (base[:, None] + (tl.sum(k_in, 1)[:, None] - tl.cumsum(k_in, 1))
              + tl.cumsum(qdq - k_ia, 1))
         # the stabiliser recurrence over the whole block, in slot order (tokens backwards)
@@ -446,4 +493,9 @@ def _gate_grad_kernel(
         b_in = tl.sum(tl.where(tl.arange(0, BLOCK) == BLOCK - 1, b1, 0.0), 0)
         a_first = tl.sum(tl.reshape(tl.where(t == bos, a_t, 0.0), [BLOCK]), 0)
         if bb == n_blk - 1:
-            tl.store(a0_ptr + seq * H + h, a_first.to(tl.float32))
+            # dm0: c0 and n0 scale with exp(m0), plus the stabiliser partials m0 owns
+            dm0 = (_flat_dot(c0_ptr + st * K * V, dc0_ptr + st * K * V, K * V, 2048)
+                   + _flat_dot(n0_ptr + st * K, dn0_ptr + st * K, K, 256) + a_first)
+            tl.store(dm0_ptr + st, dm0.to(tl.float32))
+    if n_chunks == 0:
+        tl.store(dm0_ptr + st, tl.load(dmT_ptr + st))               # an empty document passes m0 through
