@@ -176,7 +176,7 @@ def _scores_kernel(
     # the gated scores P = S W / (sqrt(Dqk) den) that dv needs and dP~ = (dO V^T + ds) W that dq
     # and dk need, each formed once here and stored in the operand dtype (the same rounding as the
     # dots' operands), instead of once per Dqk or Dv tile in the gradient kernels. Also k . dk's
-    # part within the chunk, sum_t dP~_ts S_ts / sqrt(Dqk), in fp32, per row block (summed on the host).
+    # part within the chunk, sum_t dP~_ts S_ts / sqrt(Dqk), in fp32, per row block (the gate kernel sums them).
     pid_c = tl.program_id(0)
     h = tl.program_id(1).to(tl.int64)
     gc, sub, t0, te, r0 = _rows_of(pid_c, start_ptr, end_ptr, L, BT)
@@ -410,7 +410,7 @@ def _gate_grad_kernel(
     di_ptr, df_ptr, dm0_ptr, T_all, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, L: tl.constexpr,
     BLOCK: tl.constexpr, NKT: tl.constexpr, NSUB: tl.constexpr,
 ):
-    # The gate gradients of one document and head (see _gate_grads in __init__.py for the terms),
+    # The gate gradients of one document and head (the terms: see this module's docstring),
     # walking its tokens backwards BLOCK at a time. Each block is loaded reversed (index i is token
     # blk_end - 1 - i), so the two backward recurrences are forward scans:
     #   R_t  = decay_c <dC_end, C_start>_c + sum_{chunk start <= u < t} kdk_inter_u
@@ -418,7 +418,7 @@ def _gate_grad_kernel(
     #   B_t  = g_t + a_{t+1} B_{t+1},  a_t = 0 where the input gate set m_t (a record), else 1
     # B_t sums the stabiliser partials g from t to just before the next record: a record's di
     # takes it (the tokens whose m it set), df takes A_t = a_t B_t, and A at the document's first
-    # token is what m0 owns (dm0's share). All sums in fp64, as the host version had them.
+    # token is what m0 owns (dm0's share). All sums in fp64.
     seq, h, bos, eos, first, n_chunks = _sequence_of(tl.program_id(0), cu_ptr, first_ptr, H, L)
     NCB: tl.constexpr = BLOCK // L
     o2 = (tl.arange(0, NCB)[:, None] * L + tl.arange(0, L)[None, :])        # (NCB, L): reversed index
