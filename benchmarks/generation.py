@@ -24,6 +24,7 @@ run still reports what it finished:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import os
@@ -128,6 +129,8 @@ class Bench:
 
     def build(self):
         self.cfg = SHAPES[self.args.shape]
+        if self.args.chunk_size is not None:
+            self.cfg = dataclasses.replace(self.cfg, chunk_size=self.args.chunk_size)
         dtype = getattr(torch, self.args.dtype)
         torch.manual_seed(0)
         self.official = None
@@ -168,7 +171,7 @@ class Bench:
         return {"params": n, "non_embedding_params": n - n_emb, "weight_gb_read_per_step": self.weight_bytes / 1e9,
                 "state_mb_per_sequence": self.state_bytes / 1e6, "official": self.official is not None,
                 "official_kernels": self.args.official_chunkwise if self.official is not None else None,
-                "our_backend": self.ours.backend_for(self.device).value}
+                "our_backend": self.ours.backend_for(self.device).value, "chunk_size": c.chunk_size}
 
     # --- ceilings ---------------------------------------------------------------------------------
     def ceilings(self):
@@ -482,6 +485,8 @@ def main(argv=None):
     p.add_argument("--no-transformers", action="store_true")
     p.add_argument("--official-chunkwise", default="chunkwise--triton_limit_chunk",
                    help="official chunkwise kernel (xl_chunk with bf16 gates aborts under triton 3.6)")
+    p.add_argument("--chunk-size", type=int, default=None,
+                   help="the mLSTM chunk size of both models' prefill (default: the shape's config)")
     p.add_argument("--batches", type=int, nargs="+", default=[1, 16, 64])
     p.add_argument("--decode-prompts", type=int, nargs="+", default=[128, 8192])
     p.add_argument("--decode-steps", type=int, default=128)

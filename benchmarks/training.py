@@ -32,6 +32,7 @@ stage, so a run cut short still leaves what it measured.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import gc
 import json
@@ -90,6 +91,8 @@ def main() -> int:
     ap.add_argument("--official-kernel", default="chunkwise--triton_xl_chunk")
     ap.add_argument("--budget-s", type=float, default=1e9, help="skip stages that would start after this many seconds")
     ap.add_argument("--fsdp", action="store_true", help="FSDP2 over the torchrun world (plain model when alone)")
+    ap.add_argument("--chunk-size", type=int, default=None,
+                    help="the mLSTM chunk size for both models (default: the preset's)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
 
@@ -100,9 +103,11 @@ def main() -> int:
     rank0 = env_d is None or env_d.is_rank0
     world = env_d.world_size if env_d else 1
     cfg = PRESETS[args.preset]
+    if args.chunk_size is not None:
+        cfg = dataclasses.replace(cfg, chunk_size=args.chunk_size)
     t0 = time.perf_counter()
     env = {"torch": torch.__version__, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-           "preset": args.preset, "seq": args.seq, "world_size": world, "fsdp": bool(args.fsdp)}
+           "preset": args.preset, "chunk_size": cfg.chunk_size, "seq": args.seq, "world_size": world, "fsdp": bool(args.fsdp)}
     rows = []
     say = functools.partial(_say, rank0)
     say({"env": env})
