@@ -144,6 +144,17 @@ def test_chunkwise_then_steps_continue_the_sequence():
     assert_close("c", s_all.c, s.c, TOL_FWD[torch.float32])
 
 
+def test_no_grad_call_skips_the_custom_op_with_the_same_results():
+    (q, k, v, i, f), state = make_mlstm_inputs(1, 20, 2, 16, 16, dtype=torch.float32, device=DEVICE,
+                                               with_state=True, requires_grad=True)
+    h, s = tri.mlstm(q, k, v, i, f, state, chunk_size=16)
+    with torch.no_grad():
+        h_ng, s_ng = tri.mlstm(q, k, v, i, f, state, chunk_size=16)
+    assert h.grad_fn is not None and h_ng.grad_fn is None
+    for a, b in zip([h, *s], [h_ng, *s_ng]):
+        torch.testing.assert_close(b, a.detach(), rtol=0, atol=0)
+
+
 def test_torch_compile_traces_without_graph_breaks():
     (q, k, v, i, f), state = make_mlstm_inputs(1, 20, 2, 16, 16, dtype=torch.float32, device=DEVICE,
                                                with_state=True, requires_grad=True)

@@ -71,9 +71,13 @@ def mlstm(q, k, v, i, f, state: Optional[MLSTMState] = None, *, chunk_size: int 
     c0, n0, m0 = (t.to(torch.float32).contiguous() for t in state)
     if T == 0:
         return q.new_zeros(B, 0, H, V), MLSTMState(c0, n0, m0)
-    out = torch.ops.fastxlstm.mlstm_chunkwise(
-        q.contiguous(), k.contiguous(), v.contiguous(), i.to(torch.float32).contiguous(),
-        f.to(torch.float32).contiguous(), c0, n0, m0, *table, chunk_size, eps)
+    args = (q.contiguous(), k.contiguous(), v.contiguous(), i.to(torch.float32).contiguous(),
+            f.to(torch.float32).contiguous(), c0, n0, m0)
+    # Without autograd or tracing the kernels are called directly: the custom op's dispatch is host
+    # time before the first kernel, which a synchronous call (prefill, a no-grad forward) waits on.
+    direct = not torch.compiler.is_compiling() and not (
+        torch.is_grad_enabled() and any(t.requires_grad for t in args))
+    out = (_chunkwise_forward if direct else torch.ops.fastxlstm.mlstm_chunkwise)(*args, *table, chunk_size, eps)
     return out[0], MLSTMState(out[1], out[2], out[3])
 
 
@@ -119,6 +123,10 @@ def _chunkwise(q: Tensor, k: Tensor, v: Tensor, i: Tensor, f: Tensor, c0: Tensor
     """Returns h, final (c, n, m) and, for the backward, chunk-start states (c, n), per-chunk
     scalars (m_start, g, m_end) and per-token scalars (b, m, s, and scratch). The chunk table
     (start, end, document per chunk; first chunk per document) comes from _packed_chunk_table."""
+    return _chunkwise_forward(q, k, v, i, f, c0, n0, m0, cu, start, end, first, doc, chunk_size, eps)
+
+
+def _chunkwise_forward(q, k, v, i, f, c0, n0, m0, cu, start, end, first, doc, chunk_size, eps):
     B, T, H, K = q.shape
     V = v.shape[-1]
     N = cu.numel() - 1
