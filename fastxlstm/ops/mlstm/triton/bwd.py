@@ -43,7 +43,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .fwd import _logsigmoid, _rows_of, _sequence_of
+from .fwd import _chunk_decay, _logsigmoid, _rows_of, _sequence_of
 
 
 @triton.jit
@@ -155,8 +155,7 @@ def _state_kernel(
         tl.store(dns_ptr + cst + pid_k * BK + ok, dn, mask=mn)
         t0 = bos + j * L
         valid = ot < eos - t0
-        decay = tl.exp(tl.load(chs_ptr + (gc * H + h) * 3 + 1) + tl.load(chs_ptr + (gc * H + h) * 3)
-                       - tl.load(chs_ptr + (gc * H + h) * 3 + 2))
+        decay = _chunk_decay(chs_ptr, gc, h, H, True)
         qt = tl.load(qw_ptr + t0 * (H * K) + h * K + pid_k * BK + q_off, mask=mk[:, None] & valid[None, :], other=0.0)
         dht = tl.load(dh_ptr + t0 * (H * V) + h * V + pid_v * BV + v_off, mask=valid[:, None] & mv[None, :], other=0.0)
         dc = dc * decay + tl.dot(qt, dht.to(qt.dtype), input_precision=PREC)
@@ -223,7 +222,7 @@ def _scores_kernel(
 @triton.jit
 def _dqk_kernel(
     q_ptr, k_ptr, v_ptr, dh_ptr, cs_ptr, ns_ptr, dcs_ptr, dns_ptr, chs_ptr, tok_ptr, scal_ptr, i_ptr,
-    start_ptr, end_ptr, cu_ptr, first_ptr, doc_ptr, dpw_ptr, dq_ptr, dk_ptr, part_ptr, dlo_ptr, edot_ptr,
+    start_ptr, end_ptr, cu_ptr, first_ptr, doc_ptr, dpw_ptr, dq_ptr, dk_ptr, kinter_ptr, dlo_ptr, edot_ptr,
     scale, T_all, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     L: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr,
     HAS_LO: tl.constexpr,
@@ -304,7 +303,7 @@ def _dqk_kernel(
         dk = (dk + dn_e[None, :]) * w_end[:, None]
         # k . dk through the chunk-end state, for the gate gradients (the part within the chunk
         # comes from the scores kernel, in fp32)
-        tl.store(part_ptr + ((pid_k * H + h) * T_all + r0) + ob, tl.sum(k_r.to(tl.float32) * dk, 1), mask=vr)
+        tl.store(kinter_ptr + ((pid_k * H + h) * T_all + r0) + ob, tl.sum(k_r.to(tl.float32) * dk, 1), mask=vr)
 
         # within the chunk: dq from the key blocks at or before these rows, dk from the query
         # blocks at or after them, with the scores kernel's dP~ blocks
@@ -430,8 +429,9 @@ def _gate_grad_kernel(
     st = (seq * H + h).to(tl.int64)
     e_first = _flat_dot(dcf_ptr + st * K * V, c0_ptr + st * K * V, K * V, 2048) + _flat_dot(dnf_ptr + st * K, n0_ptr + st * K, K, 256)
     lst = (tl.maximum(last, 0) * H + h).to(tl.int64)
-    e_last = _flat_dot(dct_ptr + st * K * V, cs_ptr + lst * K * V, K * V * (n_chunks > 1), 2048) + _flat_dot(
-        dnt_ptr + st * K, ns_ptr + lst * K, K * (n_chunks > 1), 256)
+    many = n_chunks > 1                                             # else the first chunk is the last: e_first
+    e_last = _flat_dot(dct_ptr + st * K * V, cs_ptr + lst * K * V, tl.where(many, K * V, 0), 2048) + _flat_dot(
+        dnt_ptr + st * K, ns_ptr + lst * K, tl.where(many, K, 0), 256)
     # <dC_T, C_T> + <dn_T, n_T> from the last chunk's terms, so that the final state's stabiliser
     # partial dmT - <.,.> cancels against R exactly as the terms do
     ol = tl.arange(0, L)
@@ -440,9 +440,7 @@ def _gate_grad_kernel(
     kin = tl.zeros([L], dtype=tl.float64)
     for p in tl.static_range(NKT):
         kin += tl.load(kinter_ptr + (p * H + h) * T_all + t_l, mask=vl, other=0.0).to(tl.float64)
-    dec_l = tl.exp(tl.load(chs_ptr + (last * H + h) * 3 + 1, mask=has, other=0.0)
-                   + tl.load(chs_ptr + (last * H + h) * 3, mask=has, other=0.0)
-                   - tl.load(chs_ptr + (last * H + h) * 3 + 2, mask=has, other=0.0)).to(tl.float64)
+    dec_l = _chunk_decay(chs_ptr, last, h, H, has).to(tl.float64)
     final_dot = _chunk_edot(edot_ptr, last, h, has, e_first, e_last, first, last, n_chunks, H, NKT) * dec_l + tl.sum(kin, 0)
     g_end = tl.load(dmT_ptr + seq * H + h).to(tl.float64) - final_dot
 
@@ -474,26 +472,24 @@ def _gate_grad_kernel(
         # chunk-local sums: along a row, tokens run backwards within one chunk
         gc = first + (blk - bos) // L + (NCB - 1 - tl.arange(0, NCB))
         vc = gc < first + n_chunks
-        dec = tl.exp(tl.load(chs_ptr + (gc * H + h) * 3 + 1, mask=vc, other=0.0)
-                     + tl.load(chs_ptr + (gc * H + h) * 3, mask=vc, other=0.0)
-                     - tl.load(chs_ptr + (gc * H + h) * 3 + 2, mask=vc, other=0.0)).to(tl.float64)
+        dec = _chunk_decay(chs_ptr, gc, h, H, vc).to(tl.float64)
         base = _chunk_edot(edot_ptr, gc, h, vc, e_first, e_last, first, last, n_chunks, H, NKT) * dec
         r = (base[:, None] + (tl.sum(k_in, 1)[:, None] - tl.cumsum(k_in, 1))
              + tl.cumsum(qdq - k_ia, 1))
         # the stabiliser recurrence over the whole block, in slot order (tokens backwards)
         coef = tl.where(valid, tl.where(rec_n, 0.0, 1.0), 1.0).to(tl.float64)
         coef = tl.where(valid & ~nxt, 0.0, coef)                   # the document's last token: nothing after
-        cs, vs = tl.associative_scan((tl.reshape(coef, [BLOCK]), tl.reshape(g, [BLOCK])), 0, _affine_combine)
-        b1 = cs * b_in + vs
+        sc, sv = tl.associative_scan((tl.reshape(coef, [BLOCK]), tl.reshape(g, [BLOCK])), 0, _affine_combine)
+        b1 = sc * b_in + sv
         b_t = tl.reshape(b1, [NCB, L])
         a_t = tl.where(rec, 0.0, b_t)
         tl.store(di_ptr + t * H + h, (k_in + k_ia + tl.where(rec, b_t, 0.0)).to(di_ptr.dtype.element_ty), mask=valid)
         df = (r + a_t) * tl.sigmoid(-fg).to(tl.float64)
         tl.store(df_ptr + t * H + h, df.to(df_ptr.dtype.element_ty), mask=valid)
         b_in = tl.sum(tl.where(tl.arange(0, BLOCK) == BLOCK - 1, b1, 0.0), 0)
-        a_first = tl.sum(tl.reshape(tl.where(t == bos, a_t, 0.0), [BLOCK]), 0)
         if bb == n_blk - 1:
             # dm0: c0 and n0 scale with exp(m0), plus the stabiliser partials m0 owns
+            a_first = tl.sum(tl.reshape(tl.where(t == bos, a_t, 0.0), [BLOCK]), 0)
             dm0 = (_flat_dot(c0_ptr + st * K * V, dc0_ptr + st * K * V, K * V, 2048)
                    + _flat_dot(n0_ptr + st * K, dn0_ptr + st * K, K, 256) + a_first)
             tl.store(dm0_ptr + st, dm0.to(tl.float32))

@@ -64,6 +64,14 @@ def _rows_of(pid_c, start_ptr, end_ptr, L: tl.constexpr, BT: tl.constexpr):
 
 
 @triton.jit
+def _chunk_decay(chs_ptr, gc, h, H: tl.constexpr, valid):
+    """exp(g + m_start - m_end) of chunk(s) gc: how the state at its start counts at its end."""
+    base = chs_ptr + (gc * H + h) * 3
+    return tl.exp(tl.load(base + 1, mask=valid, other=0.0) + tl.load(base, mask=valid, other=0.0)
+                  - tl.load(base + 2, mask=valid, other=0.0))
+
+
+@triton.jit
 def _chunk_gate_kernel(i_ptr, f_ptr, start_ptr, end_ptr, chs_ptr, tok_ptr, T_all, H: tl.constexpr,
                        L: tl.constexpr):
     # Chunk-local gate work, fully parallel: per token b (cumulative log forget within the chunk)
@@ -181,8 +189,7 @@ def _state_kernel(
         tl.store(cs_ptr + cst * V + c_tile + kv_off, c.to(cs_ptr.dtype.element_ty), mask=mkv)
         t0 = bos + j * L
         valid = ot < eos - t0
-        decay = tl.exp(tl.load(chs_ptr + (gc * H + h) * 3 + 1) + tl.load(chs_ptr + (gc * H + h) * 3)
-                       - tl.load(chs_ptr + (gc * H + h) * 3 + 2))
+        decay = _chunk_decay(chs_ptr, gc, h, H, True)
         kt = tl.load(kw_ptr + t0 * (H * K) + h * K + pid_k * BK + k_off, mask=mk[:, None] & valid[None, :], other=0.0)
         vt = tl.load(v_ptr + t0 * (H * V) + h * V + pid_v * BV + v_off, mask=valid[:, None] & mv[None, :], other=0.0)
         c = c * decay + tl.dot(kt, vt, input_precision=PREC)
