@@ -14,7 +14,6 @@ import os
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 import triton
 from torch import Tensor
 
