@@ -38,8 +38,8 @@ class Block(nn.Module):
 
     def forward(self, x, state: MLSTMState | None = None, *, backend: Backend, cu_seqlens=None):
         h, state = self.mlstm_layer(self.norm_mlstm(x), state, backend=backend, cu_seqlens=cu_seqlens)
-        x = x + h
-        return x + self.ffn(self.norm_ffn(x)), state
+        x, y = self.norm_ffn.add_forward(x, h)
+        return x + self.ffn(y), state
 
 
 class Backbone(nn.Module):

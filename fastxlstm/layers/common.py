@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..ops import rowwise
+
 
 def soft_cap(x: torch.Tensor, cap: float | None) -> torch.Tensor:
     """cap * tanh(x / cap): smooth, odd, identity near 0 and bounded by +-cap. None or 0 disables it.
@@ -71,7 +73,16 @@ class RMSNorm(nn.Module):
         self.bias = nn.Parameter(torch.zeros(dim)) if use_bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.force_float32 and rowwise.usable(x, self.weight, self.bias):
+            return rowwise.add_rms_norm(x, None, self.weight, self.bias, self.eps)[1]
         return rms_norm(x, self.weight, self.bias, self.eps, self.force_float32)
+
+    def add_forward(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x + y, this norm of it): one pass where the fused row kernels serve the call."""
+        if self.force_float32 and rowwise.usable(x, self.weight, self.bias) and y.dtype == x.dtype:
+            return rowwise.add_rms_norm(x, y, self.weight, self.bias, self.eps)
+        x = x + y
+        return x, self(x)
 
 
 class MultiHeadLayerNorm(nn.Module):
@@ -93,6 +104,12 @@ class MultiHeadLayerNorm(nn.Module):
         """x: (B, T, H, Dv) -> (B, T, H*Dv)."""
         return head_layer_norm(x, self.weight, self.bias, self.eps, self.force_float32)
 
+    def gated(self, x: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
+        """sigmoid(o) * this norm of x: one pass where the fused row kernels serve the call."""
+        if self.force_float32 and rowwise.usable(x, self.weight, self.bias) and o.dtype == x.dtype:
+            return rowwise.gated_head_norm(x, o, self.weight, self.bias, self.eps)
+        return torch.sigmoid(o) * self(x)
+
 
 class SwiGLU(nn.Module):
     """y = W_down(silu(W_gate x) * W_up x); key names as the published xLSTM-7B."""
@@ -104,7 +121,10 @@ class SwiGLU(nn.Module):
         self.proj_down = nn.Linear(hidden, dim, bias=use_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj_down(F.silu(self.proj_up_gate(x)) * self.proj_up(x))
+        gate, up = self.proj_up_gate(x), self.proj_up(x)
+        if rowwise.usable(gate) and up.dtype == gate.dtype:
+            return self.proj_down(rowwise.silu_mul(gate, up))
+        return self.proj_down(F.silu(gate) * up)
 
 
 def round_up(x: float, multiple: int) -> int:

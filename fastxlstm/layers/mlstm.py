@@ -50,5 +50,4 @@ class MLSTMLayer(nn.Module):
         else:
             h, state = ops.mlstm(q, k, v, i, f, state, backend=backend, chunk_size=self.chunk_size,
                                  eps=self.cell_eps, cu_seqlens=cu_seqlens)
-        h = self.multihead_norm(h)                                    # (B, T, H*Dv)
-        return self.out_proj(torch.sigmoid(self.ogate_preact(x)) * h), state
+        return self.out_proj(self.multihead_norm.gated(h, self.ogate_preact(x))), state   # gated: (B, T, H*Dv)

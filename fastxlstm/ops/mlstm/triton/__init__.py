@@ -29,8 +29,10 @@ CONFIG = dict(
     # fwd_out_short below chunk 128: with num_stages=2 triton 3.6 gives wrong h at chunk 64 with
     # Dqk 256 / Dv 512 in bf16 (rel error 0.2-0.3 on the H200, measured twice on 2026-11-28, while
     # chunk 128 agrees to 2e-5); one stage is exact there (benchmarks/NOTES-kernels.md).
-    fwd_out=dict(BT=64, BK=128, BV=256, W=8, S=2),
-    fwd_out_short=dict(BT=64, BK=64, BV=256, W=8, S=1),
+    # Four warps and Dv tiles of 128 (two programs per SM): -0.13..0.24 ms at chunk 128 and
+    # -0.23 ms at chunk 64 against 8 warps x 256 (runs 16, 17).
+    fwd_out=dict(BT=64, BK=128, BV=128, W=4, S=2),
+    fwd_out_short=dict(BT=64, BK=128, BV=128, W=4, S=1),
     bwd_state=dict(BK=64, BV=128, W=8, S=2),
     # the backward's intra-chunk row blocks are bwd_scores' BT (dq/dk and dv read its blocks)
     bwd_scores=dict(BT=64, BK=64, BV=64, W=4, S=2),

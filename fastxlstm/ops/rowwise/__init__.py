@@ -1,0 +1,58 @@
+"""Fused row-wise work of an inference forward on CUDA: residual add + RMSNorm, the per-head
+LayerNorm times the output gate, SwiGLU's silu(gate) * up.
+
+Why: eagerly each of these is five to eight elementwise kernels over (B, T, E)-sized tensors (the
+float32 reductions cast up and back); in a 7B prefill they took ~30 % of the GPU time, as much
+as a third of the GEMMs (benchmarks/RESULTS.md, fifth session). Here each is one pass. Only for
+calls that need no gradient (prefill, scoring, evaluation); training keeps the eager formulas,
+which torch.compile fuses there. The kernels round where the eager formulas of layers/common.py
+round (to the input dtype after the float32 normalisation, after the weight, after the gate), so
+the results agree to the reductions' summation order.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from .. import triton_available
+
+__all__ = ["usable", "add_rms_norm", "gated_head_norm", "silu_mul"]
+
+
+def usable(x: torch.Tensor, *weights) -> bool:
+    """Whether the fused kernels serve this call: a CUDA tensor, no gradient wanted, not being
+    traced by torch.compile, Triton installed, and weights of x's dtype (under autocast the eager
+    formulas' type promotion decides the output dtype). The functions below also run on CPU
+    tensors under TRITON_INTERPRET=1 (the tests), but the layers never send CPU work there."""
+    if not x.is_cuda or x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        return False
+    if torch.is_grad_enabled() or torch.compiler.is_compiling() or not _have_triton():
+        return False
+    return all(w is None or w.dtype == x.dtype for w in weights)
+
+
+def add_rms_norm(x: torch.Tensor, y: torch.Tensor | None, weight: torch.Tensor, bias: torch.Tensor | None,
+                 eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(s, rms_norm(s) * weight (+ bias)) with s = x + y (s = x when y is None); the reduction in
+    float32, as RMSNorm with force_float32."""
+    from . import triton as kernels                    # Triton only where it is used
+    return kernels.add_rms_norm(x, y, weight, bias, eps)
+
+
+def gated_head_norm(h: torch.Tensor, o: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                    eps: float) -> torch.Tensor:
+    """sigmoid(o) * (LayerNorm of each head of h (B, T, H, Dv) over Dv, flattened, times weight
+    (+ bias)): (B, T, H * Dv)."""
+    from . import triton as kernels
+    return kernels.gated_head_norm(h, o, weight, bias, eps)
+
+
+def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up, each rounded to the input dtype as F.silu(gate) * up rounds."""
+    from . import triton as kernels
+    return kernels.silu_mul(gate, up)
+
+
+_have_triton = functools.cache(triton_available)

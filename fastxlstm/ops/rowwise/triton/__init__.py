@@ -1,0 +1,95 @@
+"""The Triton kernels of ops.rowwise (see there): one program per row (RMSNorm), per block of
+head rows (head norm x gate) or per block of elements (silu x up)."""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["add_rms_norm", "gated_head_norm", "silu_mul"]
+
+
+def add_rms_norm(x: torch.Tensor, y: torch.Tensor | None, weight: torch.Tensor, bias: torch.Tensor | None,
+                 eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    # rows of E: one program each (E <= a few thousand fits one block)
+    E = x.shape[-1]
+    xr = x.reshape(-1, E)
+    yr = xr if y is None else y.reshape(-1, E)
+    s = xr if y is None else torch.empty_like(xr)
+    out = torch.empty_like(xr)
+    _add_rms_norm_kernel[(xr.shape[0],)](
+        xr, yr, weight, bias if bias is not None else weight, s, out, eps, E,
+        HAS_Y=y is not None, HAS_BIAS=bias is not None, BLOCK=triton.next_power_of_2(E), num_warps=8)
+    return s.view(x.shape), out.view(x.shape)
+
+
+def gated_head_norm(h: torch.Tensor, o: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                    eps: float) -> torch.Tensor:
+    # rows of Dv (one per token and head), up to 16 per program
+    B, T, H, D = h.shape
+    hr = h.reshape(-1, D)
+    orr = o.reshape(-1, D)
+    out = torch.empty_like(orr)
+    rows = hr.shape[0]
+    BLOCK = triton.next_power_of_2(D)
+    ROWS = max(1, min(16, 4096 // BLOCK))
+    _gated_head_norm_kernel[(triton.cdiv(rows, ROWS),)](
+        hr, orr, weight, bias if bias is not None else weight, out, eps, rows, H, D,
+        HAS_BIAS=bias is not None, ROWS=ROWS, BLOCK=BLOCK, num_warps=4)
+    return out.view(B, T, H * D)
+
+
+def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    g, u = gate.contiguous(), up.contiguous()
+    out = torch.empty_like(g)
+    n = g.numel()
+    _silu_mul_kernel[(triton.cdiv(n, 2048),)](g, u, out, n, BLOCK=2048, num_warps=4)
+    return out
+
+
+@triton.jit
+def _add_rms_norm_kernel(x_ptr, y_ptr, w_ptr, b_ptr, s_ptr, out_ptr, eps, E, HAS_Y: tl.constexpr,
+                         HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64) * E
+    col = tl.arange(0, BLOCK)
+    ok = col < E
+    x = tl.load(x_ptr + row + col, mask=ok, other=0.0)
+    if HAS_Y:
+        x = (x.to(tl.float32) + tl.load(y_ptr + row + col, mask=ok, other=0.0).to(tl.float32)).to(x.dtype)
+        tl.store(s_ptr + row + col, x, mask=ok)
+    xf = x.to(tl.float32)
+    r = 1.0 / tl.sqrt(tl.sum(xf * xf, 0) / E + eps)
+    y = (xf * r).to(x.dtype).to(tl.float32) * tl.load(w_ptr + col, mask=ok, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        y = y.to(x.dtype).to(tl.float32) + tl.load(b_ptr + col, mask=ok, other=0.0).to(tl.float32)
+    tl.store(out_ptr + row + col, y.to(x.dtype), mask=ok)
+
+@triton.jit
+def _gated_head_norm_kernel(h_ptr, o_ptr, w_ptr, b_ptr, out_ptr, eps, rows, H, D, HAS_BIAS: tl.constexpr,
+                            ROWS: tl.constexpr, BLOCK: tl.constexpr):
+    r = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+    col = tl.arange(0, BLOCK)
+    ok = (r < rows)[:, None] & (col < D)[None, :]
+    off = r[:, None] * D + col[None, :]
+    hv = tl.load(h_ptr + off, mask=ok, other=0.0)
+    hf = hv.to(tl.float32)
+    xc = tl.where(ok, hf - (tl.sum(hf, 1) / D)[:, None], 0.0)
+    rs = 1.0 / tl.sqrt(tl.sum(xc * xc, 1) / D + eps)
+    wcol = (r % H)[:, None] * D + col[None, :]          # the flat (H * Dv) weight
+    y = (xc * rs[:, None]).to(hv.dtype).to(tl.float32) * tl.load(w_ptr + wcol, mask=ok, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        y = y.to(hv.dtype).to(tl.float32) + tl.load(b_ptr + wcol, mask=ok, other=0.0).to(tl.float32)
+    y = y.to(hv.dtype).to(tl.float32)
+    o = tl.load(o_ptr + off, mask=ok, other=0.0).to(tl.float32)
+    gate = (1.0 / (1.0 + tl.exp(-o))).to(hv.dtype).to(tl.float32)
+    tl.store(out_ptr + off, (gate * y).to(hv.dtype), mask=ok)
+
+@triton.jit
+def _silu_mul_kernel(g_ptr, u_ptr, out_ptr, n, BLOCK: tl.constexpr):
+    off = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    ok = off < n
+    gv = tl.load(g_ptr + off, mask=ok, other=0.0)
+    g = gv.to(tl.float32)
+    act = (g / (1.0 + tl.exp(-g))).to(gv.dtype).to(tl.float32)
+    tl.store(out_ptr + off, (act * tl.load(u_ptr + off, mask=ok, other=0.0).to(tl.float32)).to(gv.dtype), mask=ok)
