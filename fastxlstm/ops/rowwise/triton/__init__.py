@@ -14,8 +14,8 @@ def add_rms_norm(x: torch.Tensor, y: torch.Tensor | None, weight: torch.Tensor, 
                  eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     # rows of E: one program each (E <= a few thousand fits one block)
     E = x.shape[-1]
-    xr = x.reshape(-1, E)
-    yr = xr if y is None else y.reshape(-1, E)
+    xr = x.reshape(-1, E).contiguous()       # the kernel's rows are E apart (a slice's may not be)
+    yr = xr if y is None else y.reshape(-1, E).contiguous()
     s = xr if y is None else torch.empty_like(xr)
     out = torch.empty_like(xr)
     _add_rms_norm_kernel[(xr.shape[0],)](
@@ -28,8 +28,8 @@ def gated_head_norm(h: torch.Tensor, o: torch.Tensor, weight: torch.Tensor, bias
                     eps: float) -> torch.Tensor:
     # rows of Dv (one per token and head), up to 16 per program
     B, T, H, D = h.shape
-    hr = h.reshape(-1, D)
-    orr = o.reshape(-1, D)
+    hr = h.reshape(-1, D).contiguous()
+    orr = o.reshape(-1, D).contiguous()
     out = torch.empty_like(orr)
     rows = hr.shape[0]
     BLOCK = triton.next_power_of_2(D)
