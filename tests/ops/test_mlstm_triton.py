@@ -101,6 +101,16 @@ def test_sub_blocks_within_a_chunk(poison, tiles):
     check_against_reference(1, 71, 2, 16, 16, dtype=torch.float32, chunk_size=64)
 
 
+@pytest.mark.parametrize("bt", [16, 64])
+def test_output_kernel_reading_stored_score_blocks(poison, tiles, bt):
+    # fwd_out P=True: _score_blocks_kernel forms the blocks, each token's m and row sum once; the
+    # output kernel reads them (one and several row blocks per chunk, a short last chunk, packed)
+    for name in ("fwd_out", "fwd_out_short"):
+        tiles[name].update(P=True, BT=bt)
+    check_against_reference(1, 71, 2, 16, 16, dtype=torch.float32, chunk_size=64)
+    check_against_reference(1, 100, 2, 24, 40, dtype=torch.float16, chunk_size=16, cu_seqlens=[0, 37, 100])
+
+
 def test_scans_over_several_blocks(poison, tiles):
     # The stabiliser is scanned over blocks of chunks and the gate gradients walk blocks of tokens;
     # blocks of 2 chunks make every carry between them count (9 and 3 chunks per document, an

@@ -31,8 +31,11 @@ CONFIG = dict(
     # chunk 128 agrees to 2e-5); one stage is exact there (benchmarks/NOTES-kernels.md).
     # Four warps and Dv tiles of 128 (two programs per SM): -0.13..0.24 ms at chunk 128 and
     # -0.23 ms at chunk 64 against 8 warps x 256 (runs 16, 17).
-    fwd_out=dict(BT=64, BK=128, BV=128, W=4, S=2),
-    fwd_out_short=dict(BT=64, BK=128, BV=128, W=4, S=1),
+    # P: the intra-chunk score blocks formed once by _score_blocks_kernel (fwd_scores' tiles) and
+    # read by the output kernel, instead of once per Dv tile there (not yet timed on the GPU).
+    fwd_out=dict(BT=64, BK=128, BV=128, W=4, S=2, P=False),
+    fwd_out_short=dict(BT=64, BK=128, BV=128, W=4, S=1, P=False),
+    fwd_scores=dict(BK=64, W=4, S=2),
     bwd_state=dict(BK=64, BV=128, W=8, S=2),
     # the backward's intra-chunk row blocks are bwd_scores' BT (dq/dk and dv read its blocks)
     bwd_scores=dict(BT=64, BK=64, BV=64, W=4, S=2),
@@ -154,9 +157,19 @@ def _chunkwise_forward(q, k, v, i, f, c0, n0, m0, cu, start, end, first, doc, ch
     del kw
     cfg = _tiles("fwd_out" if L >= 128 else "fwd_out_short", q)
     BT, BK, BV = min(cfg["BT"], L), _tile(K, cfg["BK"]), _tile(V, cfg["BV"])
+    stored_p = cfg.get("P", False)
+    p_blk = None
+    if stored_p:
+        # per chunk and head the L x L gated score blocks (those at or below the diagonal written)
+        p_blk = q.new_empty(num_chunks, H, L, L)
+        sc = CONFIG["fwd_scores"]
+        fwd._score_blocks_kernel[(num_chunks * (L // BT), H)](
+            q, k, i, chs, tok, start, end, p_blk, K ** -0.5, T_all, H=H, K=K, L=L, BT=BT,
+            BK=_tile(K, sc["BK"]), PREC=prec, num_warps=sc["W"], num_stages=sc["S"])
     fwd._out_kernel[(triton.cdiv(V, BV), num_chunks * (L // BT), H)](
-        q, k, v, i, cs, ns, chs, tok, start, end, h, K ** -0.5, eps, T_all,
-        H=H, K=K, V=V, L=L, BT=BT, BK=BK, BV=BV, PREC=prec, num_warps=cfg["W"], num_stages=cfg["S"])
+        q, k, v, i, cs, ns, chs, tok, start, end, h, p_blk if stored_p else h, K ** -0.5, eps, T_all,
+        H=H, K=K, V=V, L=L, BT=BT, BK=BK, BV=BV, PREC=prec, STORED_P=stored_p,
+        num_warps=cfg["W"], num_stages=cfg["S"])
     return h, cT, nT, mT, cs, ns, chs, tok
 
 

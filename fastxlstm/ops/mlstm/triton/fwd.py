@@ -22,6 +22,9 @@ _out_kernel     grid (cdiv(Dv, BV), N_chunks * L / BT, H). One program owns BT q
                 looping over Dqk tiles for the inter-chunk term and over the key sub-blocks of the
                 chunk (causal) for the intra-chunk term; it also stores s = q~ . n (the signed
                 denominator before the max), which the backward uses to rebuild den, and each token's m.
+_score_blocks_kernel  (with CONFIG fwd_out P=True) the intra-chunk gated score blocks, each
+                token's m and row sum, formed once before _out_kernel, which then reads the
+                blocks instead of forming them once per Dv tile.
 All exponents are <= 0 by construction of m (see native.py), so nothing overflows. Scalar bases
 are int64 (T * H * D may pass 2**31); offsets inside a tile are int32 (fewer address registers).
 """
@@ -205,10 +208,13 @@ def _state_kernel(
 
 @triton.jit
 def _out_kernel(
-    q_ptr, k_ptr, v_ptr, i_ptr, cs_ptr, ns_ptr, chs_ptr, tok_ptr, start_ptr, end_ptr, h_ptr,
+    q_ptr, k_ptr, v_ptr, i_ptr, cs_ptr, ns_ptr, chs_ptr, tok_ptr, start_ptr, end_ptr, h_ptr, p_ptr,
     scale, eps, T_all, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     L: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr,
+    STORED_P: tl.constexpr,
 ):
+    # STORED_P: _score_blocks_kernel has formed the gated score blocks, each token's m (tok slot
+    # 1) and its row sum (slot 3); otherwise they are formed here, once per Dv tile.
     pid_v = tl.program_id(0)
     pid_c = tl.program_id(1)
     h = tl.program_id(2).to(tl.int64)
@@ -221,8 +227,10 @@ def _out_kernel(
         mv = pid_v * BV + ov < V
         b_r = tl.load(tok_ptr + (h * T_all + r0) + ob, mask=vr, other=0.0)
         m_prev = tl.load(chs_ptr + (gc * H + h) * 3)
-        # each token's stabiliser, from its chunk's start and the running max of i - b
-        m_r = b_r + tl.maximum(m_prev, tl.load(tok_ptr + ((3 * H + h) * T_all + r0) + ob, mask=vr, other=0.0))
+        if STORED_P:
+            m_r = tl.load(tok_ptr + ((H + h) * T_all + r0) + ob, mask=vr, other=0.0)
+        else:
+            m_r = _token_stabiliser(tok_ptr, b_r, m_prev, h, r0, ob, vr, H, T_all)
         cst = (gc * H + h) * K
         q_base = q_ptr + r0 * (H * K) + h * K
         qk_off = ob[:, None] * (H * K) + ok[None, :]
@@ -243,29 +251,88 @@ def _out_kernel(
         acc = acc * w0[:, None]
         ssum = qn * w0
 
-        for jb in range(0, sub + 1):
-            c0 = t0 + jb * BT
-            vc = ob < te - c0
-            b_c = tl.load(tok_ptr + (h * T_all + c0) + ob, mask=vc, other=0.0)
-            i_c = tl.load(i_ptr + (c0 * H + h) + ob * H, mask=vc, other=0.0).to(tl.float32)
-            causal = ((c0 + ob)[None, :] <= (r0 + ob)[:, None]) & vc[None, :]
-            w = tl.where(causal, tl.exp(b_r[:, None] - b_c[None, :] + i_c[None, :] - m_r[:, None]), 0.0)
-            k_base = k_ptr + c0 * (H * K) + h * K
-            s = tl.zeros([BT, BT], dtype=tl.float32)
-            for kk in range(0, K, BK):
-                mk = kk + ok < K
-                qt = tl.load(q_base + kk + qk_off, mask=vr[:, None] & mk[None, :], other=0.0)
-                kt = tl.load(k_base + kk + qk_off, mask=vc[:, None] & mk[None, :], other=0.0)
-                s += tl.dot(qt, tl.trans(kt), input_precision=PREC)
-            p = s * w * scale
-            ssum += tl.sum(p, 1)
-            vt = tl.load(v_ptr + c0 * (H * V) + h * V + pid_v * BV + v_off, mask=vc[:, None] & mv[None, :], other=0.0)
-            acc += tl.dot(p.to(vt.dtype), vt, input_precision=PREC)
+        if STORED_P:
+            ssum += tl.load(tok_ptr + ((3 * H + h) * T_all + r0) + ob, mask=vr, other=0.0)
+            blk = p_ptr + ((gc * H + h) * L + sub * BT) * L + ob[:, None] * L + ob[None, :]
+            for jb in range(0, sub + 1):
+                c0 = t0 + jb * BT
+                vc = ob < te - c0
+                p = tl.load(blk + jb * BT)           # written for every valid row; zeros past the chunk's end
+                vt = tl.load(v_ptr + c0 * (H * V) + h * V + pid_v * BV + v_off, mask=vc[:, None] & mv[None, :],
+                             other=0.0)
+                acc += tl.dot(p, vt, input_precision=PREC)
+        else:
+            for jb in range(0, sub + 1):
+                c0 = t0 + jb * BT
+                vc = ob < te - c0
+                p = _score_block(q_base, k_ptr, i_ptr, tok_ptr, b_r, m_r, qk_off, ok, vr, r0, c0, te, h, ob,
+                                 scale, T_all, H, K, BT, BK, PREC)
+                ssum += tl.sum(p, 1)
+                vt = tl.load(v_ptr + c0 * (H * V) + h * V + pid_v * BV + v_off, mask=vc[:, None] & mv[None, :],
+                             other=0.0)
+                acc += tl.dot(p.to(vt.dtype), vt, input_precision=PREC)
 
         den = tl.maximum(tl.abs(ssum), tl.exp(-m_r)) + eps
         out = acc / den[:, None]
         tl.store(h_ptr + r0 * (H * V) + h * V + pid_v * BV + v_off, out.to(h_ptr.dtype.element_ty),
                  mask=vr[:, None] & mv[None, :])
         if pid_v == 0:
-            tl.store(tok_ptr + ((H + h) * T_all + r0) + ob, m_r, mask=vr)
+            if not STORED_P:
+                tl.store(tok_ptr + ((H + h) * T_all + r0) + ob, m_r, mask=vr)
             tl.store(tok_ptr + ((2 * H + h) * T_all + r0) + ob, ssum, mask=vr)
+
+
+@triton.jit
+def _token_stabiliser(tok_ptr, b_r, m_prev, h, r0, ob, vr, H: tl.constexpr, T_all):
+    """Each token's m, from its chunk's start and the running max of i - b (tok slot 3)."""
+    return b_r + tl.maximum(m_prev, tl.load(tok_ptr + ((3 * H + h) * T_all + r0) + ob, mask=vr, other=0.0))
+
+
+@triton.jit
+def _score_block(q_base, k_ptr, i_ptr, tok_ptr, b_r, m_r, qk_off, ok, vr, r0, c0, te, h, ob, scale, T_all,
+                 H: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr):
+    """The gated scores of BT query rows (from r0) against the BT keys from c0, in fp32:
+    (q~ k^T) * exp(b_r - b_c + i_c - m_r), zero above the diagonal and past the chunk's end."""
+    vc = ob < te - c0
+    b_c = tl.load(tok_ptr + (h * T_all + c0) + ob, mask=vc, other=0.0)
+    i_c = tl.load(i_ptr + (c0 * H + h) + ob * H, mask=vc, other=0.0).to(tl.float32)
+    causal = ((c0 + ob)[None, :] <= (r0 + ob)[:, None]) & vc[None, :]
+    w = tl.where(causal, tl.exp(b_r[:, None] - b_c[None, :] + i_c[None, :] - m_r[:, None]), 0.0)
+    k_base = k_ptr + c0 * (H * K) + h * K
+    s = tl.zeros([BT, BT], dtype=tl.float32)
+    for kk in range(0, K, BK):
+        mk = kk + ok < K
+        qt = tl.load(q_base + kk + qk_off, mask=vr[:, None] & mk[None, :], other=0.0)
+        kt = tl.load(k_base + kk + qk_off, mask=vc[:, None] & mk[None, :], other=0.0)
+        s += tl.dot(qt, tl.trans(kt), input_precision=PREC)
+    return s * w * scale
+
+
+@triton.jit
+def _score_blocks_kernel(q_ptr, k_ptr, i_ptr, chs_ptr, tok_ptr, start_ptr, end_ptr, p_ptr, scale, T_all,
+                         H: tl.constexpr, K: tl.constexpr, L: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
+                         PREC: tl.constexpr):
+    # The output kernel's intra-chunk scores formed once (it would form them once per Dv tile):
+    # per row block, the gated blocks at or before the diagonal in the operand dtype (the rounding
+    # the P V dot gives them anyway), each token's m (tok slot 1) and the fp32 row sum of its
+    # scores (slot 3, over the running max that m was built from: read first, same rows only).
+    pid_c = tl.program_id(0)
+    h = tl.program_id(1).to(tl.int64)
+    gc, sub, t0, te, r0 = _rows_of(pid_c, start_ptr, end_ptr, L, BT)
+    if r0 < te:
+        ob = tl.arange(0, BT)
+        vr = ob < te - r0
+        ok = tl.arange(0, BK)
+        b_r = tl.load(tok_ptr + (h * T_all + r0) + ob, mask=vr, other=0.0)
+        m_r = _token_stabiliser(tok_ptr, b_r, tl.load(chs_ptr + (gc * H + h) * 3), h, r0, ob, vr, H, T_all)
+        q_base = q_ptr + r0 * (H * K) + h * K
+        qk_off = ob[:, None] * (H * K) + ok[None, :]
+        blk = p_ptr + ((gc * H + h) * L + sub * BT) * L + ob[:, None] * L + ob[None, :]
+        rows = tl.zeros([BT], dtype=tl.float32)
+        for jb in range(0, sub + 1):
+            p = _score_block(q_base, k_ptr, i_ptr, tok_ptr, b_r, m_r, qk_off, ok, vr, r0, t0 + jb * BT, te, h, ob,
+                             scale, T_all, H, K, BT, BK, PREC)
+            rows += tl.sum(p, 1)
+            tl.store(blk + jb * BT, p.to(p_ptr.dtype.element_ty))
+        tl.store(tok_ptr + ((H + h) * T_all + r0) + ob, m_r, mask=vr)
+        tl.store(tok_ptr + ((3 * H + h) * T_all + r0) + ob, rows, mask=vr)
