@@ -188,10 +188,12 @@ def _(q, k, v, i, f, c0, n0, m0, cu, start, end, first, doc, chunk_size, eps):
 def _chunkwise_bwd(dh: Tensor, dcT: Tensor, dnT: Tensor, dmT: Tensor, q: Tensor, k: Tensor, v: Tensor,
                    i: Tensor, f: Tensor, c0: Tensor, n0: Tensor, m0: Tensor, h: Tensor, cT: Tensor,
                    nT: Tensor, cs: Tensor, ns: Tensor, chs: Tensor, tok: Tensor, cu: Tensor, start: Tensor,
-                   end: Tensor, first: Tensor, doc: Tensor, chunk_size: int, eps: float, has_dstate: bool
+                   end: Tensor, first: Tensor, doc: Tensor, chunk_size: int, eps: float, has_dstate: bool,
+                   state_grad: bool
                    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Gradients of (q, k, v, i, f, c0, n0, m0); ``has_dstate``: whether the final state had
-    gradients (dcT etc. are zeros otherwise)."""
+    gradients (dcT etc. are zeros otherwise); ``state_grad``: whether the initial state's are
+    wanted (dm0 skips its first-chunk work otherwise and is then meaningless)."""
     B, T, H, K = q.shape
     V = v.shape[-1]
     N = cu.numel() - 1
@@ -223,9 +225,10 @@ def _chunkwise_bwd(dh: Tensor, dcT: Tensor, dnT: Tensor, dmT: Tensor, q: Tensor,
     p_blk = q.new_empty(num_chunks, H, L, L)
     dpw_blk = q.new_empty(num_chunks, H, L, L)
     kdk_intra = q.new_zeros(NSUB, H, T_all, dtype=torch.float32)
+    xy = q.new_empty(2, H, T_all if state_grad else 0, dtype=torch.float32)   # per token the sums dm0 needs
     bwd._scores_kernel[(num_chunks * NSUB, H)](
-        q, k, v, i, dh, tok, scal, start, end, p_blk, dpw_blk, kdk_intra, scale, T_all,
-        H=H, K=K, V=V, L=L, BT=BT, BK=BK, BV=BV, PREC=prec, num_warps=cfg["W"], num_stages=cfg["S"])
+        q, k, v, i, dh, tok, scal, start, end, p_blk, dpw_blk, kdk_intra, xy, scale, T_all,
+        H=H, K=K, V=V, L=L, BT=BT, BK=BK, BV=BV, PREC=prec, XY=state_grad, num_warps=cfg["W"], num_stages=cfg["S"])
     cfg = _tiles("bwd_dqk", q)
     BK, BV = _tile(K, cfg["BK"]), _tile(V, cfg["BV"])
     NKT = triton.cdiv(K, BK)
@@ -250,8 +253,9 @@ def _chunkwise_bwd(dh: Tensor, dcT: Tensor, dnT: Tensor, dmT: Tensor, q: Tensor,
     di, df, dm0 = torch.empty_like(i), torch.empty_like(f), torch.empty_like(m0)
     bwd._gate_grad_kernel[(N * H,)](
         i, f, m0, dmT, tok, scal, kdk_inter, kdk_intra, edot, chs, cu, first,
-        c0, n0, dc0, dn0, dcf, dnf, dcT, dnT, cs, ns, di, df, dm0, T_all, H=H, K=K, V=V, L=L,
-        BLOCK=max(L, CONFIG["gate"]["BLOCK"]), NKT=NKT, NSUB=NSUB, num_warps=8)
+        c0, n0, xy, q, dh, dcf, dnf, dcT, dnT, cs, ns, di, df, dm0, scale, T_all, H=H, K=K, V=V, L=L,
+        BLOCK=max(L, CONFIG["gate"]["BLOCK"]), NKT=NKT, NSUB=NSUB, BK=_tile(K, 32), BV=_tile(V, 32), STATE_GRAD=state_grad,
+        num_warps=8)
     return dq, dk, dv, di, df, dc0, dn0, dm0
 
 
@@ -274,12 +278,15 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, dh, dcT, dnT, dmT, *unused):
     q, k, v, i, f, c0, n0, m0, h, cT, nT, cs, ns, chs, tok, *table = ctx.saved_tensors
     has_dstate = dcT is not None or dnT is not None or dmT is not None
+    state_grad = any(ctx.needs_input_grad[5:8])
     dh = torch.zeros_like(h) if dh is None else dh.to(h.dtype).contiguous()
     dcT = torch.zeros_like(cT) if dcT is None else dcT.float().contiguous()
     dnT = torch.zeros_like(nT) if dnT is None else dnT.float().contiguous()
     dmT = torch.zeros_like(m0) if dmT is None else dmT.float().contiguous()
     grads = torch.ops.fastxlstm.mlstm_chunkwise_bwd(dh, dcT, dnT, dmT, q, k, v, i, f, c0, n0, m0, h, cT, nT,
-                                                   cs, ns, chs, tok, *table, *ctx.args, has_dstate)
+                                                   cs, ns, chs, tok, *table, *ctx.args, has_dstate, state_grad)
+    if not state_grad:
+        grads = (*grads[:5], None, None, None)
     return (*grads, None, None, None, None, None, None, None)
 
 

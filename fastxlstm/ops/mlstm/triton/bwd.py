@@ -18,7 +18,7 @@ _state_kernel      grid (cdiv(Dqk, BK), cdiv(Dv, BV), N_seq * H), launched twice
                    storing dC at every chunk end and the initial state's gradient.
 _scores_kernel     grid (N_chunks * L / BT, H): per chunk the gated score blocks P = S W / den
                    (for dv) and dP~ = (dO V^T + ds) W (for dq and dk), once, in the operand
-                   dtype; and k . dk's part within the chunk in fp32.
+                   dtype; and k . dk's part within the chunk in fp32 (and dm0's row sums).
 _dqk_kernel        grid (cdiv(Dqk, BK), N_chunks * L / BT, H): dq and dk for BT rows and a BK
                    slice from the states and the dP~ blocks; k . dk through the chunk-end state;
                    an interior chunk's <dC_end, C_start> + <dn_end, n_start>.
@@ -36,6 +36,10 @@ R_t is summed within t's chunk only, from terms that carry no large cancelling p
 reverse cumsum of q . dq - k . dk over the whole document, subtracts large partial sums whose bf16
 rounding swamps small gradients. At a document's last chunk the same terms give <dC_T, C_T>, so
 the two parts cancel exactly where they should.
+dm0 (the gradient of scaling the initial state, which the outputs barely feel when that state
+dominates them) is likewise formed without cancelling parts: the later chunks' share through the
+first chunk's fp32 dC_end, the first chunk's own from within-chunk sums and dh . h rebuilt in
+fp32 (_first_chunk_scale_grad says how), not as <c0, dc0> + <n0, dn0>.
 """
 
 from __future__ import annotations
@@ -167,15 +171,19 @@ def _state_kernel(
 
 @triton.jit
 def _scores_kernel(
-    q_ptr, k_ptr, v_ptr, i_ptr, dh_ptr, tok_ptr, scal_ptr, start_ptr, end_ptr, p_ptr, dpw_ptr, kdk_ptr,
+    q_ptr, k_ptr, v_ptr, i_ptr, dh_ptr, tok_ptr, scal_ptr, start_ptr, end_ptr, p_ptr, dpw_ptr, kdk_ptr, xy_ptr,
     scale, T_all, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     L: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr,
+    XY: tl.constexpr,
 ):
     # For the BT query rows of one program and every key block at or before them in the chunk:
     # the gated scores P = S W / (sqrt(Dqk) den) that dv needs and dP~ = (dO V^T + ds) W that dq
     # and dk need, each formed once here and stored in the operand dtype (the same rounding as the
     # dots' operands), instead of once per Dqk or Dv tile in the gradient kernels. Also k . dk's
     # part within the chunk, sum_t dP~_ts S_ts / sqrt(Dqk), in fp32, per row block (the gate kernel sums them).
+    # XY: also per row, in fp32, x = sum_s P_ts (dh_t . v_s) and y = sum_s P_ts (dh . h's and s's parts
+    # from within the chunk, over den): what dm0 needs from a document's first chunk (the gate
+    # kernel); only when the initial state wants gradients (it costs the kernel a 64-byte spill).
     pid_c = tl.program_id(0)
     h = tl.program_id(1).to(tl.int64)
     gc, sub, t0, te, r0 = _rows_of(pid_c, start_ptr, end_ptr, L, BT)
@@ -192,6 +200,8 @@ def _scores_kernel(
         v_off = ob[:, None] * (H * V) + ov[None, :]
         blk_off = ob[:, None] * L + ob[None, :]
         blk_base = ((gc * H + h) * L + sub * BT) * L
+        x_r = tl.zeros([BT], dtype=tl.float32)
+        y_r = tl.zeros([BT], dtype=tl.float32)
         for rb in range(0, sub + 1):
             c0 = t0 + rb * BT
             vc = ob < te - c0
@@ -217,6 +227,12 @@ def _scores_kernel(
             tl.store(p_ptr + blk_base + rb * BT + blk_off, p.to(p_ptr.dtype.element_ty))
             tl.store(dpw_ptr + blk_base + rb * BT + blk_off, dpw.to(dpw_ptr.dtype.element_ty))
             tl.store(kdk_ptr + ((sub * H + h) * T_all + c0) + ob, tl.sum(dpw * s, 0) * scale, mask=vc)
+            if XY:
+                x_r += tl.sum(p * dp, 1)
+                y_r += tl.sum(p, 1)
+        if XY:
+            tl.store(xy_ptr + (h * T_all + r0) + ob, x_r, mask=vr)
+            tl.store(xy_ptr + ((H + h) * T_all + r0) + ob, y_r, mask=vr)
 
 
 @triton.jit
@@ -403,11 +419,61 @@ def _chunk_edot(edot_ptr, gc, h, valid, e_first, e_last, first, last, n_chunks, 
 
 
 @triton.jit
+def _first_chunk_scale_grad(q_ptr, dh_ptr, c0_ptr, tok_ptr, scal_ptr, xy_ptr, chs_ptr, first, st, h, bos, eos, scale,
+                            T_all, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, L: tl.constexpr,
+                            BK: tl.constexpr, BV: tl.constexpr):
+    """The outputs' gradient with respect to scaling the initial state by exp(delta) at fixed m,
+    summed over a document's first chunk (the chunks after it see the state through dC_end):
+
+        u_t = dh_t . (w0 C0^T q~_t - h_t sign(s_t) w0 n0 . q~_t) / den_t
+            = dh_t . h_t (den_t - |s_t|) / den_t  +  (dh_t . h_t) sign(s_t) y_t  -  x_t
+
+    (no s term at the floor), using h den = w0 C0^T q~ + I and s = w0 n0 . q~ + J, with x = dh . I /
+    den and y = J / den the parts from within the chunk (the scores kernel's fp32 row sums). The
+    first form, <c0, dc0> + <n0, dn0>, cancels two large terms whenever the initial state
+    dominates; the second cancels only terms the size of the chunk's own. Both need dh . h far
+    more exactly than h rounded to the output dtype gives it: it is rebuilt here in fp32 as
+    w0 dh . (C0^T q~) / den + x."""
+    ol = tl.arange(0, L)
+    t = bos + ol
+    ok = t < eos
+    okk = tl.arange(0, BK)
+    ovv = tl.arange(0, BV)
+    inter = tl.zeros([L], dtype=tl.float32)
+    for kk in range(0, K, BK):
+        mk = kk + okk < K
+        acc = tl.zeros([L, BK], dtype=tl.float32)
+        for vv in range(0, V, BV):
+            mv = vv + ovv < V
+            dht = tl.load(dh_ptr + t[:, None] * (H * V) + h * V + vv + ovv[None, :], mask=ok[:, None] & mv[None, :],
+                          other=0.0).to(tl.float32)
+            ct = tl.load(c0_ptr + st * K * V + (kk + okk)[:, None] * V + vv + ovv[None, :],
+                         mask=mk[:, None] & mv[None, :], other=0.0)
+            acc += tl.dot(dht, tl.trans(ct), input_precision="ieee")
+        qt = tl.load(q_ptr + t[:, None] * (H * K) + h * K + kk + okk[None, :], mask=ok[:, None] & mk[None, :],
+                     other=0.0).to(tl.float32)
+        inter += tl.sum(acc * qt, 1)
+    b = tl.load(tok_ptr + h * T_all + t, mask=ok, other=0.0)
+    m = tl.load(tok_ptr + (H + h) * T_all + t, mask=ok, other=0.0)
+    s = tl.load(tok_ptr + (2 * H + h) * T_all + t, mask=ok, other=0.0).to(tl.float64)
+    inv_den = tl.load(scal_ptr + h * T_all + t, mask=ok, other=1.0).to(tl.float64)
+    x = tl.load(xy_ptr + h * T_all + t, mask=ok, other=0.0).to(tl.float64)
+    y = tl.load(xy_ptr + (H + h) * T_all + t, mask=ok, other=0.0).to(tl.float64)
+    w0 = tl.exp(b + tl.load(chs_ptr + (first * H + h) * 3) - m)
+    dhh = (inter * w0 * scale).to(tl.float64) * inv_den + x
+    floor = tl.exp(-m).to(tl.float64)
+    sgn = tl.where(s > 0, 1.0, tl.where(s < 0, -1.0, 0.0))
+    u = tl.where(tl.abs(s) > floor, dhh * (1.0 - tl.abs(s) * inv_den) + dhh * sgn * y - x, dhh - x)
+    return tl.sum(tl.where(ok, u, 0.0), 0)
+
+
+@triton.jit
 def _gate_grad_kernel(
     i_ptr, f_ptr, m0_ptr, dmT_ptr, tok_ptr, scal_ptr, kinter_ptr, kintra_ptr, edot_ptr, chs_ptr, cu_ptr, first_ptr,
-    c0_ptr, n0_ptr, dc0_ptr, dn0_ptr, dcf_ptr, dnf_ptr, dct_ptr, dnt_ptr, cs_ptr, ns_ptr,
-    di_ptr, df_ptr, dm0_ptr, T_all, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, L: tl.constexpr,
-    BLOCK: tl.constexpr, NKT: tl.constexpr, NSUB: tl.constexpr,
+    c0_ptr, n0_ptr, xy_ptr, q_ptr, dh_ptr, dcf_ptr, dnf_ptr, dct_ptr, dnt_ptr, cs_ptr, ns_ptr,
+    di_ptr, df_ptr, dm0_ptr, scale, T_all, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, L: tl.constexpr,
+    BLOCK: tl.constexpr, NKT: tl.constexpr, NSUB: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    STATE_GRAD: tl.constexpr,
 ):
     # The gate gradients of one document and head (the terms: see this module's docstring),
     # walking its tokens backwards BLOCK at a time. Each block is loaded reversed (index i is token
@@ -488,10 +554,13 @@ def _gate_grad_kernel(
         tl.store(df_ptr + t * H + h, df.to(df_ptr.dtype.element_ty), mask=valid)
         b_in = tl.sum(tl.where(tl.arange(0, BLOCK) == BLOCK - 1, b1, 0.0), 0)
         if bb == n_blk - 1:
-            # dm0: c0 and n0 scale with exp(m0), plus the stabiliser partials m0 owns
+            # dm0: c0 and n0 scale with exp(m0): seen by the later chunks through the first chunk's
+            # dC_end (e_first) and by the first chunk's own outputs (u); plus the stabiliser partials m0 owns
             a_first = tl.sum(tl.reshape(tl.where(t == bos, a_t, 0.0), [BLOCK]), 0)
-            dm0 = (_flat_dot(c0_ptr + st * K * V, dc0_ptr + st * K * V, K * V, 2048)
-                   + _flat_dot(n0_ptr + st * K, dn0_ptr + st * K, K, 256) + a_first)
+            dm0 = _chunk_decay(chs_ptr, first, h, H, True).to(tl.float64) * e_first + a_first
+            if STATE_GRAD:
+                dm0 += _first_chunk_scale_grad(q_ptr, dh_ptr, c0_ptr, tok_ptr, scal_ptr, xy_ptr, chs_ptr, first, st, h,
+                                               bos, eos, scale, T_all, H, K, V, L, BK, BV)
             tl.store(dm0_ptr + st, dm0.to(tl.float32))
     if n_chunks == 0:
         tl.store(dm0_ptr + st, tl.load(dmT_ptr + st))               # an empty document passes m0 through
