@@ -136,21 +136,24 @@ def _chunkwise_forward(q, k, v, i, f, c0, n0, m0, cu, start, end, first, doc, ch
     N = cu.numel() - 1
     T_all, L = B * T, chunk_size
     num_chunks = start.numel()
-    sdt = _chunk_state_dtype(q)
-    cs = q.new_empty(num_chunks, H, K, V, dtype=sdt)
-    ns = q.new_empty(num_chunks, H, K, dtype=torch.float32)
+    # Allocated just before their first use: a synchronous call leaves the GPU idle until the key
+    # weighting (the first kernel with real work) is launched, so host time before it is paid in
+    # full (~7 µs per allocation, ~30 µs per launch, measured on the H200); later host work overlaps.
     chs = q.new_empty(num_chunks, H, 3, dtype=torch.float32)
     tok = q.new_empty(4, H, T_all, dtype=torch.float32)   # per token b, m, s and (scratch) cm
-    cT, nT, mT = torch.empty_like(c0), torch.empty_like(n0), torch.empty_like(m0)
-    h = torch.empty(B, T, H, V, device=q.device, dtype=q.dtype)
-    prec = _precision(q)
     fwd._chunk_gate_kernel[(num_chunks, H)](i, f, start, end, chs, tok, T_all, H=H, L=L, num_warps=4)
+    mT = torch.empty_like(m0)
     fwd._chunk_stab_kernel[(N * H,)](m0, cu, first, chs, mT, H=H, L=L, BLOCK=CONFIG["stab"]["BLOCK"], num_warps=4)
-    cfg = _tiles("fwd_state", q)
-    BK, BV = _tile(K, cfg["BK"]), _tile(V, cfg["BV"])
     kw = torch.empty_like(k)
+    ns = q.new_empty(num_chunks, H, K, dtype=torch.float32)
     fwd._key_weight_kernel[(triton.cdiv(K, 64), num_chunks, H)](k, i, chs, tok, start, end, kw, ns, T_all, H=H, K=K,
                                                                 L=L, BK=64, num_warps=4)
+    cs = q.new_empty(num_chunks, H, K, V, dtype=_chunk_state_dtype(q))
+    cT, nT = torch.empty_like(c0), torch.empty_like(n0)
+    h = torch.empty(B, T, H, V, device=q.device, dtype=q.dtype)
+    prec = _precision(q)
+    cfg = _tiles("fwd_state", q)
+    BK, BV = _tile(K, cfg["BK"]), _tile(V, cfg["BV"])
     fwd._state_kernel[(triton.cdiv(K, BK), triton.cdiv(V, BV), N * H)](
         kw, v, c0, n0, cu, first, chs, cs, ns, cT, nT,
         H=H, K=K, V=V, L=L, BK=BK, BV=BV, PREC=prec, num_warps=cfg["W"], num_stages=cfg["S"])
