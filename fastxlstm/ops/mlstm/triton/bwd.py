@@ -47,7 +47,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .fwd import _chunk_decay, _logsigmoid, _rows_of, _sequence_of
+from .fwd import _chunk_decay, _intra_gates, _logsigmoid, _qk_block, _rows_of, _sequence_of
 
 
 @triton.jit
@@ -205,22 +205,14 @@ def _scores_kernel(
         for rb in range(0, sub + 1):
             c0 = t0 + rb * BT
             vc = ob < te - c0
-            s = tl.zeros([BT, BT], dtype=tl.float32)
-            for kk in range(0, K, BK):
-                mk = kk + ok < K
-                qt = tl.load(q_ptr + r0 * (H * K) + h * K + kk + qk_off, mask=vr[:, None] & mk[None, :], other=0.0)
-                kt = tl.load(k_ptr + c0 * (H * K) + h * K + kk + qk_off, mask=vc[:, None] & mk[None, :], other=0.0)
-                s += tl.dot(qt, tl.trans(kt), input_precision=PREC)
+            s = _qk_block(q_ptr + r0 * (H * K) + h * K, k_ptr, qk_off, ok, vr, vc, c0, h, H, K, BT, BK, PREC)
             dp = tl.zeros([BT, BT], dtype=tl.float32)
             for vv in range(0, V, BV):
                 mv = vv + ov < V
                 do = tl.load(dh_ptr + r0 * (H * V) + h * V + vv + v_off, mask=vr[:, None] & mv[None, :], other=0.0)
                 vt = tl.load(v_ptr + c0 * (H * V) + h * V + vv + v_off, mask=vc[:, None] & mv[None, :], other=0.0)
                 dp += tl.dot(do.to(vt.dtype), tl.trans(vt), input_precision=PREC)
-            b_c = tl.load(tok_ptr + (h * T_all + c0) + ob, mask=vc, other=0.0)
-            i_c = tl.load(i_ptr + (c0 * H + h) + ob * H, mask=vc, other=0.0).to(tl.float32)
-            causal = (ob[:, None] + sub * BT >= ob[None, :] + rb * BT) & vr[:, None] & vc[None, :]
-            w = tl.where(causal, tl.exp(b_r[:, None] - b_c[None, :] + i_c[None, :] - m_r[:, None]), 0.0)
+            w = _intra_gates(tok_ptr, i_ptr, b_r, m_r, vr, r0, c0, te, h, ob, T_all, H)
             # dO = dh / den: 1/den scales the fp32 results, so dh enters the dot exact
             p = s * w * (scale * inv_r[:, None])
             dpw = (dp * inv_r[:, None] + ds_r[:, None]) * w

@@ -291,13 +291,15 @@ def _token_stabiliser(tok_ptr, b_r, m_prev, h, r0, ob, vr, H: tl.constexpr, T_al
 @triton.jit
 def _score_block(q_base, k_ptr, i_ptr, tok_ptr, b_r, m_r, qk_off, ok, vr, r0, c0, te, h, ob, scale, T_all,
                  H: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr):
-    """The gated scores of BT query rows (from r0) against the BT keys from c0, in fp32:
-    (q~ k^T) * exp(b_r - b_c + i_c - m_r), zero above the diagonal and past the chunk's end."""
-    vc = ob < te - c0
-    b_c = tl.load(tok_ptr + (h * T_all + c0) + ob, mask=vc, other=0.0)
-    i_c = tl.load(i_ptr + (c0 * H + h) + ob * H, mask=vc, other=0.0).to(tl.float32)
-    causal = ((c0 + ob)[None, :] <= (r0 + ob)[:, None]) & vc[None, :]
-    w = tl.where(causal, tl.exp(b_r[:, None] - b_c[None, :] + i_c[None, :] - m_r[:, None]), 0.0)
+    """The gated scores of BT query rows (from r0) against the BT keys from c0, in fp32."""
+    w = _intra_gates(tok_ptr, i_ptr, b_r, m_r, vr, r0, c0, te, h, ob, T_all, H)
+    return _qk_block(q_base, k_ptr, qk_off, ok, vr, ob < te - c0, c0, h, H, K, BT, BK, PREC) * w * scale
+
+
+@triton.jit
+def _qk_block(q_base, k_ptr, qk_off, ok, vr, vc, c0, h, H: tl.constexpr, K: tl.constexpr, BT: tl.constexpr,
+              BK: tl.constexpr, PREC: tl.constexpr):
+    """q k^T of BT query rows (q_base: the first one's head) and the BT keys from c0, in fp32."""
     k_base = k_ptr + c0 * (H * K) + h * K
     s = tl.zeros([BT, BT], dtype=tl.float32)
     for kk in range(0, K, BK):
@@ -305,7 +307,18 @@ def _score_block(q_base, k_ptr, i_ptr, tok_ptr, b_r, m_r, qk_off, ok, vr, r0, c0
         qt = tl.load(q_base + kk + qk_off, mask=vr[:, None] & mk[None, :], other=0.0)
         kt = tl.load(k_base + kk + qk_off, mask=vc[:, None] & mk[None, :], other=0.0)
         s += tl.dot(qt, tl.trans(kt), input_precision=PREC)
-    return s * w * scale
+    return s
+
+
+@triton.jit
+def _intra_gates(tok_ptr, i_ptr, b_r, m_r, vr, r0, c0, te, h, ob, T_all, H: tl.constexpr):
+    """exp(b_t - b_s + i_s - m_t) for BT query rows t from r0 and BT keys s from c0 of one chunk;
+    zero above the diagonal and on rows or keys past the chunk's end (where it could overflow)."""
+    vc = ob < te - c0
+    b_c = tl.load(tok_ptr + (h * T_all + c0) + ob, mask=vc, other=0.0)
+    i_c = tl.load(i_ptr + (c0 * H + h) + ob * H, mask=vc, other=0.0).to(tl.float32)
+    causal = ((c0 + ob)[None, :] <= (r0 + ob)[:, None]) & vr[:, None] & vc[None, :]
+    return tl.where(causal, tl.exp(b_r[:, None] - b_c[None, :] + i_c[None, :] - m_r[:, None]), 0.0)
 
 
 @triton.jit
