@@ -124,12 +124,14 @@ def test_dm0_as_precise_as_float32_autograd(poison, seed):
     assert ours <= 3 * plain, f"dm0 rel-RMSE {ours:.2e} vs native float32 autograd {plain:.2e}"
 
 
+@pytest.mark.parametrize("stored", [True, False])
 @pytest.mark.parametrize("bt", [16, 64])
-def test_output_kernel_reading_stored_score_blocks(poison, tiles, bt):
-    # fwd_out P=True: _score_blocks_kernel forms the blocks, each token's m and row sum once; the
-    # output kernel reads them (one and several row blocks per chunk, a short last chunk, packed)
+def test_output_kernel_with_and_without_stored_score_blocks(poison, tiles, bt, stored):
+    # fwd_out P=True (the default): _score_blocks_kernel forms the blocks, each token's m and row
+    # sum once and the output kernel reads them; P=False: the output kernel forms them itself
+    # (one and several row blocks per chunk, a short last chunk, packed)
     for name in ("fwd_out", "fwd_out_short"):
-        tiles[name].update(P=True, BT=bt)
+        tiles[name].update(P=stored, BT=bt)
     check_against_reference(1, 71, 2, 16, 16, dtype=torch.float32, chunk_size=64)
     check_against_reference(1, 100, 2, 24, 40, dtype=torch.float16, chunk_size=16, cu_seqlens=[0, 37, 100])
 
@@ -198,6 +200,25 @@ def test_no_grad_call_skips_the_custom_op_with_the_same_results():
         torch.testing.assert_close(b, a.detach(), rtol=0, atol=0)
 
 
+def check_no_state_no_grad(B, T, H, K, V, *, dtype, chunk_size):
+    """Without a state and without autograd the kernels start from zeros they never read: the
+    same h and final state as an explicit zero state (bitwise) and as the float64 reference."""
+    (q, k, v, i, f), _ = make_mlstm_inputs(B, T, H, K, V, dtype=dtype, device=DEVICE, with_state=False)
+    with torch.no_grad():
+        h, s = tri.mlstm(q, k, v, i, f, chunk_size=chunk_size)
+        h0, s0 = tri.mlstm(q, k, v, i, f, MLSTMState.zeros(B, H, K, V, device=DEVICE), chunk_size=chunk_size)
+        ref_h, ref_s = reference.mlstm(*(t.double() for t in (q, k, v, i, f)))
+    for a, b in zip([h0, *s0], [h, *s]):
+        torch.testing.assert_close(b, a, rtol=0, atol=0)
+    assert_close("h", ref_h, h, TOL_BWD[dtype])
+    for name, a, b in zip("cnm", ref_s, s):
+        assert_close(f"state.{name}", a, b, TOL_FWD[dtype])
+
+
+def test_no_grad_call_without_a_state_starts_from_zeros(poison):
+    check_no_state_no_grad(2, 37, 2, 16, 32, dtype=torch.float32, chunk_size=16)
+
+
 @pytest.mark.parametrize("state_grad", [True, False])
 def test_torch_compile_traces_without_graph_breaks(state_grad):
     # state_grad=False: a carried, detached state (the backward skips the initial state's work)
@@ -253,6 +274,12 @@ GPU_CASES = [(torch.bfloat16, 64, 256, 512), (torch.bfloat16, 128, 256, 512), (t
 def test_gpu_real_shapes(poison, dtype, chunk_size, K, V):
     for T in (1, chunk_size - 1, chunk_size + 1, 3 * chunk_size + 7):
         check_against_reference(2, T, 2, K, V, dtype=dtype, chunk_size=chunk_size, ref_fn=_native64, baseline=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("chunk_size", [64, 128])
+def test_gpu_no_state_no_grad(poison, chunk_size):
+    check_no_state_no_grad(2, 3 * chunk_size + 5, 8, 256, 512, dtype=torch.bfloat16, chunk_size=chunk_size)
 
 
 @pytest.mark.gpu

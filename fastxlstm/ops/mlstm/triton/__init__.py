@@ -32,9 +32,10 @@ CONFIG = dict(
     # Four warps and Dv tiles of 128 (two programs per SM): -0.13..0.24 ms at chunk 128 and
     # -0.23 ms at chunk 64 against 8 warps x 256 (runs 16, 17).
     # P: the intra-chunk score blocks formed once by _score_blocks_kernel (fwd_scores' tiles) and
-    # read by the output kernel, instead of once per Dv tile there (not yet timed on the GPU).
-    fwd_out=dict(BT=64, BK=128, BV=128, W=4, S=2, P=False),
-    fwd_out_short=dict(BT=64, BK=128, BV=128, W=4, S=1, P=False),
+    # read by the output kernel, instead of once per Dv tile there: goal shape 2.70 -> 2.41 ms at
+    # chunk 128, 3.12 -> 2.82 at chunk 64, 1.3b training shape 0.59 -> 0.55 (run 23, one process).
+    fwd_out=dict(BT=64, BK=128, BV=128, W=4, S=2, P=True),
+    fwd_out_short=dict(BT=64, BK=128, BV=128, W=4, S=1, P=True),
     fwd_scores=dict(BK=64, W=4, S=2),
     bwd_state=dict(BK=64, BV=128, W=8, S=2),
     # the backward's intra-chunk row blocks are bwd_scores' BT (dq/dk and dv read its blocks)
@@ -70,17 +71,24 @@ def mlstm(q, k, v, i, f, state: Optional[MLSTMState] = None, *, chunk_size: int 
         table = _packed_chunk_table(cu, sum(-(-n // chunk_size) for n in lens), chunk_size)
     cu = table[0]
     N = cu.numel() - 1
-    if state is None:
-        state = MLSTMState.zeros(N, H, K, V, device=q.device)
-    c0, n0, m0 = (t.to(torch.float32).contiguous() for t in state)
-    if T == 0:
-        return q.new_zeros(B, 0, H, V), MLSTMState(c0, n0, m0)
-    args = (q.contiguous(), k.contiguous(), v.contiguous(), i.to(torch.float32).contiguous(),
-            f.to(torch.float32).contiguous(), c0, n0, m0)
+    qkvif = (q.contiguous(), k.contiguous(), v.contiguous(), i.to(torch.float32).contiguous(),
+             f.to(torch.float32).contiguous())
     # Without autograd or tracing the kernels are called directly: the custom op's dispatch is host
     # time before the first kernel, which a synchronous call (prefill, a no-grad forward) waits on.
     direct = not torch.compiler.is_compiling() and not (
-        torch.is_grad_enabled() and any(t.requires_grad for t in args))
+        torch.is_grad_enabled() and (any(t.requires_grad for t in qkvif)
+                                     or (state is not None and any(t.requires_grad for t in state))))
+    if state is None and direct:
+        c0 = n0 = m0 = None             # the kernels start from zeros without reading a state
+    else:
+        if state is None:
+            state = MLSTMState.zeros(N, H, K, V, device=q.device)
+        c0, n0, m0 = (t.to(torch.float32).contiguous() for t in state)
+    if T == 0:
+        if c0 is None:
+            c0, n0, m0 = MLSTMState.zeros(N, H, K, V, device=q.device)
+        return q.new_zeros(B, 0, H, V), MLSTMState(c0, n0, m0)
+    args = (*qkvif, c0, n0, m0)
     out = (_chunkwise_forward if direct else torch.ops.fastxlstm.mlstm_chunkwise)(*args, *table, chunk_size, eps)
     return out[0], MLSTMState(out[1], out[2], out[3])
 
@@ -136,27 +144,31 @@ def _chunkwise_forward(q, k, v, i, f, c0, n0, m0, cu, start, end, first, doc, ch
     N = cu.numel() - 1
     T_all, L = B * T, chunk_size
     num_chunks = start.numel()
-    # Allocated just before their first use: a synchronous call leaves the GPU idle until the key
-    # weighting (the first kernel with real work) is launched, so host time before it is paid in
-    # full (~7 µs per allocation, ~30 µs per launch, measured on the H200); later host work overlaps.
+    # As little as possible before the first launch: a synchronous call leaves the GPU idle until
+    # then, so host time before it is paid in full (~7 µs per allocation, ~30 µs per launch, measured
+    # on the H200); later host work overlaps the kernels. c0 = n0 = m0 = None: a zero initial state.
     chs = q.new_empty(num_chunks, H, 3, dtype=torch.float32)
     tok = q.new_empty(4, H, T_all, dtype=torch.float32)   # per token b, m, s and (scratch) cm
-    fwd._chunk_gate_kernel[(num_chunks, H)](i, f, start, end, chs, tok, T_all, H=H, L=L, num_warps=4)
-    mT = torch.empty_like(m0)
-    fwd._chunk_stab_kernel[(N * H,)](m0, cu, first, chs, mT, H=H, L=L, BLOCK=CONFIG["stab"]["BLOCK"], num_warps=4)
     kw = torch.empty_like(k)
     ns = q.new_empty(num_chunks, H, K, dtype=torch.float32)
-    fwd._key_weight_kernel[(triton.cdiv(K, 64), num_chunks, H)](k, i, chs, tok, start, end, kw, ns, T_all, H=H, K=K,
+    fwd._chunk_gate_kernel[(triton.cdiv(K, 64), num_chunks, H)](k, i, f, start, end, chs, tok, kw, ns, T_all, H=H, K=K,
                                                                 L=L, BK=64, num_warps=4)
+    init = c0 is not None                  # None: a zero initial state, never materialised
+    if not init:
+        c0 = n0 = m0 = q.new_empty(0, dtype=torch.float32)
+    mT = q.new_empty(N, H, dtype=torch.float32)
+    fwd._chunk_stab_kernel[(N * H,)](m0, cu, first, chs, mT, H=H, L=L, BLOCK=CONFIG["stab"]["BLOCK"], INIT=init,
+                                     num_warps=4)
     cs = q.new_empty(num_chunks, H, K, V, dtype=_chunk_state_dtype(q))
-    cT, nT = torch.empty_like(c0), torch.empty_like(n0)
+    cT = q.new_empty(N, H, K, V, dtype=torch.float32)
+    nT = q.new_empty(N, H, K, dtype=torch.float32)
     h = torch.empty(B, T, H, V, device=q.device, dtype=q.dtype)
     prec = _precision(q)
     cfg = _tiles("fwd_state", q)
     BK, BV = _tile(K, cfg["BK"]), _tile(V, cfg["BV"])
     fwd._state_kernel[(triton.cdiv(K, BK), triton.cdiv(V, BV), N * H)](
-        kw, v, c0, n0, cu, first, chs, cs, ns, cT, nT,
-        H=H, K=K, V=V, L=L, BK=BK, BV=BV, PREC=prec, num_warps=cfg["W"], num_stages=cfg["S"])
+        kw, v, c0, n0, cu, first, chs, tok, cs, ns, cT, nT, T_all,
+        H=H, K=K, V=V, L=L, BK=BK, BV=BV, PREC=prec, INIT=init, num_warps=cfg["W"], num_stages=cfg["S"])
     del kw
     cfg = _tiles("fwd_out" if L >= 128 else "fwd_out_short", q)
     BT, BK, BV = min(cfg["BT"], L), _tile(K, cfg["BK"]), _tile(V, cfg["BV"])

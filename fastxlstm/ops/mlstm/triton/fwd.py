@@ -4,18 +4,19 @@ Sequences are packed along time (cu_seqlens; a dense (B, T) batch is B sequences
 chunks of L tokens never straddle a sequence boundary (the last chunk of each sequence may be
 short; masked, never padded in memory). Chunk c covers tokens [start[c], end[c]).
 
-Chunk-start states, four launches:
-_chunk_gate_kernel  grid (N_chunks, H), fully parallel: per token the chunk-local cumulative log
-                    forget b and the running max of i - b; per chunk its log decay g and the max
-                    of g - b + i.
+Chunk-start states, three launches:
+_chunk_gate_kernel  grid (cdiv(Dqk, BK), N_chunks, H), fully parallel: per token the chunk-local
+                    cumulative log forget b and the running max of i - b; per chunk its log decay g
+                    and a = g + max(i - b); the keys weighted against the chunk's own maximum,
+                    k~ = k exp(i - b - max(i - b)), and n's term per chunk. It needs no stabiliser,
+                    so a call's first launch already does real work.
 _chunk_stab_kernel  grid (N_seq * H,): the stabiliser across chunks, m_end = max(m_start + g, a),
                     a max-plus scan over blocks of chunks; per chunk (m_start, g, m_end).
-_key_weight_kernel  grid (cdiv(Dqk, BK), N_chunks, H), fully parallel: the keys weighted for the
-                    chunk-end state, k~ = k exp(g - b + i - m_end), and n's term per chunk.
 _state_kernel       grid (cdiv(Dqk, BK), cdiv(Dv, BV), N_seq * H). One program walks all chunks of
                     one sequence and head for a BK x BV tile of C (n by the pid_v == 0 programs) in
-                    fp32 registers: loads and one dot per chunk, C the only dependence carried
-                    (with the gate work inside, the loop measured 2x slower on the H200).
+                    fp32 registers: loads and one dot per chunk scaled by exp(a - m_end), C the only
+                    dependence carried (with the gate work inside, the loop measured 2x slower on
+                    the H200).
 Then:
 _out_kernel     grid (cdiv(Dv, BV), N_chunks * L / BT, H). One program owns BT query rows of one
                 chunk and a BV slice of h: h = (w0 q~ C_start + sum_j (q~ k_j^T * W) v_j) / den,
@@ -75,13 +76,18 @@ def _chunk_decay(chs_ptr, gc, h, H: tl.constexpr, valid):
 
 
 @triton.jit
-def _chunk_gate_kernel(i_ptr, f_ptr, start_ptr, end_ptr, chs_ptr, tok_ptr, T_all, H: tl.constexpr,
-                       L: tl.constexpr):
-    # Chunk-local gate work, fully parallel: per token b (cumulative log forget within the chunk)
-    # and cm (running max of i - b); per chunk g (its total log forget) and a (the max of
-    # g - b + i, what the chunk's own inputs ask of the stabiliser at its end).
-    gc = tl.program_id(0).to(tl.int64)
-    h = tl.program_id(1).to(tl.int64)  # int64: h * T_all and friends must not wrap
+def _chunk_gate_kernel(k_ptr, i_ptr, f_ptr, start_ptr, end_ptr, chs_ptr, tok_ptr, kw_ptr, ns_ptr, T_all,
+                       H: tl.constexpr, K: tl.constexpr, L: tl.constexpr, BK: tl.constexpr):
+    # Chunk-local gate work and the keys weighted for the state, fully parallel (the first launch
+    # of a call does real work: a synchronous call's GPU idles until it is launched).
+    # Per token b (cumulative log forget within the chunk) and cm (running max of i - b); per
+    # chunk g (its total log forget) and a = g + max(i - b) (what its own inputs ask of the
+    # stabiliser at its end). The keys are weighted against the chunk's own maximum,
+    # k~ = k exp(i - b - max(i - b)) <= 1 in the operand dtype, with their fp32 sum (n's term) in
+    # the chunk's n slot; the state kernel scales both by exp(a - m_end) once m_end is known.
+    pid_k = tl.program_id(0)
+    gc = tl.program_id(1).to(tl.int64)
+    h = tl.program_id(2).to(tl.int64)  # int64: h * T_all and friends must not wrap
     t0 = tl.load(start_ptr + gc)
     te = tl.load(end_ptr + gc)
     ot = tl.arange(0, L)
@@ -90,12 +96,32 @@ def _chunk_gate_kernel(i_ptr, f_ptr, start_ptr, end_ptr, chs_ptr, tok_ptr, T_all
     ig = tl.load(i_ptr + (t0 * H + h) + ot * H, mask=valid, other=0.0).to(tl.float32)
     lf = tl.where(valid, _logsigmoid(fg), 0.0)
     b = tl.cumsum(lf, 0)
-    g = tl.sum(lf, 0)
-    cm = tl.associative_scan(tl.where(valid, ig - b, float("-inf")), 0, _max_fn)
-    tl.store(tok_ptr + (h * T_all + t0) + ot, b, mask=valid)
-    tl.store(tok_ptr + ((3 * H + h) * T_all + t0) + ot, cm, mask=valid)
-    tl.store(chs_ptr + (gc * H + h) * 3 + 1, g)
-    tl.store(chs_ptr + (gc * H + h) * 3 + 2, tl.max(tl.where(valid, g - b + ig, float("-inf")), 0))
+    ib = tl.where(valid, ig - b, float("-inf"))
+    cmax = tl.max(ib, 0)
+    if pid_k == 0:
+        g = tl.sum(lf, 0)
+        tl.store(tok_ptr + (h * T_all + t0) + ot, b, mask=valid)
+        tl.store(tok_ptr + ((3 * H + h) * T_all + t0) + ot, tl.associative_scan(ib, 0, _max_fn), mask=valid)
+        tl.store(chs_ptr + (gc * H + h) * 3 + 1, g)
+        tl.store(chs_ptr + (gc * H + h) * 3 + 2, g + cmax)
+    w = tl.where(valid, tl.exp(ib - cmax), 0.0)
+    ok = tl.arange(0, BK)
+    mk = pid_k * BK + ok < K
+    base = t0 * (H * K) + h * K + pid_k * BK                 # int64 scalar; int32 offsets in the tile
+    off = ot[:, None] * (H * K) + ok[None, :]
+    msk = valid[:, None] & mk[None, :]
+    kw = tl.load(k_ptr + base + off, mask=msk, other=0.0).to(tl.float32) * w[:, None]
+    tl.store(kw_ptr + base + off, kw.to(kw_ptr.dtype.element_ty), mask=msk)
+    tl.store(ns_ptr + (gc * H + h) * K + pid_k * BK + ok, tl.sum(kw, 0), mask=mk)
+
+
+@triton.jit
+def _key_scale(chs_ptr, tok_ptr, gc, h, te, H: tl.constexpr, T_all):
+    """exp(a - m_end) of chunk gc (last token te - 1): the gate kernel weights the keys against the
+    chunk's own a = g + max(i - b), the state kernel keeps C against m_end = max(m_start + g, a)."""
+    base = chs_ptr + (gc * H + h) * 3
+    cmax = tl.load(tok_ptr + (3 * H + h) * T_all + te - 1)   # the running max at the chunk's last token
+    return tl.exp(tl.load(base + 1) + cmax - tl.load(base + 2))
 
 
 @triton.jit
@@ -106,12 +132,14 @@ def _stab_combine(g1, a1, g2, a2):
 
 @triton.jit
 def _chunk_stab_kernel(m0_ptr, cu_ptr, first_ptr, chs_ptr, mt_ptr, H: tl.constexpr, L: tl.constexpr,
-                       BLOCK: tl.constexpr):
+                       BLOCK: tl.constexpr, INIT: tl.constexpr):
     # The stabiliser across chunks, m_end = max(m_start + g, a), as a scan over BLOCK chunks at a
     # time (a max-plus recurrence is associative): writes m_start and m_end of every chunk (m_end
     # over the slot that held a) and the final m.
     seq, h, bos, eos, first, n_chunks = _sequence_of(tl.program_id(0), cu_ptr, first_ptr, H, L)
-    m = tl.load(m0_ptr + seq * H + h).to(tl.float32)
+    m = tl.zeros([1], dtype=tl.float32).sum(0)            # no initial state: m0 = 0
+    if INIT:
+        m = tl.load(m0_ptr + seq * H + h).to(tl.float32)
     if n_chunks > 0:
         tl.store(chs_ptr + (first * H + h) * 3, m)
     for j0 in range(0, n_chunks, BLOCK):
@@ -130,38 +158,10 @@ def _chunk_stab_kernel(m0_ptr, cu_ptr, first_ptr, chs_ptr, mt_ptr, H: tl.constex
 
 
 @triton.jit
-def _key_weight_kernel(k_ptr, i_ptr, chs_ptr, tok_ptr, start_ptr, end_ptr, kw_ptr, ns_ptr, T_all,
-                       H: tl.constexpr, K: tl.constexpr, L: tl.constexpr, BK: tl.constexpr):
-    # The keys as the chunk-end state sees them, k~ = k * exp(g - b + i - m_end), in the operand
-    # dtype (the state kernel's dot rounds them so anyway), and their fp32 sum over the chunk (n's
-    # own term), written into the chunk's n slot, which the state kernel reads before it stores n.
-    pid_k = tl.program_id(0)
-    gc = tl.program_id(1).to(tl.int64)
-    h = tl.program_id(2).to(tl.int64)  # int64: h * T_all and friends must not wrap
-    t0 = tl.load(start_ptr + gc)
-    te = tl.load(end_ptr + gc)
-    ot = tl.arange(0, L)
-    ok = tl.arange(0, BK)
-    valid = ot < te - t0
-    mk = pid_k * BK + ok < K
-    b = tl.load(tok_ptr + (h * T_all + t0) + ot, mask=valid, other=0.0)
-    ig = tl.load(i_ptr + (t0 * H + h) + ot * H, mask=valid, other=0.0).to(tl.float32)
-    g = tl.load(chs_ptr + (gc * H + h) * 3 + 1)
-    m_end = tl.load(chs_ptr + (gc * H + h) * 3 + 2)
-    w = tl.where(valid, tl.exp(g - b + ig - m_end), 0.0)
-    base = t0 * (H * K) + h * K + pid_k * BK                 # int64 scalar; int32 offsets in the tile
-    off = ot[:, None] * (H * K) + ok[None, :]
-    msk = valid[:, None] & mk[None, :]
-    kw = tl.load(k_ptr + base + off, mask=msk, other=0.0).to(tl.float32) * w[:, None]
-    tl.store(kw_ptr + base + off, kw.to(kw_ptr.dtype.element_ty), mask=msk)
-    tl.store(ns_ptr + (gc * H + h) * K + pid_k * BK + ok, tl.sum(kw, 0), mask=mk)
-
-
-@triton.jit
 def _state_kernel(
-    kw_ptr, v_ptr, c0_ptr, n0_ptr, cu_ptr, first_ptr, chs_ptr, cs_ptr, ns_ptr, ct_ptr, nt_ptr,
+    kw_ptr, v_ptr, c0_ptr, n0_ptr, cu_ptr, first_ptr, chs_ptr, tok_ptr, cs_ptr, ns_ptr, ct_ptr, nt_ptr, T_all,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
-    L: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr,
+    L: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr, INIT: tl.constexpr,
 ):
     # One program walks all chunks of one sequence and head for a BK x BV tile of C (n by the
     # pid_v == 0 programs), in fp32 registers: C <- decay C + k~^T V. With the gate work done
@@ -181,8 +181,12 @@ def _state_kernel(
     kv_off = ok[:, None] * V + ov[None, :]
     state_off = (seq * H + h).to(tl.int64)
     c_tile = pid_k * BK * V + pid_v * BV
-    c = tl.load(c0_ptr + state_off * K * V + c_tile + kv_off, mask=mkv, other=0.0).to(tl.float32)
-    n = tl.load(n0_ptr + state_off * K + pid_k * BK + ok, mask=mk, other=0.0).to(tl.float32)
+    if INIT:
+        c = tl.load(c0_ptr + state_off * K * V + c_tile + kv_off, mask=mkv, other=0.0).to(tl.float32)
+        n = tl.load(n0_ptr + state_off * K + pid_k * BK + ok, mask=mk, other=0.0).to(tl.float32)
+    else:                                                 # no initial state: zeros, never materialised
+        c = tl.zeros([BK, BV], dtype=tl.float32)
+        n = tl.zeros([BK], dtype=tl.float32)
     k_off = ok[:, None] + ot[None, :] * (H * K)          # k~ read transposed: (BK, L)
     v_off = ot[:, None] * (H * V) + ov[None, :]
 
@@ -193,13 +197,14 @@ def _state_kernel(
         t0 = bos + j * L
         valid = ot < eos - t0
         decay = _chunk_decay(chs_ptr, gc, h, H, True)
+        ks = _key_scale(chs_ptr, tok_ptr, gc, h, tl.minimum(t0 + L, eos), H, T_all)
         kt = tl.load(kw_ptr + t0 * (H * K) + h * K + pid_k * BK + k_off, mask=mk[:, None] & valid[None, :], other=0.0)
         vt = tl.load(v_ptr + t0 * (H * V) + h * V + pid_v * BV + v_off, mask=valid[:, None] & mv[None, :], other=0.0)
-        c = c * decay + tl.dot(kt, vt, input_precision=PREC)
+        c = c * decay + ks * tl.dot(kt, vt, input_precision=PREC)
         if pid_v == 0:
             dn = tl.load(ns_ptr + cst + pid_k * BK + ok, mask=mk, other=0.0)   # this chunk's own term
             tl.store(ns_ptr + cst + pid_k * BK + ok, n, mask=mk)
-            n = n * decay + dn
+            n = n * decay + ks * dn
 
     tl.store(ct_ptr + state_off * K * V + c_tile + kv_off, c, mask=mkv)
     if pid_v == 0:
