@@ -31,14 +31,16 @@ def variant(name, **over):
     return ModelConfig(**{**CFG.to_dict(), **VARIANTS[name], **over})
 
 
-def step_both(model, B=3, seed=2, kernels=False):
+def step_both(model, B=3, seed=2, kernels=False, hybrid=None):
     """(model's logits and state, fused step's logits and state) for one token after a prompt."""
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, model.cfg.vocab_size, (B, 11), generator=g)
     with torch.inference_mode():
         _, state = model(ids[:, :10])
         ref = model(ids[:, 10:], state)
-        out = FusedStep(model, compile=False, kernels=kernels)(ids[:, 10:], state)
+        step = FusedStep(model, compile=False, kernels=kernels, hybrid=hybrid)
+        assert step.uses_hybrid(B) == bool(hybrid)
+        out = step(ids[:, 10:], state)
     return ref, out
 
 
@@ -80,6 +82,17 @@ def test_kernel_step_equals_the_model_step(name, dtype, B):
     assert_step_equal(*step_both(model, B=B, kernels=True), dtype)
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="runs the kernels on CPU tensors under the interpreter, "
+                    "which a CUDA machine does not set; the GPU test below covers the hybrid there")
+@pytest.mark.parametrize("name", list(VARIANTS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_hybrid_step_equals_the_model_step(name, dtype):
+    # cuBLAS-style GEMMs (F.linear) with the row kernels and the decode step kernel between them
+    pytest.importorskip("triton")
+    model = random_model(variant(name), dtype=dtype, scale=0.1 if dtype != torch.float32 else 0.3)
+    assert_step_equal(*step_both(model, B=3, kernels=None, hybrid=True), dtype)
+
+
 def test_kernel_path_is_the_default_on_cuda_for_small_batches_only():
     model = random_model(dtype=torch.float32)
     step = FusedStep(model, compile=False)
@@ -87,7 +100,11 @@ def test_kernel_path_is_the_default_on_cuda_for_small_batches_only():
     step._kernels_fit = True                                             # as on CUDA
     limit = FusedStep.max_kernel_batch
     assert step.uses_kernels(1) and step.uses_kernels(limit) and not step.uses_kernels(limit + 1)
+    assert not step.uses_hybrid(limit) and step.uses_hybrid(limit + 1)     # larger batches: the hybrid
     assert not FusedStep(model, compile=False, kernels=False).uses_kernels(1)
+    no_triton = FusedStep(model, compile=False, kernels=False)
+    no_triton._kernels_fit = True
+    assert not no_triton.uses_hybrid(limit + 1)                          # kernels=False: compiled pieces
 
 
 def test_generation_through_the_kernel_step_equals_the_model_step(fake_graphs, monkeypatch):  # noqa: F811
@@ -184,10 +201,10 @@ GPU_7B_HEADS = ModelConfig(vocab_size=4096, embedding_dim=4096, num_heads=8, num
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("B,kernels", [(1, None), (16, True), (16, None), (1, False)])
+@pytest.mark.parametrize("B,kernels", [(1, None), (16, True), (16, None), (1, False), (16, False)])
 def test_gpu_fused_step_equals_the_model_step_bf16(B, kernels):
-    """Batch 1 takes the decode kernels by default, 16 when asked; larger batches and kernels=False
-    the compiled pieces."""
+    """Batch 1 takes the decode kernels by default, 16 when asked; larger batches the hybrid
+    (cuBLAS, row and step kernels), kernels=False the compiled pieces."""
     torch.manual_seed(0)
     model = XLSTMLarge(GPU_7B_HEADS).to(device="cuda", dtype=torch.bfloat16)
     g = torch.Generator().manual_seed(3)
@@ -197,6 +214,7 @@ def test_gpu_fused_step_equals_the_model_step_bf16(B, kernels):
         ref_logits, ref_state = model(ids[:, 69:], state)
         step = FusedStep(model, kernels=kernels)                          # compiled on CUDA
         assert step.uses_kernels(B) == (kernels or (kernels is None and B <= FusedStep.max_kernel_batch))
+        assert step.uses_hybrid(B) == (kernels is None and B > FusedStep.max_kernel_batch)
         for _ in range(2):                                                # the second call: compiled code
             logits, new_state = step(ids[:, 69:], state)
     assert_step_equal((ref_logits, ref_state), (logits, new_state), torch.bfloat16)

@@ -24,10 +24,12 @@ Decode kernels (batch 1 on CUDA, float32/bfloat16/float16): the Triton kernels o
 run a block in five launches instead, each streaming its weights (RMSNorm + the q|k|v|o|i|f GEMV +
 gate caps; the mLSTM step + head norm x sigmoid(o); out_proj + residual; RMSNorm + the gate|up
 GEMV + SwiGLU; proj_down), and the head in one (residual + out norm + LM head + logit cap). They
-read the same concatenated weights. Larger batches keep the compiled pieces (cuBLAS GEMMs): the
-kernels' batch > 1 path (tl.dot, batch padded to 16) is correct at any batch but was measured
-slower than cuBLAS on the H200 at 4, 8 and 16 (ops/decode/triton says what was measured);
-``max_kernel_batch`` sets the limit.
+read the same concatenated weights. Larger batches take cuBLAS for the GEMMs: the kernels'
+batch > 1 path (tl.dot, batch padded to 16) is correct at any batch but was measured slower than
+cuBLAS on the H200 at 4, 8 and 16 (ops/decode/triton says what was measured);
+``max_kernel_batch`` sets the limit. Between those GEMMs the hybrid path puts the row kernels
+(ops/rowwise: residual add + RMSNorm, silu x up) and the decode step kernel (gate caps, the
+mLSTM step, head norm x sigmoid(o)): eight launches a block, where the compiled pieces take ~14.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ import torch.nn.functional as F
 
 from .. import ops
 from ..layers.common import head_layer_norm, rms_norm, soft_cap
-from ..ops import MLSTMState
+from ..ops import MLSTMState, rowwise
 
 __all__ = ["FusedStep"]
 
@@ -68,12 +70,16 @@ class FusedStep:
     compile: run the pieces through torch.compile (default: on CUDA). kernels: run the decode kernels
     (ops/decode/triton); None: on CUDA for batches up to ``max_kernel_batch`` (1) in float32/bfloat16/float16,
     True: at every batch size (also on the CPU under TRITON_INTERPRET=1, for tests), False: never.
+    hybrid: cuBLAS GEMMs with the row and step kernels between them, for the batches the decode
+    kernels do not take; None: where the kernels would fit (CUDA), True: also on the CPU under
+    TRITON_INTERPRET=1 (tests), False or kernels=False: the compiled pieces instead.
     The weights are read from the model when this is built: rebuild after changing them.
     """
 
     max_kernel_batch = 1
 
-    def __init__(self, model, *, compile: bool | None = None, kernels: bool | None = None):
+    def __init__(self, model, *, compile: bool | None = None, kernels: bool | None = None,
+                 hybrid: bool | None = None):
         from ..model import XLSTMLarge
 
         if not isinstance(model, XLSTMLarge):
@@ -97,6 +103,7 @@ class FusedStep:
         self._in, self._out, self._head = ((_compiled("in"), _compiled("out"), _compiled("head")) if use_compile
                                            else (_mlstm_in, _mlstm_out_ffn, _head))
         self.kernels = kernels
+        self.hybrid = hybrid
         self._kernels_fit = (self.device.type == "cuda" and ops.triton_available()
                              and model.embedding.weight.dtype in (torch.float32, torch.bfloat16, torch.float16))
         self._lock = None
@@ -105,6 +112,7 @@ class FusedStep:
             self._kbias = [self._fold(w) for w in self.blocks]
             self._head_bias = (_fold_norm_bias(model.lm_head.weight, None, self.out_norm[1])
                                if self.out_norm is not None else None)
+            self._in_bias = [w.b_in if w.b_in.any() else None for w in self.blocks]   # no all-zero bias add
 
     @staticmethod
     def _fuse(block) -> _BlockWeights:
@@ -131,6 +139,12 @@ class FusedStep:
             return self.kernels
         return self._kernels_fit and batch <= self.max_kernel_batch
 
+    def uses_hybrid(self, batch: int) -> bool:
+        """Whether a step of this batch size runs cuBLAS with the row and step kernels between."""
+        if self.kernels is False or self.hybrid is False or self.uses_kernels(batch):
+            return False
+        return bool(self.hybrid) or self._kernels_fit
+
     @property
     def extra_bytes(self) -> int:
         """Bytes of the fused weight copies this step holds."""
@@ -144,6 +158,8 @@ class FusedStep:
             raise ValueError(f"the fused step needs a state of {len(self.blocks)} blocks")
         if self.uses_kernels(input_ids.shape[0]):
             return self._kernel_step(input_ids, state)
+        if self.uses_hybrid(input_ids.shape[0]):
+            return self._hybrid_step(input_ids, state)
         x = self.model.embedding(input_ids[:, 0])                     # (B, E)
         d = None
         new_state = []
@@ -183,6 +199,40 @@ class FusedStep:
         _, logits = decode.norm_linear(x, d, self.out_norm[0] if self.out_norm is not None else None, lm_w,
                                        self._head_bias, eps=self.eps, cap=self.logit_cap, out_dtype=out, lock=lock)
         return logits.unsqueeze(1), new_state
+
+    def _hybrid_step(self, input_ids, state):
+        """cuBLAS GEMMs; between them one launch each for the residual add + RMSNorm, the gate caps
+        + mLSTM step + head norm x sigmoid(o), and silu x up. The FFN's residual add is the next
+        block's (or the head's)."""
+        from ..ops import decode
+
+        B, H = input_ids.shape[0], self.num_heads
+        lock = self._lock_for(B)
+        x = self.model.embedding(input_ids[:, 0])                     # (B, E)
+        d = None
+        new_state = []
+        for w, b_in, s in zip(self.blocks, self._in_bias, state):
+            x, xn = self._add_norm(x, d, w.norm_w, w.norm_b)
+            y = F.linear(xn, w.w_in, b_in)
+            hn, s = decode.mlstm_head_step(y, self.sizes, s, w.head_w, w.head_b, num_heads=H, eps=self.cell_eps,
+                                           norm_eps=self.eps, gate_cap=self.gate_cap, lock=lock)
+            x, xn = self._add_norm(x, F.linear(hn, w.out_w, w.out_b), w.ffn_norm_w, w.ffn_norm_b)
+            gate, up = F.linear(xn, w.w_up, w.b_up).split(self.ffn_dim, dim=-1)
+            d = F.linear(rowwise.silu_mul(gate, up), w.down_w, w.down_b)
+            new_state.append(s)
+        nw, nb = self.out_norm if self.out_norm is not None else (None, None)
+        logits = self._head(x, d, self.out_norm is not None, nw, nb, self.model.lm_head.weight,
+                            self.eps, self.f32, self.logit_cap)
+        return logits.unsqueeze(1), new_state
+
+    def _add_norm(self, x, d, norm_w, norm_b):
+        """(x + d, rms_norm(x + d)) in one launch where the norm reduces in float32 (as the row
+        kernel does); the eager formulas otherwise."""
+        if self.f32:
+            return rowwise.add_rms_norm(x, d, norm_w, norm_b, self.eps)
+        if d is not None:
+            x = x + d
+        return x, rms_norm(x, norm_w, norm_b, self.eps, self.f32)
 
     def _lock_for(self, batch: int) -> torch.Tensor:
         """The kernels' split-K and per-head counters: int32 zeros, reset by the kernels themselves,

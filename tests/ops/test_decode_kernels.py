@@ -149,6 +149,27 @@ def test_mlstm_head_step(dtype, B, H, K, V, BK, poison, monkeypatch):
     assert not lock.any()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_mlstm_head_step_caps_the_gates_itself(dtype, poison):
+    # gate_cap: i and f capped in the kernel (the hybrid decode path's cuBLAS GEMM does not), as
+    # soft_cap in the model dtype would (its tanh is not torch's: equal to the dtype's rounding)
+    from fastxlstm.layers.common import soft_cap
+
+    B, H, K, V = 2, 2, 16, 24
+    y, sizes, state = step_inputs(B, H, K, V, dtype)
+    y[:, -2 * H:] *= 8                                    # gate pre-activations well past the cap
+    capped = torch.cat([y[:, :-2 * H], soft_cap(y[:, -2 * H:], 15.0)], dim=1)
+    head_w = rnd(H * V, dtype=dtype, scale=0.3, shift=1.0)
+    out, s = decode.mlstm_head_step(y, sizes, state, head_w, num_heads=H, eps=1e-6, norm_eps=1e-6, gate_cap=15.0,
+                                    lock=lock_for(B * H))
+    ref, s_ref = step_reference(capped, sizes, state, H, head_w, None)
+    assert_close("sigmoid(o) * head_norm(h)", ref, out, dtype)
+    for name in "cnm":
+        assert_close(f"state.{name}", getattr(s_ref, name), getattr(s, name), dtype)
+    _, s_uncapped = step_reference(y, sizes, state, H, head_w, None)
+    assert not torch.allclose(s_uncapped.m.float(), s.m, rtol=0.01, atol=0.01)   # the caps mattered
+
+
 def test_shapes_are_checked():
     x, w = torch.zeros(2, 8, device=DEVICE), torch.zeros(4, 6, device=DEVICE)
     with pytest.raises(ValueError, match="agree in K"):

@@ -71,6 +71,13 @@ def test_silu_mul(dtype):
     _close(rowwise.silu_mul(g, u), F.silu(g) * u, dtype)
 
 
+def test_silu_mul_on_the_halves_of_one_projection():
+    # gate | up as the two halves of one (B, T, 2F) tensor: rows 2F apart, read in place
+    gu = torch.randn(3, 5, 2 * 1001, device=DEVICE) * 6
+    gate, up = gu.split(1001, dim=-1)
+    _close(rowwise.silu_mul(gate, up), F.silu(gate) * up, torch.float32)
+
+
 def test_usable_only_for_gradient_free_cuda_calls():
     x = torch.randn(2, 8, device=DEVICE)
     with torch.no_grad():

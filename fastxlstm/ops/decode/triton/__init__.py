@@ -94,7 +94,9 @@ CONFIG = dict(
     m1_glu=dict(BN=2, BK=1024, W=4, ctas=8, waves=1, D=2, S=1),
     mn=dict(BN=64, BK=128, W=4, ctas=2, waves=1, D=0, S=3),
     mn_glu=dict(BN=32, BK=128, W=4, ctas=2, waves=1, D=0, S=3),
-    shapes={},
+    # out_proj of the 7B (E 4096): one program per tile streams it at 2.71 TB/s against 2.44 for the
+    # persistent cut (run 23, the 32 blocks' weights in one CUDA graph); the other shapes lose with it
+    shapes={"m1 4096x4096": dict(per_tile=True)},
     step=dict(BK=16, W=8),
 )
 
@@ -119,6 +121,13 @@ def _tanh(x):
     small = a * (1.0 + x2 * (-1.0 / 3.0 + x2 * (2.0 / 15.0 + x2 * (-17.0 / 315.0))))
     t = tl.where(a < 0.125, small, (1.0 - e) / (1.0 + e))
     return tl.where(x < 0, -t, t)
+
+
+@triton.jit
+def _soft_cap(y, cap, dt: tl.constexpr):
+    """cap * tanh(y / cap) rounded to dt after each of its three ops, as layers/common.soft_cap's."""
+    t = _rnd(_tanh(_rnd(y / cap, dt)), dt)
+    return _rnd(t * cap, dt)
 
 
 @triton.jit
@@ -147,9 +156,8 @@ def _gemv_epilogue(y, y2, ss, rn, rm, mn, mm, b_ptr, r_ptr, y_ptr, w_ptr, N, K, 
     y = _rnd(y, wdt)                                       # F.linear's output
     off = rm[None, :] * N + rn[:, None]
     om = mn[:, None] & mm[None, :]
-    if EPI == 1:                                           # cap * tanh(y / cap), as soft_cap's three ops
-        t = _rnd(_tanh(_rnd(y / cap, odt)), odt)
-        y = tl.where((rn >= cap_from)[:, None], _rnd(t * cap, odt), y)
+    if EPI == 1:
+        y = tl.where((rn >= cap_from)[:, None], _soft_cap(y, cap, odt), y)
     if EPI == 2:
         y = y + tl.load(r_ptr + off, mask=om, other=0.0).to(tl.float32)
     if EPI == 3:
@@ -440,9 +448,9 @@ def _head_out(num, qn, m_new, row, hd, b, ov, mv, hw_ptr, hb_ptr, out_ptr, o_off
 @triton.jit
 def _step_kernel(
     y_ptr, c_ptr, n_ptr, m_ptr, c_out, n_out, m_out, hw_ptr, hb_ptr, out_ptr, wsn_ptr, wsq_ptr, lock_ptr,
-    ldy, q_off, k_off, v_off, o_off, i_off, f_off, scale, eps, norm_eps,
+    ldy, q_off, k_off, v_off, o_off, i_off, f_off, scale, eps, norm_eps, cap,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, NSP: tl.constexpr,
-    HAS_HB: tl.constexpr, PDL: tl.constexpr,
+    HAS_HB: tl.constexpr, CAP: tl.constexpr, PDL: tl.constexpr,
 ):
     """Grid (cdiv(K, BK), B * H): a program updates BK rows of one head's C (all Dv columns) and
     n, and forms its part of q~ C' and q~ . n'; the last program of the head sums the parts in
@@ -464,7 +472,11 @@ def _step_kernel(
     m = tl.load(m_ptr + bh)
     row = y_ptr + b * ldy
     ig = tl.load(row + i_off + hd).to(tl.float32)
-    lf = _logsigmoid(tl.load(row + f_off + hd).to(tl.float32))
+    fg = tl.load(row + f_off + hd).to(tl.float32)
+    if CAP:                                                # the gates' soft caps, where no GEMV applied them
+        ig = _soft_cap(ig, cap, y_ptr.dtype.element_ty)
+        fg = _soft_cap(fg, cap, y_ptr.dtype.element_ty)
+    lf = _logsigmoid(fg)
     m_new = tl.maximum(lf + m, ig)
     fa = tl.exp(lf + m - m_new)
     ia = tl.exp(ig - m_new)
@@ -496,11 +508,12 @@ def _step_kernel(
 
 
 def mlstm_head_step(y, sizes, state, head_w, head_b=None, *, num_heads: int, eps: float, norm_eps: float,
-                    lock=None):
+                    gate_cap: float | None = None, lock=None):
     """The mLSTM step on the input projection's output, then the layer's output before out_proj.
 
     y: (B, Nin), the columns q | k | v | o | i | f of widths ``sizes`` (q, k: H*Dqk, v, o: H*Dv,
-    i, f: H; i and f already soft-capped); state: MLSTMState (c (B, H, Dqk, Dv), n, m), float32.
+    i, f: H; i and f already soft-capped, or capped here with ``gate_cap``); state: MLSTMState
+    (c (B, H, Dqk, Dv), n, m), float32.
     Returns sigmoid(o) * head_layer_norm(h) (B, H*Dv) in y's dtype and the new state (new
     tensors). h is rounded to y's dtype first, as the model's step returns it."""
     B = y.shape[0]
@@ -533,7 +546,7 @@ def mlstm_head_step(y, sizes, state, head_w, head_b=None, *, num_heads: int, eps
         kw["launch_pdl"] = True
     _step_kernel[(NS, B * H)](
         y, c, n, m, c_out, n_out, m_out, head_w, head_b if head_b is not None else head_w, out, wsn, wsq, lock,
-        y.shape[1], *offs, K ** -0.5, float(eps), float(norm_eps),
+        y.shape[1], *offs, K ** -0.5, float(eps), float(norm_eps), float(gate_cap or 1.0),
         H=H, K=K, V=V, BK=BK, BV=BV, NSP=triton.next_power_of_2(NS), HAS_HB=head_b is not None,
-        PDL="launch_pdl" in kw, **kw)
+        CAP=bool(gate_cap), PDL="launch_pdl" in kw, **kw)
     return out, MLSTMState(c_out, n_out, m_out)

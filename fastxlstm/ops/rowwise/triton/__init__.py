@@ -41,11 +41,14 @@ def gated_head_norm(h: torch.Tensor, o: torch.Tensor, weight: torch.Tensor, bias
 
 
 def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    g, u = gate.contiguous(), up.contiguous()
-    out = torch.empty_like(g)
-    n = g.numel()
-    _silu_mul_kernel[(triton.cdiv(n, 2048),)](g, u, out, n, BLOCK=2048, num_warps=4)
-    return out
+    # rows of any stride (the two halves of one (B, 2F) projection need no copy)
+    F = gate.shape[-1]
+    g, u = gate.reshape(-1, F), up.reshape(-1, F)
+    g, u = (t if t.stride(-1) == 1 else t.contiguous() for t in (g, u))
+    out = torch.empty(g.shape, device=g.device, dtype=g.dtype)
+    n = out.numel()
+    _silu_mul_kernel[(triton.cdiv(n, 2048),)](g, u, out, n, F, g.stride(0), u.stride(0), BLOCK=2048, num_warps=4)
+    return out.view(gate.shape)
 
 
 @triton.jit
@@ -86,10 +89,13 @@ def _gated_head_norm_kernel(h_ptr, o_ptr, w_ptr, b_ptr, out_ptr, eps, rows, H, D
     tl.store(out_ptr + off, (gate * y).to(hv.dtype), mask=ok)
 
 @triton.jit
-def _silu_mul_kernel(g_ptr, u_ptr, out_ptr, n, BLOCK: tl.constexpr):
+def _silu_mul_kernel(g_ptr, u_ptr, out_ptr, n, F, g_row, u_row, BLOCK: tl.constexpr):
     off = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     ok = off < n
-    gv = tl.load(g_ptr + off, mask=ok, other=0.0)
+    row = off // F
+    col = off - row * F
+    gv = tl.load(g_ptr + row * g_row + col, mask=ok, other=0.0)
     g = gv.to(tl.float32)
     act = (g / (1.0 + tl.exp(-g))).to(gv.dtype).to(tl.float32)
-    tl.store(out_ptr + off, (act * tl.load(u_ptr + off, mask=ok, other=0.0).to(tl.float32)).to(gv.dtype), mask=ok)
+    up = tl.load(u_ptr + row * u_row + col, mask=ok, other=0.0).to(tl.float32)
+    tl.store(out_ptr + off, (act * up).to(gv.dtype), mask=ok)
