@@ -101,6 +101,7 @@ def test_kernel_path_is_the_default_on_cuda_for_small_batches_only():
     limit = FusedStep.max_kernel_batch
     assert step.uses_kernels(1) and step.uses_kernels(limit) and not step.uses_kernels(limit + 1)
     assert not step.uses_hybrid(limit) and step.uses_hybrid(limit + 1)     # larger batches: the hybrid
+    assert step.uses_hybrid(FusedStep.max_hybrid_batch) and not step.uses_hybrid(FusedStep.max_hybrid_batch + 1)
     assert not FusedStep(model, compile=False, kernels=False).uses_kernels(1)
     no_triton = FusedStep(model, compile=False, kernels=False)
     no_triton._kernels_fit = True
@@ -214,7 +215,7 @@ def test_gpu_fused_step_equals_the_model_step_bf16(B, kernels):
         ref_logits, ref_state = model(ids[:, 69:], state)
         step = FusedStep(model, kernels=kernels)                          # compiled on CUDA
         assert step.uses_kernels(B) == (kernels or (kernels is None and B <= FusedStep.max_kernel_batch))
-        assert step.uses_hybrid(B) == (kernels is None and B > FusedStep.max_kernel_batch)
+        assert step.uses_hybrid(B) == (kernels is None and FusedStep.max_kernel_batch < B <= FusedStep.max_hybrid_batch)
         for _ in range(2):                                                # the second call: compiled code
             logits, new_state = step(ids[:, 69:], state)
     assert_step_equal((ref_logits, ref_state), (logits, new_state), torch.bfloat16)
