@@ -93,19 +93,20 @@ def test_hybrid_step_equals_the_model_step(name, dtype):
     assert_step_equal(*step_both(model, B=3, kernels=None, hybrid=True), dtype)
 
 
-def test_kernel_path_is_the_default_on_cuda_for_small_batches_only():
+def test_path_by_batch_size_on_cuda(monkeypatch):
     model = random_model(dtype=torch.float32)
     step = FusedStep(model, compile=False)
-    assert not step.uses_kernels(1)                                      # CPU: exact eager PyTorch
+    assert not step.uses_kernels(1) and not step.uses_hybrid(1)          # CPU: exact eager PyTorch
     step._kernels_fit = True                                             # as on CUDA
-    limit = FusedStep.max_kernel_batch
-    assert step.uses_kernels(1) and step.uses_kernels(limit) and not step.uses_kernels(limit + 1)
-    assert not step.uses_hybrid(limit) and step.uses_hybrid(limit + 1)     # larger batches: the hybrid
+    for limit in (0, 1):                                                 # the decode kernels up to the limit
+        monkeypatch.setattr(FusedStep, "max_kernel_batch", limit)
+        assert step.uses_kernels(1) == (limit >= 1) and not step.uses_kernels(limit + 1)
+        assert step.uses_hybrid(limit + 1) and step.uses_hybrid(1) == (limit == 0)       # then the hybrid
     assert step.uses_hybrid(FusedStep.max_hybrid_batch) and not step.uses_hybrid(FusedStep.max_hybrid_batch + 1)
     assert not FusedStep(model, compile=False, kernels=False).uses_kernels(1)
     no_triton = FusedStep(model, compile=False, kernels=False)
     no_triton._kernels_fit = True
-    assert not no_triton.uses_hybrid(limit + 1)                          # kernels=False: compiled pieces
+    assert not no_triton.uses_hybrid(1)                                  # kernels=False: compiled pieces
 
 
 def test_generation_through_the_kernel_step_equals_the_model_step(fake_graphs, monkeypatch):  # noqa: F811
@@ -202,10 +203,10 @@ GPU_7B_HEADS = ModelConfig(vocab_size=4096, embedding_dim=4096, num_heads=8, num
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("B,kernels", [(1, None), (16, True), (16, None), (1, False), (16, False)])
+@pytest.mark.parametrize("B,kernels", [(1, None), (1, True), (16, True), (16, None), (1, False), (16, False)])
 def test_gpu_fused_step_equals_the_model_step_bf16(B, kernels):
-    """Batch 1 takes the decode kernels by default, 16 when asked; larger batches the hybrid
-    (cuBLAS, row and step kernels), kernels=False the compiled pieces."""
+    """Batches up to max_hybrid_batch take the hybrid (cuBLAS, row and step kernels) by default,
+    the decode kernels when asked, the compiled pieces with kernels=False."""
     torch.manual_seed(0)
     model = XLSTMLarge(GPU_7B_HEADS).to(device="cuda", dtype=torch.bfloat16)
     g = torch.Generator().manual_seed(3)

@@ -20,7 +20,7 @@ bf16 = 9.0 GB while decoding, on top of the model's 13.7 GB. Every other weight 
 The formulas mirror layers/common.py and layers/mlstm.py; tests/test_fused_decode.py holds them to
 the model's forward.
 
-Decode kernels (batch 1 on CUDA, float32/bfloat16/float16): the Triton kernels of ops/decode/triton
+Decode kernels (``kernels=True``, float32/bfloat16/float16): the Triton kernels of ops/decode/triton
 run a block in five launches instead, each streaming its weights (RMSNorm + the q|k|v|o|i|f GEMV +
 gate caps; the mLSTM step + head norm x sigmoid(o); out_proj + residual; RMSNorm + the gate|up
 GEMV + SwiGLU; proj_down), and the head in one (residual + out norm + LM head + logit cap). They
@@ -30,6 +30,9 @@ cuBLAS on the H200 at 4, 8 and 16 (ops/decode/triton says what was measured);
 ``max_kernel_batch`` sets the limit. Between those GEMMs the hybrid path puts the row kernels
 (ops/rowwise: residual add + RMSNorm, silu x up) and the decode step kernel (gate caps, the
 mLSTM step, head norm x sigmoid(o)): eight launches a block, where the compiled pieces take ~14.
+At batch 1 too the hybrid was faster than the decode kernels (7B on the H200: 229 against 215
+tokens/s, runs 24 and 25: cuBLAS streams the input and gate|up weights faster than our GEMVs), so
+the default is the hybrid up to ``max_hybrid_batch`` on CUDA, the compiled pieces above.
 """
 
 from __future__ import annotations
@@ -68,7 +71,7 @@ class FusedStep:
     """The decode step of ``model`` (an XLSTMLarge) with fused projections and elementwise work.
 
     compile: run the pieces through torch.compile (default: on CUDA). kernels: run the decode kernels
-    (ops/decode/triton); None: on CUDA for batches up to ``max_kernel_batch`` (1) in float32/bfloat16/float16,
+    (ops/decode/triton); None: on CUDA for batches up to ``max_kernel_batch`` (0: none) in float32/bfloat16/float16,
     True: at every batch size (also on the CPU under TRITON_INTERPRET=1, for tests), False: never.
     hybrid: cuBLAS GEMMs with the row and step kernels between them, for the batches the decode
     kernels do not take; None: where the kernels would fit (CUDA) up to ``max_hybrid_batch``, True:
@@ -77,7 +80,7 @@ class FusedStep:
     The weights are read from the model when this is built: rebuild after changing them.
     """
 
-    max_kernel_batch = 1
+    max_kernel_batch = 0
     # the hybrid against the compiled pieces, 7B shape on the H200 (run 24, chained steps in one CUDA
     # graph): 2,697 vs 2,592 tokens/s at batch 16, 6,612 vs 6,859 at batch 64
     max_hybrid_batch = 32
