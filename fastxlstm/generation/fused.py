@@ -30,9 +30,10 @@ cuBLAS on the H200 at 4, 8 and 16 (ops/decode/triton says what was measured);
 ``max_kernel_batch`` sets the limit. Between those GEMMs the hybrid path puts the row kernels
 (ops/rowwise: residual add + RMSNorm, silu x up) and the decode step kernel (gate caps, the
 mLSTM step, head norm x sigmoid(o)): eight launches a block, where the compiled pieces take ~14.
-At batch 1 too the hybrid was faster than the decode kernels (7B on the H200: 229 against 215
-tokens/s, runs 24 and 25: cuBLAS streams the input and gate|up weights faster than our GEMVs), so
-the default is the hybrid up to ``max_hybrid_batch`` on CUDA, the compiled pieces above.
+At batch 1 the decode kernels stay the default: 231 against 222 tokens/s for the hybrid, 7B on
+the H200, both in one process (run 26; an earlier comparison across two processes had it the other
+way round, within their spread). Then the hybrid up to ``max_hybrid_batch``, the compiled pieces
+above.
 """
 
 from __future__ import annotations
@@ -71,7 +72,7 @@ class FusedStep:
     """The decode step of ``model`` (an XLSTMLarge) with fused projections and elementwise work.
 
     compile: run the pieces through torch.compile (default: on CUDA). kernels: run the decode kernels
-    (ops/decode/triton); None: on CUDA for batches up to ``max_kernel_batch`` (0: none) in float32/bfloat16/float16,
+    (ops/decode/triton); None: on CUDA for batches up to ``max_kernel_batch`` (1) in float32/bfloat16/float16,
     True: at every batch size (also on the CPU under TRITON_INTERPRET=1, for tests), False: never.
     hybrid: cuBLAS GEMMs with the row and step kernels between them, for the batches the decode
     kernels do not take; None: where the kernels would fit (CUDA) up to ``max_hybrid_batch``, True:
@@ -80,7 +81,7 @@ class FusedStep:
     The weights are read from the model when this is built: rebuild after changing them.
     """
 
-    max_kernel_batch = 0
+    max_kernel_batch = 1
     # the hybrid against the compiled pieces, 7B shape on the H200 (run 24, chained steps in one CUDA
     # graph): 2,697 vs 2,592 tokens/s at batch 16, 6,612 vs 6,859 at batch 64
     max_hybrid_batch = 32

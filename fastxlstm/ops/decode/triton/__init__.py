@@ -59,8 +59,9 @@ tokens/s at batch 1; .diag/decode_bench.py, 2026-11-28, one run each):
 - batch 16 (the dot path, forced): 2105 tokens/s without PDL, 1817 with, against 2555 for cuBLAS
   (an earlier tiling, same run as above: batch 4 563 against 759, batch 8 1063 against 1441):
   the weights reach the dot through registers (Triton does not pipeline this loop), so the
-  default keeps cuBLAS above batch 1 (generation/fused.py, ``max_kernel_batch``; since run 25 the
-  default takes cuBLAS at batch 1 too: its hybrid path streamed faster, 229 against 215 tokens/s).
+  default keeps cuBLAS above batch 1 (generation/fused.py, ``max_kernel_batch``; its hybrid path,
+  cuBLAS with the row and step kernels between, is slower at batch 1: 222 against 231 tokens/s for
+  these kernels, both in one process, run 26).
 """
 
 from __future__ import annotations
