@@ -65,24 +65,30 @@ def triton_available() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
+# Triton's mLSTM module is part of this build and Triton is installed: probed once, here, without
+# importing Triton. Compiled code reads this value; tracing the probes' import machinery broke the
+# graph of every compiled block that called an op (1.3b training on the H200).
+_TRITON_READY: bool = Backend.TRITON in mlstm_impls.available() and triton_available()
+
+
 def resolve_backend(backend: Backend | str, device: torch.device | str | None = None) -> Backend:
     """Turn AUTO into a concrete backend for ``device``; check that an explicit choice can run.
 
     AUTO picks Triton on CUDA when Triton imports and its kernels are registered, native
     otherwise. A named backend that cannot run raises with the reason; there is never a silent
-    fallback.
+    fallback. Called outside compiled code (a model resolves its backend before its compiled
+    blocks run), it also imports the backend's module, which compiled code then only looks up.
     """
     backend = Backend(backend)
     device = torch.device(device if device is not None else "cpu")
     if backend is Backend.AUTO:
-        if device.type == "cuda" and Backend.TRITON in mlstm_impls.available() and triton_available():
-            return Backend.TRITON
-        return Backend.NATIVE
-    if backend is Backend.TRITON:
+        backend = Backend.TRITON if device.type == "cuda" and _TRITON_READY else Backend.NATIVE
+    elif backend is Backend.TRITON and not _TRITON_READY:
         if Backend.TRITON not in mlstm_impls.available():
             raise RuntimeError("backend 'triton' is not part of this build of fastxlstm")
-        if not triton_available():
-            raise RuntimeError("backend 'triton' needs Triton: pip install 'fastxlstm[triton]'")
+        raise RuntimeError("backend 'triton' needs Triton: pip install 'fastxlstm[triton]'")
+    if not torch.compiler.is_compiling():
+        mlstm_impls.get(backend)
     return backend
 
 

@@ -240,6 +240,38 @@ def test_torch_compile_traces_without_graph_breaks(state_grad):
         torch.testing.assert_close(b, a, msg=f"compiled grad {name}")
 
 
+@pytest.mark.parametrize("backend", [Backend.TRITON, Backend.AUTO])
+def test_the_ops_entry_point_compiles_without_graph_breaks(backend):
+    # a model's layer calls ops.mlstm(backend=...), whose backend checks (installed modules, Triton)
+    # must not break the graph of a compiled block (they did: 1.3b training, run 27)
+    (q, k, v, i, f), _ = make_mlstm_inputs(1, 20, 2, 16, 16, dtype=torch.float32, device=DEVICE)
+
+    def fn(q, k, v, i, f):
+        return ops.mlstm(q, k, v, i, f, backend=backend, chunk_size=16)[0]
+
+    torch._dynamo.reset()
+    torch.testing.assert_close(torch.compile(fn, fullgraph=True, backend="aot_eager")(q, k, v, i, f), fn(q, k, v, i, f))
+
+
+def test_a_model_block_compiles_without_graph_breaks():
+    # what training's --compile does to each block, forward and backward, through the Triton ops
+    from fastxlstm.config import ModelConfig
+    from fastxlstm.model import XLSTMLarge
+
+    torch.manual_seed(0)
+    model = XLSTMLarge(ModelConfig(vocab_size=64, embedding_dim=64, num_heads=2, num_blocks=1, chunk_size=16))
+    block = model.to(DEVICE).backbone.blocks[0]
+    x = torch.randn(1, 20, 64, device=DEVICE, requires_grad=True)
+    torch._dynamo.reset()
+    compiled = torch.compile(block, fullgraph=True, backend="aot_eager")
+    y, _ = compiled(x, backend=Backend.TRITON)
+    y_ref, _ = block(x, backend=Backend.TRITON)
+    torch.testing.assert_close(y, y_ref)
+    g, = torch.autograd.grad(y.square().sum(), x)
+    g_ref, = torch.autograd.grad(y_ref.square().sum(), x)
+    torch.testing.assert_close(g, g_ref)
+
+
 def test_auto_and_named_backend_route_here():
     (q, k, v, i, f), _ = make_mlstm_inputs(1, 20, 2, 16, 16, dtype=torch.float32, device=DEVICE)
     h, _ = ops.mlstm(q, k, v, i, f, backend=Backend.TRITON, chunk_size=16)

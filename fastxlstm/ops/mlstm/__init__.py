@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 import importlib
 import importlib.util
+import sys
 from types import ModuleType
 
 from .. import Backend
@@ -25,7 +26,11 @@ def available() -> list[Backend]:
 
 
 def get(backend: Backend) -> ModuleType:
-    """Import a backend module lazily, so ``import fastxlstm`` never imports Triton."""
+    """Import a backend module lazily, so ``import fastxlstm`` never imports Triton. Once imported
+    (ops.resolve_backend does it outside compiled code) it is read from sys.modules, which Dynamo
+    traces; an import inside compiled code would break its graph."""
     if backend not in IMPLS:
         raise ValueError(f"backend {backend!r} has no mLSTM implementation; choose from {list(IMPLS)}")
-    return importlib.import_module(f"{__name__}.{IMPLS[backend]}")
+    name = f"{__name__}.{IMPLS[backend]}"
+    module = sys.modules.get(name)
+    return module if module is not None else importlib.import_module(name)
