@@ -45,8 +45,8 @@ import torch
 import torch.nn.functional as F
 
 from .. import ops
-from ..layers.common import head_layer_norm, rms_norm, soft_cap
-from ..ops import MLSTMState, rowwise
+from ..layers.common import add_rms_norm, head_layer_norm, rms_norm, silu_mul, soft_cap
+from ..ops import MLSTMState
 
 __all__ = ["FusedStep"]
 
@@ -220,27 +220,18 @@ class FusedStep:
         d = None
         new_state = []
         for w, b_in, s in zip(self.blocks, self._in_bias, state):
-            x, xn = self._add_norm(x, d, w.norm_w, w.norm_b)
+            x, xn = add_rms_norm(x, d, w.norm_w, w.norm_b, self.eps, self.f32)
             y = F.linear(xn, w.w_in, b_in)
             hn, s = decode.mlstm_head_step(y, self.sizes, s, w.head_w, w.head_b, num_heads=H, eps=self.cell_eps,
                                            norm_eps=self.eps, gate_cap=self.gate_cap, lock=lock)
-            x, xn = self._add_norm(x, F.linear(hn, w.out_w, w.out_b), w.ffn_norm_w, w.ffn_norm_b)
+            x, xn = add_rms_norm(x, F.linear(hn, w.out_w, w.out_b), w.ffn_norm_w, w.ffn_norm_b, self.eps, self.f32)
             gate, up = F.linear(xn, w.w_up, w.b_up).split(self.ffn_dim, dim=-1)
-            d = F.linear(rowwise.silu_mul(gate, up), w.down_w, w.down_b)
+            d = F.linear(silu_mul(gate, up), w.down_w, w.down_b)
             new_state.append(s)
         nw, nb = self.out_norm if self.out_norm is not None else (None, None)
         logits = self._head(x, d, self.out_norm is not None, nw, nb, self.model.lm_head.weight,
                             self.eps, self.f32, self.logit_cap)
         return logits.unsqueeze(1), new_state
-
-    def _add_norm(self, x, d, norm_w, norm_b):
-        """(x + d, rms_norm(x + d)) in one launch where the norm reduces in float32 (as the row
-        kernel does); the eager formulas otherwise."""
-        if self.f32:
-            return rowwise.add_rms_norm(x, d, norm_w, norm_b, self.eps)
-        if d is not None:
-            x = x + d
-        return x, rms_norm(x, norm_w, norm_b, self.eps, self.f32)
 
     def _lock_for(self, batch: int) -> torch.Tensor:
         """The kernels' split-K and per-head counters: int32 zeros, reset by the kernels themselves,

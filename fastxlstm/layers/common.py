@@ -50,6 +50,26 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, e
     return x if bias is None else x + bias
 
 
+def add_rms_norm(x: torch.Tensor, y: torch.Tensor | None, weight: torch.Tensor, bias: torch.Tensor | None,
+                 eps: float, force_float32: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(s, rms_norm(s)) with s = x + y (x when y is None): one pass where the fused row kernels
+    serve the call (they reduce in float32), the eager formulas otherwise."""
+    if y is not None and y.dtype != x.dtype:
+        x, y = x + y, None                                 # type promotion decides the sum's dtype
+    if force_float32 and rowwise.usable(x, weight, bias):
+        return rowwise.add_rms_norm(x, y, weight, bias, eps)
+    if y is not None:
+        x = x + y
+    return x, rms_norm(x, weight, bias, eps, force_float32)
+
+
+def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up: one pass where the fused row kernels serve the call."""
+    if rowwise.usable(gate) and up.dtype == gate.dtype:
+        return rowwise.silu_mul(gate, up)
+    return F.silu(gate) * up
+
+
 def head_layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: float,
                     force_float32: bool) -> torch.Tensor:
     """LayerNorm over the last dim of (..., H, Dv), flattened to (..., H*Dv), times a flat weight."""
@@ -73,16 +93,11 @@ class RMSNorm(nn.Module):
         self.bias = nn.Parameter(torch.zeros(dim)) if use_bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.force_float32 and rowwise.usable(x, self.weight, self.bias):
-            return rowwise.add_rms_norm(x, None, self.weight, self.bias, self.eps)[1]
-        return rms_norm(x, self.weight, self.bias, self.eps, self.force_float32)
+        return add_rms_norm(x, None, self.weight, self.bias, self.eps, self.force_float32)[1]
 
     def add_forward(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(x + y, this norm of it): one pass where the fused row kernels serve the call."""
-        if self.force_float32 and rowwise.usable(x, self.weight, self.bias) and y.dtype == x.dtype:
-            return rowwise.add_rms_norm(x, y, self.weight, self.bias, self.eps)
-        x = x + y
-        return x, self(x)
+        return add_rms_norm(x, y, self.weight, self.bias, self.eps, self.force_float32)
 
 
 class MultiHeadLayerNorm(nn.Module):
@@ -121,10 +136,7 @@ class SwiGLU(nn.Module):
         self.proj_down = nn.Linear(hidden, dim, bias=use_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.proj_up_gate(x), self.proj_up(x)
-        if rowwise.usable(gate) and up.dtype == gate.dtype:
-            return self.proj_down(rowwise.silu_mul(gate, up))
-        return self.proj_down(F.silu(gate) * up)
+        return self.proj_down(silu_mul(self.proj_up_gate(x), self.proj_up(x)))
 
 
 def round_up(x: float, multiple: int) -> int:

@@ -12,8 +12,6 @@ the results agree to the reductions' summation order.
 
 from __future__ import annotations
 
-import functools
-
 import torch
 
 from .. import triton_available
@@ -28,7 +26,7 @@ def usable(x: torch.Tensor, *weights) -> bool:
     tensors under TRITON_INTERPRET=1 (the tests), but the layers never send CPU work there."""
     if not x.is_cuda or x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         return False
-    if torch.is_grad_enabled() or torch.compiler.is_compiling() or not _have_triton():
+    if torch.is_grad_enabled() or torch.compiler.is_compiling() or not triton_available():
         return False
     return all(w is None or w.dtype == x.dtype for w in weights)
 
@@ -54,5 +52,3 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     from . import triton as kernels
     return kernels.silu_mul(gate, up)
 
-
-_have_triton = functools.cache(triton_available)
