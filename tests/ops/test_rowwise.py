@@ -101,3 +101,69 @@ def test_model_forward_with_the_fused_rows_equals_eager(monkeypatch):
     for a, b in zip(state, ref_state):
         for x, y in zip(a, b):
             torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-5)
+
+
+def _xent_reference(z, y, w, cap):
+    """Loss per row and dloss/dz in float64 from the same logits (autograd through the formula)."""
+    z = z.double().requires_grad_()
+    s = cap * torch.tanh(z / cap) if cap else z
+    loss = (torch.logsumexp(s, 1) - s.gather(1, y[:, None])[:, 0]) * w.double()
+    (g,) = torch.autograd.grad(loss.sum(), z)
+    return loss.detach(), g
+
+
+# float16 logits on the CPU (the interpreter truncates bf16), bfloat16 on the GPU: the gradient is
+# rounded once to the logits' dtype, the loss stays float32
+XENT_DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("dtype", XENT_DTYPES)
+@pytest.mark.parametrize("cap", [30.0, 3.0, None])
+@pytest.mark.parametrize("V", [300, 5000])          # one partial block; two blocks of 4096, the second partial
+def test_cross_entropy_rows_against_float64(dtype, cap, V):
+    g = torch.Generator().manual_seed(V)
+    n = 6
+    z = (torch.randn(n, V, generator=g) * 8).to(DEVICE, dtype)
+    y = torch.randint(0, V, (n,), generator=g).to(DEVICE)
+    w = torch.rand(n, generator=g).to(DEVICE)
+    w[2] = 0.0                                                   # a row that does not count
+    ref_loss, ref_g = _xent_reference(z, y, w, cap)
+    loss = rowwise.cross_entropy_rows(z.clone(), y, w, cap, grad=False)
+    assert loss.dtype == torch.float32
+    torch.testing.assert_close(loss.double(), ref_loss, rtol=1e-5, atol=1e-5)
+    zg = z.clone()
+    loss2 = rowwise.cross_entropy_rows(zg, y, w, cap, grad=True)
+    assert torch.equal(loss2, loss)
+    assert (zg[2] == 0).all()                                    # weight 0: no gradient
+    # the gradient rounded once to the dtype: relative to the row's largest entry
+    step = {torch.float32: 2 ** -20, torch.float16: 2 ** -10, torch.bfloat16: 2 ** -7}[dtype]
+    err = ((zg.double() - ref_g).abs().amax(1) / ref_g.abs().amax(1).clamp_min(1e-30))
+    assert err.max() <= step, f"gradient off by {err.max():.2e} of the row's largest, more than {step:.1e}"
+
+
+def test_cross_entropy_rows_bad_input():
+    z = torch.randn(3, 10, device=DEVICE)
+    y = torch.zeros(3, dtype=torch.long, device=DEVICE)
+    w = torch.ones(3, device=DEVICE)
+    with pytest.raises(ValueError, match="unit column stride"):
+        rowwise.cross_entropy_rows(z.T, y, w, 30.0, grad=False)
+    with pytest.raises(ValueError, match="row_weight"):
+        rowwise.cross_entropy_rows(z, y, w.double(), 30.0, grad=False)
+
+
+@pytest.mark.parametrize("cap", [30.0, None])
+def test_lm_head_loss_with_the_row_kernel_equals_the_eager_rows(cap):
+    """The chunked LM-head loss with its row kernel against the same loss with the eager passes
+    (float32, chunks of 7 rows with a remainder, ignored targets): loss and both gradients."""
+    from fastxlstm.loss import lm_head_loss
+    g = torch.Generator().manual_seed(1)
+    h = (torch.randn(3, 13, 24, generator=g) * 2).to(DEVICE).requires_grad_()
+    w = torch.randn(700, 24, generator=g).to(DEVICE).requires_grad_()
+    y = torch.randint(0, 700, (3, 13), generator=g).to(DEVICE)
+    y[0, :4] = -100
+    grads = []
+    for kernel in (False, True):
+        loss = lm_head_loss(h, w, y, soft_cap=cap, chunk_rows=7, kernel=kernel)
+        grads.append((loss, *torch.autograd.grad(loss * 1.3, (h, w))))
+    for name, ref, out in zip(("loss", "dh", "dw"), *grads):
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5, msg=lambda m: f"{name}: {m}")

@@ -79,6 +79,7 @@ except ImportError:
     _HAS_PDL = False
 
 from ...mlstm.triton.fwd import _logsigmoid
+from ...rowwise.triton import _tanh
 from ...state import MLSTMState
 
 __all__ = ["norm_linear", "linear", "norm_swiglu", "mlstm_head_step", "lock_size", "CONFIG"]
@@ -112,17 +113,6 @@ _BM = 16
 def _rnd(x, dtype: tl.constexpr):
     """x rounded to dtype and back to fp32: where an eager bf16 op of the model rounds."""
     return x.to(dtype).to(tl.float32)
-
-
-@triton.jit
-def _tanh(x):
-    # 1 - 2 / (exp(2|x|) + 1) cancels near 0; there the odd series to x^7 is exact to fp32 (|x| < 1/8)
-    a = tl.abs(x)
-    e = tl.exp(-2.0 * a)
-    x2 = x * x
-    small = a * (1.0 + x2 * (-1.0 / 3.0 + x2 * (2.0 / 15.0 + x2 * (-17.0 / 315.0))))
-    t = tl.where(a < 0.125, small, (1.0 - e) / (1.0 + e))
-    return tl.where(x < 0, -t, t)
 
 
 @triton.jit

@@ -1,5 +1,5 @@
-"""The Triton kernels of ops.rowwise (see there): one program per row (RMSNorm), per block of
-head rows (head norm x gate) or per block of elements (silu x up)."""
+"""The Triton kernels of ops.rowwise (see there): one program per row (RMSNorm, cross-entropy), per
+block of head rows (head norm x gate) or per block of elements (silu x up)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["add_rms_norm", "gated_head_norm", "silu_mul"]
+__all__ = ["add_rms_norm", "gated_head_norm", "silu_mul", "cross_entropy_rows"]
 
 
 def add_rms_norm(x: torch.Tensor, y: torch.Tensor | None, weight: torch.Tensor, bias: torch.Tensor | None,
@@ -49,6 +49,74 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     n = out.numel()
     _silu_mul_kernel[(triton.cdiv(n, 2048),)](g, u, out, n, F, g.stride(0), u.stride(0), BLOCK=2048, num_warps=4)
     return out.view(gate.shape)
+
+
+def cross_entropy_rows(z: torch.Tensor, targets: torch.Tensor, row_weight: torch.Tensor, cap: float,
+                       grad: bool) -> torch.Tensor:
+    # rows of the vocabulary: one program each, streaming the row in blocks (twice when grad)
+    n, V = z.shape
+    loss = torch.empty(n, device=z.device, dtype=torch.float32)
+    BLOCK = min(4096, triton.next_power_of_2(V))
+    _cross_entropy_kernel[(n,)](z, targets, row_weight, loss, V, z.stride(0), float(cap or 1.0),
+                                CAP=bool(cap), GRAD=grad, BLOCK=BLOCK, num_warps=8)
+    return loss
+
+
+@triton.jit
+def _tanh(x):
+    # 1 - 2 / (exp(2|x|) + 1) cancels near 0; there the odd series to x^7 is exact to fp32 (|x| < 1/8)
+    a = tl.abs(x)
+    e = tl.exp(-2.0 * a)
+    x2 = x * x
+    small = a * (1.0 + x2 * (-1.0 / 3.0 + x2 * (2.0 / 15.0 + x2 * (-17.0 / 315.0))))
+    t = tl.where(a < 0.125, small, (1.0 - e) / (1.0 + e))
+    return tl.where(x < 0, -t, t)
+
+
+@triton.jit
+def _capped(z, cap, CAP: tl.constexpr):
+    """(s, ds/dz): the soft-capped logits cap * tanh(z / cap) and 1 - tanh(z / cap)^2 (z itself
+    without a cap; the slope then unused). The slope as 4 e / (1 + e)^2, e = exp(-2 |z / cap|):
+    1 - t^2 from a rounded t cancels where t nears 1, which is where a small cap puts most logits."""
+    if CAP:
+        x = z / cap
+        e = tl.exp(-2.0 * tl.abs(x))
+        t = _tanh(x)
+        return t * cap, tl.where(tl.abs(x) < 0.125, 1.0 - t * t, 4.0 * e / ((1.0 + e) * (1.0 + e)))
+    return z, z
+
+
+@triton.jit
+def _cross_entropy_kernel(z_ptr, y_ptr, rw_ptr, loss_ptr, V, ld, cap, CAP: tl.constexpr, GRAD: tl.constexpr,
+                          BLOCK: tl.constexpr):
+    """One row: loss = (logsumexp(s) - s[y]) * w with s the capped logits, in float32; with GRAD the
+    row is overwritten by dloss/dz = w * (softmax(s) - onehot(y)) * ds/dz, in z's dtype."""
+    r = tl.program_id(0).to(tl.int64)
+    row = z_ptr + r * ld
+    col = tl.arange(0, BLOCK)
+    top = -float("inf")
+    total = 0.0
+    for lo in range(0, V, BLOCK):                   # online max and sum of exp(s - max)
+        ok = lo + col < V
+        s, _ = _capped(tl.load(row + lo + col, mask=ok, other=0.0).to(tl.float32), cap, CAP)
+        s = tl.where(ok, s, -float("inf"))
+        new_top = tl.maximum(top, tl.max(s, 0))
+        total = total * tl.exp(top - new_top) + tl.sum(tl.exp(s - new_top), 0)
+        top = new_top
+    y = tl.load(y_ptr + r)
+    w = tl.load(rw_ptr + r)
+    picked, _ = _capped(tl.load(row + y).to(tl.float32), cap, CAP)
+    tl.store(loss_ptr + r, (top + tl.log(total) - picked) * w)
+    if GRAD:
+        scale = w / total
+        for lo in range(0, V, BLOCK):
+            ok = lo + col < V
+            s, slope = _capped(tl.load(row + lo + col, mask=ok, other=0.0).to(tl.float32), cap, CAP)
+            g = tl.exp(s - top) * scale
+            g = tl.where(lo + col == y, g - w, g)
+            if CAP:
+                g = g * slope
+            tl.store(row + lo + col, g.to(z_ptr.dtype.element_ty), mask=ok)
 
 
 @triton.jit
