@@ -71,15 +71,8 @@ import os
 import torch
 import triton
 import triton.language as tl
-try:  # programmatic dependent launch: triton >= 3.3 (torch 2.5 / 2.6 ship older ones)
-    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
-    _HAS_PDL = True
-except ImportError:
-    gdc_launch_dependents = gdc_wait = None     # never reached: PDL is a constexpr False then
-    _HAS_PDL = False
-
 from ...mlstm.triton.fwd import _logsigmoid
-from ...rowwise.triton import _tanh
+from ...rowwise.triton import _pdl_enter, _tanh, use_pdl
 from ...state import MLSTMState
 
 __all__ = ["norm_linear", "linear", "norm_swiglu", "mlstm_head_step", "lock_size", "CONFIG"]
@@ -89,8 +82,8 @@ __all__ = ["norm_linear", "linear", "norm_swiglu", "mlstm_head_step", "lock_size
 # ctas programs per SM, waves rounds of them; D weight tiles loaded ahead by hand, S pipeline
 # stages (the compiler's, dot operands only). per_tile: one program per tile instead (no tile shared;
 # more programs than fit at once). shapes: overrides per "path NxK".
-# step: BK rows of Dqk per program (a program holds BK x Dv of C). pdl: programmatic dependent
-# launch (sm_90+). m1 / m1_glu: the best of the H200 sweep at the 7B shapes (see the docstring).
+# step: BK rows of Dqk per tile (BK x Dv of C), W warps; persist: programs per SM walking the tiles
+# (0: one program per tile). pdl: programmatic dependent launch (sm_90+). m1 / m1_glu: the best of the H200 sweep at the 7B shapes (see the docstring).
 CONFIG = dict(
     pdl=True,
     m1=dict(BN=8, BK=512, W=4, ctas=8, waves=1, D=1, S=1, per_tile=False),
@@ -100,7 +93,7 @@ CONFIG = dict(
     # out_proj of the 7B (E 4096): one program per tile streams it at 2.71 TB/s against 2.44 for the
     # persistent cut (run 23, the 32 blocks' weights in one CUDA graph); the other shapes lose with it
     shapes={"m1 4096x4096": dict(per_tile=True)},
-    step=dict(BK=16, W=8),
+    step=dict(BK=16, W=4),
 )
 
 _EPI_NONE, _EPI_CAP, _EPI_RESIDUAL, _EPI_SWIGLU = 0, 1, 2, 3
@@ -120,13 +113,6 @@ def _soft_cap(y, cap, dt: tl.constexpr):
     """cap * tanh(y / cap) rounded to dt after each of its three ops, as layers/common.soft_cap's."""
     t = _rnd(_tanh(_rnd(y / cap, dt)), dt)
     return _rnd(t * cap, dt)
-
-
-@triton.jit
-def _pdl_enter(PDL: tl.constexpr):
-    if PDL:
-        gdc_wait()                    # the previous kernel is done and its writes are visible
-        gdc_launch_dependents()       # the next kernel may start filling SMs as this one drains
 
 
 # ---------------------------------------------------------------------------------------- GEMV
@@ -310,8 +296,7 @@ def _interpreting() -> bool:
 
 
 def _use_pdl(t: torch.Tensor) -> bool:
-    return (CONFIG["pdl"] and _HAS_PDL and t.is_cuda and not _interpreting()
-            and torch.cuda.get_device_capability(t.device)[0] >= 9)
+    return use_pdl(t, CONFIG["pdl"])
 
 
 def _num_sms(device: torch.device) -> int:
@@ -438,28 +423,33 @@ def _head_out(num, qn, m_new, row, hd, b, ov, mv, hw_ptr, hb_ptr, out_ptr, o_off
 
 
 @triton.jit
-def _step_kernel(
-    y_ptr, c_ptr, n_ptr, m_ptr, c_out, n_out, m_out, hw_ptr, hb_ptr, out_ptr, wsn_ptr, wsq_ptr, lock_ptr,
-    ldy, q_off, k_off, v_off, o_off, i_off, f_off, scale, eps, norm_eps, cap,
-    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, NSP: tl.constexpr,
-    HAS_HB: tl.constexpr, CAP: tl.constexpr, PDL: tl.constexpr,
-):
-    """Grid (cdiv(K, BK), B * H): a program updates BK rows of one head's C (all Dv columns) and
-    n, and forms its part of q~ C' and q~ . n'; the last program of the head sums the parts in
-    order and writes the normalised, gated output row."""
-    s = tl.program_id(0)
-    bh = tl.program_id(1).to(tl.int64)
+def _state_tile(c_ptr, t, NS: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                valid):
+    """Tile t = bh * NS + s: rows s*BK.. of head bh's C (BK, BV), its offsets and mask (nothing loaded unless valid)."""
+    s = t % NS
+    bh = (t // NS).to(tl.int64)
+    ok = s * BK + tl.arange(0, BK)
+    ov = tl.arange(0, BV)
+    cm = (ok < tl.where(valid, K, 0))[:, None] & (ov < V)[None, :]
+    coff = bh * K * V + ok[:, None] * V + ov[None, :]
+    return tl.load(c_ptr + coff, mask=cm, other=0.0), s, bh
+
+
+@triton.jit
+def _step_tile(c, s, bh, y_ptr, n_ptr, m_ptr, c_out, n_out, m_out, hw_ptr, hb_ptr, out_ptr, wsn_ptr, wsq_ptr, lock_ptr,
+               ldy, q_off, k_off, v_off, o_off, i_off, f_off, scale, eps, norm_eps, cap,
+               H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+               NS: tl.constexpr, NSP: tl.constexpr, HAS_HB: tl.constexpr, CAP: tl.constexpr):
+    """Update tile (s, bh) of C (already loaded) and n; its part of q~ C' and q~ . n'; the last tile of the
+    head to finish sums the parts in order and writes the normalised, gated output row."""
     b = bh // H
     hd = bh % H
-    NS: tl.constexpr = (K + BK - 1) // BK
     ok = s * BK + tl.arange(0, BK)
     mk = ok < K
     ov = tl.arange(0, BV)
     mv = ov < V
     cm = mk[:, None] & mv[None, :]
     coff = bh * K * V + ok[:, None] * V + ov[None, :]
-    _pdl_enter(PDL)                                        # the state may be the previous launch's output
-    c = tl.load(c_ptr + coff, mask=cm, other=0.0)
     n = tl.load(n_ptr + bh * K + ok, mask=mk, other=0.0)
     m = tl.load(m_ptr + bh)
     row = y_ptr + b * ldy
@@ -499,6 +489,36 @@ def _step_kernel(
                       norm_eps, H, V, HAS_HB)
 
 
+@triton.jit
+def _step_kernel(
+    y_ptr, c_ptr, n_ptr, m_ptr, c_out, n_out, m_out, hw_ptr, hb_ptr, out_ptr, wsn_ptr, wsq_ptr, lock_ptr,
+    ldy, q_off, k_off, v_off, o_off, i_off, f_off, scale, eps, norm_eps, cap, tiles,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, NSP: tl.constexpr,
+    HAS_HB: tl.constexpr, CAP: tl.constexpr, PDL: tl.constexpr, PERSIST: tl.constexpr,
+):
+    """Tiles of BK rows of one head's C (all Dv columns) and n, ``tiles`` = cdiv(Dqk, BK) * B * H of
+    them: one program each, or (PERSIST) a few programs per SM walking them with the next tile's C
+    loaded before the current one is updated."""
+    NS: tl.constexpr = (K + BK - 1) // BK
+    _pdl_enter(PDL)                                        # the state may be the previous launch's output
+    if PERSIST:
+        t = tl.program_id(0)
+        G = tl.num_programs(0)
+        c, s, bh = _state_tile(c_ptr, t, NS, K, V, BK, BV, t < tiles)
+        for t in range(t, tiles, G):
+            c_next, s_next, bh_next = _state_tile(c_ptr, t + G, NS, K, V, BK, BV, t + G < tiles)
+            _step_tile(c, s, bh, y_ptr, n_ptr, m_ptr, c_out, n_out, m_out, hw_ptr, hb_ptr, out_ptr, wsn_ptr, wsq_ptr,
+                       lock_ptr, ldy, q_off, k_off, v_off, o_off, i_off, f_off, scale, eps, norm_eps, cap,
+                       H, K, V, BK, BV, NS, NSP, HAS_HB, CAP)
+            c, s, bh = c_next, s_next, bh_next
+    else:
+        t = tl.program_id(0)
+        c, s, bh = _state_tile(c_ptr, t, NS, K, V, BK, BV, t < tiles)
+        _step_tile(c, s, bh, y_ptr, n_ptr, m_ptr, c_out, n_out, m_out, hw_ptr, hb_ptr, out_ptr, wsn_ptr, wsq_ptr,
+                   lock_ptr, ldy, q_off, k_off, v_off, o_off, i_off, f_off, scale, eps, norm_eps, cap,
+                   H, K, V, BK, BV, NS, NSP, HAS_HB, CAP)
+
+
 def mlstm_head_step(y, sizes, state, head_w, head_b=None, *, num_heads: int, eps: float, norm_eps: float,
                     gate_cap: float | None = None, lock=None):
     """The mLSTM step on the input projection's output, then the layer's output before out_proj.
@@ -536,9 +556,12 @@ def mlstm_head_step(y, sizes, state, head_w, head_b=None, *, num_heads: int, eps
     kw = dict(num_warps=cfg["W"])
     if _use_pdl(y):
         kw["launch_pdl"] = True
-    _step_kernel[(NS, B * H)](
+    tiles = NS * B * H
+    persist = cfg.get("persist", 0)
+    grid = min(tiles, persist * _num_sms(y.device)) if persist else tiles
+    _step_kernel[(grid,)](
         y, c, n, m, c_out, n_out, m_out, head_w, head_b if head_b is not None else head_w, out, wsn, wsq, lock,
-        y.shape[1], *offs, K ** -0.5, float(eps), float(norm_eps), float(gate_cap or 1.0),
+        y.shape[1], *offs, K ** -0.5, float(eps), float(norm_eps), float(gate_cap or 1.0), tiles,
         H=H, K=K, V=V, BK=BK, BV=BV, NSP=triton.next_power_of_2(NS), HAS_HB=head_b is not None,
-        CAP=bool(gate_cap), PDL="launch_pdl" in kw, **kw)
+        CAP=bool(gate_cap), PDL="launch_pdl" in kw, PERSIST=bool(persist), **kw)
     return out, MLSTMState(c_out, n_out, m_out)

@@ -3,11 +3,36 @@ block of head rows (head norm x gate) or per block of elements (silu x up)."""
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
+try:  # programmatic dependent launch: triton >= 3.3 (torch 2.5 / 2.6 ship older ones)
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+    _HAS_PDL = True
+except ImportError:
+    gdc_launch_dependents = gdc_wait = None     # never reached: PDL is a constexpr False then
+    _HAS_PDL = False
 
-__all__ = ["add_rms_norm", "gated_head_norm", "silu_mul", "cross_entropy_rows"]
+__all__ = ["add_rms_norm", "gated_head_norm", "silu_mul", "cross_entropy_rows", "CONFIG"]
+
+# pdl: launch the decode step's row kernels (add_rms_norm, silu_mul) with programmatic dependent
+# launch (sm_90+), so that each may start while the GEMM before it drains
+CONFIG = dict(pdl=False)
+
+
+def use_pdl(t: torch.Tensor, enabled: bool = True) -> bool:
+    """Whether a launch on t's device may use programmatic dependent launch."""
+    return (enabled and _HAS_PDL and t.is_cuda and os.environ.get("TRITON_INTERPRET") != "1"
+            and torch.cuda.get_device_capability(t.device)[0] >= 9)
+
+
+@triton.jit
+def _pdl_enter(PDL: tl.constexpr):
+    if PDL:
+        gdc_wait()                    # the previous kernel is done and its writes are visible
+        gdc_launch_dependents()       # the next kernel may start filling SMs as this one drains
 
 
 def add_rms_norm(x: torch.Tensor, y: torch.Tensor | None, weight: torch.Tensor, bias: torch.Tensor | None,
@@ -18,9 +43,11 @@ def add_rms_norm(x: torch.Tensor, y: torch.Tensor | None, weight: torch.Tensor, 
     yr = xr if y is None else y.reshape(-1, E).contiguous()
     s = xr if y is None else torch.empty_like(xr)
     out = torch.empty_like(xr)
+    pdl = use_pdl(xr, CONFIG["pdl"])
     _add_rms_norm_kernel[(xr.shape[0],)](
         xr, yr, weight, bias if bias is not None else weight, s, out, eps, E,
-        HAS_Y=y is not None, HAS_BIAS=bias is not None, BLOCK=triton.next_power_of_2(E), num_warps=8)
+        HAS_Y=y is not None, HAS_BIAS=bias is not None, BLOCK=triton.next_power_of_2(E), PDL=pdl, num_warps=8,
+        **({"launch_pdl": True} if pdl else {}))
     return s.view(x.shape), out.view(x.shape)
 
 
@@ -47,7 +74,9 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     g, u = (t if t.stride(-1) == 1 else t.contiguous() for t in (g, u))
     out = torch.empty(g.shape, device=g.device, dtype=g.dtype)
     n = out.numel()
-    _silu_mul_kernel[(triton.cdiv(n, 2048),)](g, u, out, n, F, g.stride(0), u.stride(0), BLOCK=2048, num_warps=4)
+    pdl = use_pdl(out, CONFIG["pdl"])
+    _silu_mul_kernel[(triton.cdiv(n, 2048),)](g, u, out, n, F, g.stride(0), u.stride(0), BLOCK=2048, PDL=pdl,
+                                              num_warps=4, **({"launch_pdl": True} if pdl else {}))
     return out.view(gate.shape)
 
 
@@ -121,7 +150,8 @@ def _cross_entropy_kernel(z_ptr, y_ptr, rw_ptr, loss_ptr, V, ld, cap, CAP: tl.co
 
 @triton.jit
 def _add_rms_norm_kernel(x_ptr, y_ptr, w_ptr, b_ptr, s_ptr, out_ptr, eps, E, HAS_Y: tl.constexpr,
-                         HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
+                         HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    _pdl_enter(PDL)
     row = tl.program_id(0).to(tl.int64) * E
     col = tl.arange(0, BLOCK)
     ok = col < E
@@ -157,7 +187,8 @@ def _gated_head_norm_kernel(h_ptr, o_ptr, w_ptr, b_ptr, out_ptr, eps, rows, H, D
     tl.store(out_ptr + off, (gate * y).to(hv.dtype), mask=ok)
 
 @triton.jit
-def _silu_mul_kernel(g_ptr, u_ptr, out_ptr, n, F, g_row, u_row, BLOCK: tl.constexpr):
+def _silu_mul_kernel(g_ptr, u_ptr, out_ptr, n, F, g_row, u_row, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    _pdl_enter(PDL)
     off = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     ok = off < n
     row = off // F
