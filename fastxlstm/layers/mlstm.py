@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .. import ops
@@ -35,25 +34,15 @@ class MLSTMLayer(nn.Module):
                                                  force_float32=norm_reduction_force_float32)
         self.out_proj = nn.Linear(v_dim, embedding_dim, bias=use_bias)
 
-    # One GEMM over the six projections' weights (concatenated per call) when gradients are wanted:
-    # the backward then forms dL/dx in one GEMM instead of six plus their sum (two of them, the
-    # gates', 1 x E-per-head GEMMs that are mostly launch and tail). Off where no gradient flows:
-    # the concatenation copies the weights on every call, which a decode step cannot afford.
-    fuse_projections: bool = False
-
     def forward(self, x: torch.Tensor, state: MLSTMState | None = None, *, backend: Backend = Backend.NATIVE,
                 cu_seqlens: torch.Tensor | None = None) -> tuple[torch.Tensor, MLSTMState]:
         B, T, _ = x.shape
         H = self.num_heads
-        if self.fuse_projections and torch.is_grad_enabled() and T > 1:
-            q, k, v, o, i, f = self._projections(x)
-        else:
-            q, k, v, o, i, f = (lin(x) for lin in self._linears())
-        q = q.view(B, T, H, self.qk_head_dim)
-        k = k.view(B, T, H, self.qk_head_dim)
-        v = v.view(B, T, H, self.v_head_dim)
-        i = soft_cap(i, self.gate_soft_cap)                         # (B, T, H)
-        f = soft_cap(f, self.gate_soft_cap)                         # (B, T, H)
+        q = self.q(x).view(B, T, H, self.qk_head_dim)
+        k = self.k(x).view(B, T, H, self.qk_head_dim)
+        v = self.v(x).view(B, T, H, self.v_head_dim)
+        i = soft_cap(self.igate_preact(x), self.gate_soft_cap)       # (B, T, H)
+        f = soft_cap(self.fgate_preact(x), self.gate_soft_cap)       # (B, T, H)
         if T == 1 and state is not None and cu_seqlens is None:
             h, state = ops.mlstm_step(q[:, 0], k[:, 0], v[:, 0], i[:, 0], f[:, 0], state,
                                       backend=backend, eps=self.cell_eps)
@@ -61,14 +50,4 @@ class MLSTMLayer(nn.Module):
         else:
             h, state = ops.mlstm(q, k, v, i, f, state, backend=backend, chunk_size=self.chunk_size,
                                  eps=self.cell_eps, cu_seqlens=cu_seqlens)
-        return self.out_proj(self.multihead_norm.gated(h, o)), state   # gated: (B, T, H*Dv)
-
-    def _linears(self) -> tuple[nn.Linear, ...]:
-        return self.q, self.k, self.v, self.ogate_preact, self.igate_preact, self.fgate_preact
-
-    def _projections(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """q | k | v | o | i | f of x through one GEMM (the same function: +0 for a missing bias is exact)."""
-        lins = self._linears()
-        w = torch.cat([lin.weight for lin in lins])
-        b = torch.cat([lin.bias if lin.bias is not None else lin.weight.new_zeros(lin.out_features) for lin in lins])
-        return F.linear(x, w, b).split([lin.out_features for lin in lins], dim=-1)
+        return self.out_proj(self.multihead_norm.gated(h, self.ogate_preact(x))), state   # gated: (B, T, H*Dv)

@@ -131,11 +131,11 @@ def step_reference(y, sizes, state, H, head_w, head_b):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("B,H,K,V,BK,persist", [(1, 2, 8, 16, 16, 0), (3, 2, 16, 24, 4, 1), (2, 3, 12, 16, 8, 0), (2, 3, 12, 16, 4, 2)])
-def test_mlstm_head_step(dtype, B, H, K, V, BK, persist, poison, monkeypatch):
+@pytest.mark.parametrize("B,H,K,V,BK", [(1, 2, 8, 16, 16), (3, 2, 16, 24, 4), (2, 3, 12, 16, 8)])
+def test_mlstm_head_step(dtype, B, H, K, V, BK, poison, monkeypatch):
     """One program per head (BK >= Dqk), or Dqk split over programs with the last one reducing;
-    Dv not a power of two; Dqk not a multiple of the tile; one program per tile or a few walking them (persist)."""
-    monkeypatch.setitem(decode.CONFIG, "step", dict(decode.CONFIG["step"], BK=BK, persist=persist))
+    Dv not a power of two; Dqk not a multiple of the tile."""
+    monkeypatch.setitem(decode.CONFIG, "step", dict(decode.CONFIG["step"], BK=BK))
     y, sizes, state = step_inputs(B, H, K, V, dtype)
     head_w, head_b = rnd(H * V, dtype=dtype, scale=0.3, shift=1.0), rnd(H * V, dtype=dtype, scale=0.1)
     lock = lock_for(B * H)

@@ -82,8 +82,9 @@ __all__ = ["norm_linear", "linear", "norm_swiglu", "mlstm_head_step", "lock_size
 # ctas programs per SM, waves rounds of them; D weight tiles loaded ahead by hand, S pipeline
 # stages (the compiler's, dot operands only). per_tile: one program per tile instead (no tile shared;
 # more programs than fit at once). shapes: overrides per "path NxK".
-# step: BK rows of Dqk per tile (BK x Dv of C), W warps; persist: programs per SM walking the tiles
-# (0: one program per tile). pdl: programmatic dependent launch (sm_90+). m1 / m1_glu: the best of the H200 sweep at the 7B shapes (see the docstring).
+# step: BK rows of Dqk per program (a program holds BK x Dv of C), W warps: 4 warps stream the 7B's
+# batch-16 state at 3.33-3.40 TB/s against 2.97-3.01 for 8 (runs 31-32; a persistent walk with the next
+# tile loaded ahead, 2-4 programs an SM, 2.3-2.7). pdl: programmatic dependent launch (sm_90+). m1 / m1_glu: the best of the H200 sweep at the 7B shapes (see the docstring).
 CONFIG = dict(
     pdl=True,
     m1=dict(BN=8, BK=512, W=4, ctas=8, waves=1, D=1, S=1, per_tile=False),
@@ -423,33 +424,28 @@ def _head_out(num, qn, m_new, row, hd, b, ov, mv, hw_ptr, hb_ptr, out_ptr, o_off
 
 
 @triton.jit
-def _state_tile(c_ptr, t, NS: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                valid):
-    """Tile t = bh * NS + s: rows s*BK.. of head bh's C (BK, BV), its offsets and mask (nothing loaded unless valid)."""
-    s = t % NS
-    bh = (t // NS).to(tl.int64)
-    ok = s * BK + tl.arange(0, BK)
-    ov = tl.arange(0, BV)
-    cm = (ok < tl.where(valid, K, 0))[:, None] & (ov < V)[None, :]
-    coff = bh * K * V + ok[:, None] * V + ov[None, :]
-    return tl.load(c_ptr + coff, mask=cm, other=0.0), s, bh
-
-
-@triton.jit
-def _step_tile(c, s, bh, y_ptr, n_ptr, m_ptr, c_out, n_out, m_out, hw_ptr, hb_ptr, out_ptr, wsn_ptr, wsq_ptr, lock_ptr,
-               ldy, q_off, k_off, v_off, o_off, i_off, f_off, scale, eps, norm_eps, cap,
-               H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-               NS: tl.constexpr, NSP: tl.constexpr, HAS_HB: tl.constexpr, CAP: tl.constexpr):
-    """Update tile (s, bh) of C (already loaded) and n; its part of q~ C' and q~ . n'; the last tile of the
-    head to finish sums the parts in order and writes the normalised, gated output row."""
+def _step_kernel(
+    y_ptr, c_ptr, n_ptr, m_ptr, c_out, n_out, m_out, hw_ptr, hb_ptr, out_ptr, wsn_ptr, wsq_ptr, lock_ptr,
+    ldy, q_off, k_off, v_off, o_off, i_off, f_off, scale, eps, norm_eps, cap,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, NSP: tl.constexpr,
+    HAS_HB: tl.constexpr, CAP: tl.constexpr, PDL: tl.constexpr,
+):
+    """Grid (cdiv(K, BK), B * H): a program updates BK rows of one head's C (all Dv columns) and
+    n, and forms its part of q~ C' and q~ . n'; the last program of the head sums the parts in
+    order and writes the normalised, gated output row."""
+    s = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
     b = bh // H
     hd = bh % H
+    NS: tl.constexpr = (K + BK - 1) // BK
     ok = s * BK + tl.arange(0, BK)
     mk = ok < K
     ov = tl.arange(0, BV)
     mv = ov < V
     cm = mk[:, None] & mv[None, :]
     coff = bh * K * V + ok[:, None] * V + ov[None, :]
+    _pdl_enter(PDL)                                        # the state may be the previous launch's output
+    c = tl.load(c_ptr + coff, mask=cm, other=0.0)
     n = tl.load(n_ptr + bh * K + ok, mask=mk, other=0.0)
     m = tl.load(m_ptr + bh)
     row = y_ptr + b * ldy
@@ -489,36 +485,6 @@ def _step_tile(c, s, bh, y_ptr, n_ptr, m_ptr, c_out, n_out, m_out, hw_ptr, hb_pt
                       norm_eps, H, V, HAS_HB)
 
 
-@triton.jit
-def _step_kernel(
-    y_ptr, c_ptr, n_ptr, m_ptr, c_out, n_out, m_out, hw_ptr, hb_ptr, out_ptr, wsn_ptr, wsq_ptr, lock_ptr,
-    ldy, q_off, k_off, v_off, o_off, i_off, f_off, scale, eps, norm_eps, cap, tiles,
-    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, NSP: tl.constexpr,
-    HAS_HB: tl.constexpr, CAP: tl.constexpr, PDL: tl.constexpr, PERSIST: tl.constexpr,
-):
-    """Tiles of BK rows of one head's C (all Dv columns) and n, ``tiles`` = cdiv(Dqk, BK) * B * H of
-    them: one program each, or (PERSIST) a few programs per SM walking them with the next tile's C
-    loaded before the current one is updated."""
-    NS: tl.constexpr = (K + BK - 1) // BK
-    _pdl_enter(PDL)                                        # the state may be the previous launch's output
-    if PERSIST:
-        t = tl.program_id(0)
-        G = tl.num_programs(0)
-        c, s, bh = _state_tile(c_ptr, t, NS, K, V, BK, BV, t < tiles)
-        for t in range(t, tiles, G):
-            c_next, s_next, bh_next = _state_tile(c_ptr, t + G, NS, K, V, BK, BV, t + G < tiles)
-            _step_tile(c, s, bh, y_ptr, n_ptr, m_ptr, c_out, n_out, m_out, hw_ptr, hb_ptr, out_ptr, wsn_ptr, wsq_ptr,
-                       lock_ptr, ldy, q_off, k_off, v_off, o_off, i_off, f_off, scale, eps, norm_eps, cap,
-                       H, K, V, BK, BV, NS, NSP, HAS_HB, CAP)
-            c, s, bh = c_next, s_next, bh_next
-    else:
-        t = tl.program_id(0)
-        c, s, bh = _state_tile(c_ptr, t, NS, K, V, BK, BV, t < tiles)
-        _step_tile(c, s, bh, y_ptr, n_ptr, m_ptr, c_out, n_out, m_out, hw_ptr, hb_ptr, out_ptr, wsn_ptr, wsq_ptr,
-                   lock_ptr, ldy, q_off, k_off, v_off, o_off, i_off, f_off, scale, eps, norm_eps, cap,
-                   H, K, V, BK, BV, NS, NSP, HAS_HB, CAP)
-
-
 def mlstm_head_step(y, sizes, state, head_w, head_b=None, *, num_heads: int, eps: float, norm_eps: float,
                     gate_cap: float | None = None, lock=None):
     """The mLSTM step on the input projection's output, then the layer's output before out_proj.
@@ -556,12 +522,9 @@ def mlstm_head_step(y, sizes, state, head_w, head_b=None, *, num_heads: int, eps
     kw = dict(num_warps=cfg["W"])
     if _use_pdl(y):
         kw["launch_pdl"] = True
-    tiles = NS * B * H
-    persist = cfg.get("persist", 0)
-    grid = min(tiles, persist * _num_sms(y.device)) if persist else tiles
-    _step_kernel[(grid,)](
+    _step_kernel[(NS, B * H)](
         y, c, n, m, c_out, n_out, m_out, head_w, head_b if head_b is not None else head_w, out, wsn, wsq, lock,
-        y.shape[1], *offs, K ** -0.5, float(eps), float(norm_eps), float(gate_cap or 1.0), tiles,
+        y.shape[1], *offs, K ** -0.5, float(eps), float(norm_eps), float(gate_cap or 1.0),
         H=H, K=K, V=V, BK=BK, BV=BV, NSP=triton.next_power_of_2(NS), HAS_HB=head_b is not None,
-        CAP=bool(gate_cap), PDL="launch_pdl" in kw, PERSIST=bool(persist), **kw)
+        CAP=bool(gate_cap), PDL="launch_pdl" in kw, **kw)
     return out, MLSTMState(c_out, n_out, m_out)

@@ -17,9 +17,10 @@ except ImportError:
 
 __all__ = ["add_rms_norm", "gated_head_norm", "silu_mul", "cross_entropy_rows", "CONFIG"]
 
-# pdl: launch the decode step's row kernels (add_rms_norm, silu_mul) with programmatic dependent
-# launch (sm_90+), so that each may start while the GEMM before it drains
-CONFIG = dict(pdl=False)
+# pdl: launch the row kernels of the hybrid decode step (add_rms_norm, silu_mul) with programmatic
+# dependent launch (sm_90+), so that each may start while the GEMM before it drains: 7B batch-16
+# decode 2,857-2,861 against 2,832-2,834 tokens/s without (run 32, H200, one process, interleaved)
+CONFIG = dict(pdl=True)
 
 
 def use_pdl(t: torch.Tensor, enabled: bool = True) -> bool:
