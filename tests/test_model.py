@@ -60,28 +60,6 @@ def test_train_mode_backward_reaches_every_parameter():
         assert p.grad is not None and torch.isfinite(p.grad).all(), name
 
 
-@pytest.mark.parametrize("use_bias", [False, True])
-def test_fused_gate_projections_equal_the_three_linears(monkeypatch, use_bias):
-    """Training's one GEMM for the output gate and the i/f gates against the layer's three nn.Linear
-    calls: logits and every parameter's gradient, float64."""
-    from fastxlstm.layers.mlstm import MLSTMLayer
-    model = random_model(dataclasses.replace(CFG, use_bias=use_bias))
-    x = torch.randint(0, CFG.vocab_size, (2, 21))
-    results = []
-    for fused in (False, True):
-        monkeypatch.setattr(MLSTMLayer, "fuse_gate_projections", fused)
-        calls = []
-        monkeypatch.setattr(MLSTMLayer, "_gate_projections",
-                            lambda self, x, orig=MLSTMLayer._gate_projections: calls.append(1) or orig(self, x))
-        logits, _ = model(x)
-        assert bool(calls) == fused
-        results.append((logits, torch.autograd.grad(logits.pow(2).sum(), list(model.parameters()))))
-    (ref, g_ref), (out, g_out) = results
-    assert_close("logits", ref, out, torch.float64)
-    for (name, _), a, b in zip(model.named_parameters(), g_ref, g_out):
-        assert_close(name, a, b, torch.float64)
-
-
 def test_bfloat16_model_runs_and_returns_float32_logits():
     model = XLSTMLarge(CFG).to(torch.bfloat16)
     logits, state = model(torch.randint(0, CFG.vocab_size, (2, 20)))

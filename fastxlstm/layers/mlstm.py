@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .. import ops
@@ -35,13 +34,6 @@ class MLSTMLayer(nn.Module):
                                                  force_float32=norm_reduction_force_float32)
         self.out_proj = nn.Linear(v_dim, embedding_dim, bias=use_bias)
 
-    # Training: the output gate and the i/f gates through one GEMM over their concatenated weights.
-    # The gates alone are (E x H) GEMMs, three each per step (forward, dL/dx, dL/dW) that cost as much
-    # as reading x: 144 launches and 5.5 ms of a 1.3b step at 4 x 4096 (run 34). Not q, k, v: their
-    # gradients come from the cell's kernels, and gathering them for one GEMM copies more than it
-    # saves (measured, run 30). Not without gradients: the concatenation copies the weights per call.
-    fuse_gate_projections: bool = True
-
     def forward(self, x: torch.Tensor, state: MLSTMState | None = None, *, backend: Backend = Backend.NATIVE,
                 cu_seqlens: torch.Tensor | None = None) -> tuple[torch.Tensor, MLSTMState]:
         B, T, _ = x.shape
@@ -49,12 +41,8 @@ class MLSTMLayer(nn.Module):
         q = self.q(x).view(B, T, H, self.qk_head_dim)
         k = self.k(x).view(B, T, H, self.qk_head_dim)
         v = self.v(x).view(B, T, H, self.v_head_dim)
-        if self.fuse_gate_projections and torch.is_grad_enabled() and T > 1:
-            o, i, f = self._gate_projections(x)
-        else:
-            o, i, f = self.ogate_preact(x), self.igate_preact(x), self.fgate_preact(x)
-        i = soft_cap(i, self.gate_soft_cap)                         # (B, T, H)
-        f = soft_cap(f, self.gate_soft_cap)                         # (B, T, H)
+        i = soft_cap(self.igate_preact(x), self.gate_soft_cap)       # (B, T, H)
+        f = soft_cap(self.fgate_preact(x), self.gate_soft_cap)       # (B, T, H)
         if T == 1 and state is not None and cu_seqlens is None:
             h, state = ops.mlstm_step(q[:, 0], k[:, 0], v[:, 0], i[:, 0], f[:, 0], state,
                                       backend=backend, eps=self.cell_eps)
@@ -62,11 +50,4 @@ class MLSTMLayer(nn.Module):
         else:
             h, state = ops.mlstm(q, k, v, i, f, state, backend=backend, chunk_size=self.chunk_size,
                                  eps=self.cell_eps, cu_seqlens=cu_seqlens)
-        return self.out_proj(self.multihead_norm.gated(h, o)), state   # gated: (B, T, H*Dv)
-
-    def _gate_projections(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """o, i, f of x through one GEMM (the same function: +0 for a missing bias is exact)."""
-        lins = (self.ogate_preact, self.igate_preact, self.fgate_preact)
-        w = torch.cat([lin.weight for lin in lins])
-        b = torch.cat([lin.bias if lin.bias is not None else lin.weight.new_zeros(lin.out_features) for lin in lins])
-        return F.linear(x, w, b).split([lin.out_features for lin in lins], dim=-1)
+        return self.out_proj(self.multihead_norm.gated(h, self.ogate_preact(x))), state   # gated: (B, T, H*Dv)
