@@ -83,8 +83,9 @@ __all__ = ["norm_linear", "linear", "norm_swiglu", "mlstm_head_step", "lock_size
 # stages (the compiler's, dot operands only). per_tile: one program per tile instead (no tile shared;
 # more programs than fit at once). shapes: overrides per "path NxK".
 # step: BK rows of Dqk per program (a program holds BK x Dv of C), W warps: 4 warps stream the 7B's
-# batch-16 state at 3.33-3.40 TB/s against 2.97-3.01 for 8 (runs 31-32; a persistent walk with the next
-# tile loaded ahead, 2-4 programs an SM, 2.3-2.7). pdl: programmatic dependent launch (sm_90+). m1 / m1_glu: the best of the H200 sweep at the 7B shapes (see the docstring).
+# batch-16 state at 3.31-3.40 TB/s against 2.97-3.01 for 8 (runs 31-33; a persistent walk with the
+# next tile loaded ahead, 2-4 programs an SM: 2.3-2.7, run 33). pdl: programmatic dependent launch
+# (sm_90+). m1 / m1_glu: the best of the H200 sweep at the 7B shapes (see the docstring).
 CONFIG = dict(
     pdl=True,
     m1=dict(BN=8, BK=512, W=4, ctas=8, waves=1, D=1, S=1, per_tile=False),

@@ -19,7 +19,7 @@ __all__ = ["add_rms_norm", "gated_head_norm", "silu_mul", "cross_entropy_rows", 
 
 # pdl: launch the row kernels of the hybrid decode step (add_rms_norm, silu_mul) with programmatic
 # dependent launch (sm_90+), so that each may start while the GEMM before it drains: 7B batch-16
-# decode 2,857-2,861 against 2,832-2,834 tokens/s without (run 32, H200, one process, interleaved)
+# decode 2,857-2,861 against 2,832-2,834 tokens/s without (run 33, H200, one process, interleaved)
 CONFIG = dict(pdl=True)
 
 
