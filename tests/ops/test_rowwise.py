@@ -141,6 +141,13 @@ def test_cross_entropy_rows_against_float64(dtype, cap, V):
     assert err.max() <= step, f"gradient off by {err.max():.2e} of the row's largest, more than {step:.1e}"
 
 
+def test_cross_entropy_rows_target_outside_the_vocabulary_is_nan():
+    z = torch.randn(3, 10, device=DEVICE)
+    y = torch.tensor([1, 10, -3], device=DEVICE)
+    loss = rowwise.cross_entropy_rows(z.clone(), y, torch.ones(3, device=DEVICE), 30.0, grad=True)
+    assert torch.isfinite(loss[0]) and torch.isnan(loss[1:]).all()
+
+
 def test_cross_entropy_rows_bad_input():
     z = torch.randn(3, 10, device=DEVICE)
     y = torch.zeros(3, dtype=torch.long, device=DEVICE)

@@ -61,8 +61,8 @@ def cross_entropy_rows(z: torch.Tensor, targets: torch.Tensor, row_weight: torch
     s = cap * tanh(z / cap) (z when cap is None or 0), computed in float32. With ``grad``, z is
     overwritten in place by the loss's gradient, row_weight * (softmax(s) - onehot(target)) *
     (1 - tanh(z / cap)^2), rounded to z's dtype. One pass over z (two with grad; the second mostly
-    from L2), where the eager formulas take about ten. targets: (n,) int64 in [0, V); row_weight: (n,)
-    float32 (0 for rows that do not count)."""
+    from L2), where the eager formulas take about ten. targets: (n,) int64 in [0, V) (a row whose target
+    is not gets a NaN loss); row_weight: (n,) float32 (0 for rows that do not count)."""
     if z.dim() != 2 or z.stride(1) != 1 or z.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise ValueError(f"z must be (n, V) float32/bfloat16/float16 with unit column stride, got "
                          f"{tuple(z.shape)} {z.dtype} strides {z.stride()}")

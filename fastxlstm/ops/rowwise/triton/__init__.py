@@ -135,8 +135,9 @@ def _cross_entropy_kernel(z_ptr, y_ptr, rw_ptr, loss_ptr, V, ld, cap, CAP: tl.co
         top = new_top
     y = tl.load(y_ptr + r)
     w = tl.load(rw_ptr + r)
-    picked, _ = _capped(tl.load(row + y).to(tl.float32), cap, CAP)
-    tl.store(loss_ptr + r, (top + tl.log(total) - picked) * w)
+    inside = (y >= 0) & (y < V)                     # a target outside the vocabulary: NaN, never a stray read
+    picked, _ = _capped(tl.load(row + tl.where(inside, y, 0)).to(tl.float32), cap, CAP)
+    tl.store(loss_ptr + r, tl.where(inside, (top + tl.log(total) - picked) * w, float("nan")))
     if GRAD:
         scale = w / total
         for lo in range(0, V, BLOCK):
