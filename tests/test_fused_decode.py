@@ -130,8 +130,8 @@ def test_fused_weights_are_one_copy_of_the_input_and_ffn_projections():
     per_block = (rows_in * (CFG.embedding_dim + 1) + 2 * ffn.proj_up.out_features * CFG.embedding_dim) * 8
     assert step.extra_bytes == CFG.num_blocks * per_block
     w = step.blocks[0].w_in
-    assert torch.equal(w[:lay.q.out_features], lay.q.weight * blk.norm_mlstm.weight)   # the norm weight folded in
-    assert step.blocks[0].out_w is lay.out_proj.weight                   # everything else is shared
+    assert torch.equal(w[:lay.q.out_features], lay.q.weight)
+    assert step.blocks[0].norm_w is blk.norm_mlstm.weight                # everything else is shared
 
 
 @pytest.mark.parametrize("kw", [dict(), dict(temperature=0.9, top_k=40, top_p=0.9, repetition_penalty=1.1)])

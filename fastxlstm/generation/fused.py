@@ -27,11 +27,9 @@ GEMV + SwiGLU; proj_down), and the head in one (residual + out norm + LM head + 
 read the same concatenated weights. Larger batches take cuBLAS for the GEMMs: the kernels'
 batch > 1 path (tl.dot, batch padded to 16) is correct at any batch but was measured slower than
 cuBLAS on the H200 at 4, 8 and 16 (ops/decode/triton says what was measured);
-``max_kernel_batch`` sets the limit. The hybrid path runs the GEMMs on the unnormalised residual
-stream x (every path reads weights with the RMSNorm weights folded in) and puts one kernel between
-each pair: the decode step kernel (x's 1/rms and the bias on the projections, gate caps, the mLSTM
-step, head norm x sigmoid(o)) and silu x up (ops/rowwise, with its 1/rms); out_proj and proj_down
-accumulate into x in place. Six launches a block, where the compiled pieces take ~14.
+``max_kernel_batch`` sets the limit. Between those GEMMs the hybrid path puts the row kernels
+(ops/rowwise: residual add + RMSNorm, silu x up) and the decode step kernel (gate caps, the
+mLSTM step, head norm x sigmoid(o)): eight launches a block, where the compiled pieces take ~14.
 At batch 1 the decode kernels stay the default: 231 against 222 tokens/s for the hybrid, 7B on
 the H200, both in one process (run 26; an earlier comparison across two processes had it the other
 way round, within their spread). Then the hybrid up to ``max_hybrid_batch``, the compiled pieces
@@ -47,23 +45,24 @@ import torch
 import torch.nn.functional as F
 
 from .. import ops
-from ..layers.common import head_layer_norm, rms_norm, soft_cap
+from ..layers.common import add_rms_norm, head_layer_norm, rms_norm, silu_mul, soft_cap
 from ..ops import MLSTMState
 
 __all__ = ["FusedStep"]
 
 
 class _BlockWeights(NamedTuple):
-    """A block's weights as the fused step reads them. The RMSNorm weights are folded into the GEMMs
-    after them (W (x_n * w) = (W diag(w)) x_n) and the norm biases into their biases (b + W norm_b), so
-    every path takes the norm as x * 1/rms(x) alone: the hybrid applies that scale after its GEMM."""
-    w_in: torch.Tensor                # (2 Dqk_all + 2 Dv_all + 2 H, E): q | k | v | o | i | f, norm weight folded in
-    b_in: torch.Tensor                # the projections' biases (zeros where none) + W_in norm_bias
+    norm_w: torch.Tensor
+    norm_b: torch.Tensor | None
+    w_in: torch.Tensor                # (2 Dqk_all + 2 Dv_all + 2 H, E): q | k | v | o | i | f
+    b_in: torch.Tensor                # zeros where the model's projection has no bias
     head_w: torch.Tensor
     head_b: torch.Tensor | None
     out_w: torch.Tensor
     out_b: torch.Tensor | None
-    w_up: torch.Tensor                # (2 F, E): gate | up, the FFN norm's weight folded in
+    ffn_norm_w: torch.Tensor
+    ffn_norm_b: torch.Tensor | None
+    w_up: torch.Tensor                # (2 F, E): gate | up
     b_up: torch.Tensor | None
     down_w: torch.Tensor
     down_b: torch.Tensor | None
@@ -116,9 +115,9 @@ class FusedStep:
         self._kernels_fit = (self.device.type == "cuda" and ops.triton_available()
                              and model.embedding.weight.dtype in (torch.float32, torch.bfloat16, torch.float16))
         self._lock = None
-        # the blocks' norms are folded into the weights after them: what is left is x * 1/rms(x)
-        self._ones = torch.ones(cfg.embedding_dim, device=self.device, dtype=model.embedding.weight.dtype)
+        # the kernels' RMSNorm has no bias: a norm bias is folded into the bias of the GEMV after it
         with torch.no_grad():
+            self._kbias = [self._fold(w) for w in self.blocks]
             self._head_bias = (_fold_norm_bias(model.lm_head.weight, None, self.out_norm[1])
                                if self.out_norm is not None else None)
             self._in_bias = [w.b_in if w.b_in.any() else None for w in self.blocks]   # no all-zero bias add
@@ -133,12 +132,14 @@ class FusedStep:
                           for lin in ins])
         w_up = torch.cat([ffn.proj_up_gate.weight, ffn.proj_up.weight])
         b_up = (torch.cat([ffn.proj_up_gate.bias, ffn.proj_up.bias]) if ffn.proj_up.bias is not None else None)
-        norm, ffn_norm = block.norm_mlstm, block.norm_ffn
-        return _BlockWeights(_fold_norm(w_in, norm.weight), _fold_norm_bias(w_in, b_in, norm.bias),
+        return _BlockWeights(block.norm_mlstm.weight, block.norm_mlstm.bias, w_in, b_in,
                              layer.multihead_norm.weight, layer.multihead_norm.bias,
-                             layer.out_proj.weight, layer.out_proj.bias,
-                             _fold_norm(w_up, ffn_norm.weight), _fold_norm_bias(w_up, b_up, ffn_norm.bias),
-                             ffn.proj_down.weight, ffn.proj_down.bias)
+                             layer.out_proj.weight, layer.out_proj.bias, block.norm_ffn.weight, block.norm_ffn.bias,
+                             w_up, b_up, ffn.proj_down.weight, ffn.proj_down.bias)
+
+    def _fold(self, w: _BlockWeights) -> tuple:
+        b_in = _fold_norm_bias(w.w_in, w.b_in, w.norm_b)
+        return (b_in if w.norm_b is not None or w.b_in.any() else None), _fold_norm_bias(w.w_up, w.b_up, w.ffn_norm_b)
 
     def uses_kernels(self, batch: int) -> bool:
         """Whether a step of this batch size runs the decode kernels."""
@@ -171,10 +172,10 @@ class FusedStep:
         d = None
         new_state = []
         for w, s in zip(self.blocks, state):
-            x, q, k, v, o, i, f = self._in(x, d, self._ones, None, w.w_in, w.b_in, self.sizes,
+            x, q, k, v, o, i, f = self._in(x, d, w.norm_w, w.norm_b, w.w_in, w.b_in, self.sizes,
                                            self.num_heads, self.eps, self.f32, self.gate_cap)
             h, s = ops.mlstm_step(q, k, v, i, f, s, backend=self.backend, eps=self.cell_eps)
-            x, d = self._out(x, h, o, w.head_w, w.head_b, w.out_w, w.out_b, self._ones, None,
+            x, d = self._out(x, h, o, w.head_w, w.head_b, w.out_w, w.out_b, w.ffn_norm_w, w.ffn_norm_b,
                              w.w_up, w.b_up, w.down_w, w.down_b, self.ffn_dim, self.eps, self.f32)
             new_state.append(s)
         nw, nb = self.out_norm if self.out_norm is not None else (None, None)
@@ -192,13 +193,13 @@ class FusedStep:
         x = self.model.embedding(input_ids[:, 0])                     # (B, E)
         d = None
         new_state = []
-        for w, b_in, s in zip(self.blocks, self._in_bias, state):
-            x, y = decode.norm_linear(x, d, self._ones, w.w_in, b_in, eps=self.eps, cap=self.gate_cap,
+        for w, (b_in, b_up), s in zip(self.blocks, self._kbias, state):
+            x, y = decode.norm_linear(x, d, w.norm_w, w.w_in, b_in, eps=self.eps, cap=self.gate_cap,
                                       cap_from=cap_from, lock=lock)
             h, s = decode.mlstm_head_step(y, self.sizes, s, w.head_w, w.head_b, num_heads=H, eps=self.cell_eps,
                                           norm_eps=self.eps, lock=lock)
             x = decode.linear(h, w.out_w, w.out_b, residual=x, lock=lock)
-            d = decode.linear(decode.norm_swiglu(x, self._ones, w.w_up, w.b_up, eps=self.eps, lock=lock),
+            d = decode.linear(decode.norm_swiglu(x, w.ffn_norm_w, w.w_up, b_up, eps=self.eps, lock=lock),
                               w.down_w, w.down_b, lock=lock)
             new_state.append(s)
         lm_w = self.model.lm_head.weight
@@ -208,26 +209,27 @@ class FusedStep:
         return logits.unsqueeze(1), new_state
 
     def _hybrid_step(self, input_ids, state):
-        """cuBLAS GEMMs on the unnormalised residual stream x (the norms' weights are folded into the
-        fused weights) with one launch between each pair: the step kernel (x's 1/rms and the bias on
-        the projections, the gate caps, the mLSTM step, head norm x sigmoid(o)) and silu x up (with
-        its 1/rms and bias); out_proj and proj_down add into x in place (the GEMM's beta = 1). Six
-        launches a block."""
-        from ..ops import decode, rowwise
+        """cuBLAS GEMMs; between them one launch each for the residual add + RMSNorm, the gate caps
+        + mLSTM step + head norm x sigmoid(o), and silu x up. The FFN's residual add is the next
+        block's (or the head's)."""
+        from ..ops import decode
 
         B, H = input_ids.shape[0], self.num_heads
         lock = self._lock_for(B)
-        x = self.model.embedding(input_ids[:, 0])                     # (B, E), a fresh tensor: updated in place
+        x = self.model.embedding(input_ids[:, 0])                     # (B, E)
+        d = None
         new_state = []
         for w, b_in, s in zip(self.blocks, self._in_bias, state):
-            hn, s = decode.mlstm_head_step(F.linear(x, w.w_in), self.sizes, s, w.head_w, w.head_b, num_heads=H,
-                                           eps=self.cell_eps, norm_eps=self.eps, gate_cap=self.gate_cap, norm_of=x,
-                                           in_bias=b_in, lock=lock)
-            x = _add_linear(x, hn, w.out_w, w.out_b)
-            x = _add_linear(x, rowwise.norm_silu_mul(F.linear(x, w.w_up), x, w.b_up, self.eps), w.down_w, w.down_b)
+            x, xn = add_rms_norm(x, d, w.norm_w, w.norm_b, self.eps, self.f32)
+            y = F.linear(xn, w.w_in, b_in)
+            hn, s = decode.mlstm_head_step(y, self.sizes, s, w.head_w, w.head_b, num_heads=H, eps=self.cell_eps,
+                                           norm_eps=self.eps, gate_cap=self.gate_cap, lock=lock)
+            x, xn = add_rms_norm(x, F.linear(hn, w.out_w, w.out_b), w.ffn_norm_w, w.ffn_norm_b, self.eps, self.f32)
+            gate, up = F.linear(xn, w.w_up, w.b_up).split(self.ffn_dim, dim=-1)
+            d = F.linear(silu_mul(gate, up), w.down_w, w.down_b)
             new_state.append(s)
         nw, nb = self.out_norm if self.out_norm is not None else (None, None)
-        logits = self._head(x, None, self.out_norm is not None, nw, nb, self.model.lm_head.weight,
+        logits = self._head(x, d, self.out_norm is not None, nw, nb, self.model.lm_head.weight,
                             self.eps, self.f32, self.logit_cap)
         return logits.unsqueeze(1), new_state
 
@@ -242,25 +244,12 @@ class FusedStep:
         return self._lock
 
 
-def _fold_norm(w, norm_w):
-    """W diag(norm_w), rounded once to W's dtype: the norm's weight moved into the GEMM after it."""
-    acc = torch.promote_types(w.dtype, torch.float32)
-    return (w.to(acc) * norm_w.to(acc)).to(w.dtype)
-
-
-def _add_linear(x, a, w, b):
-    """x + F.linear(a, w, b) with x updated in place: the GEMM accumulates into x (beta = 1), no add launch."""
-    x = x.addmm_(a, w.t())
-    return x if b is None else x.add_(b)
-
-
 def _fold_norm_bias(w, b, norm_b):
     """b + W norm_b (the bias of W (x_n + norm_b) + b as a bias of W x_n); b where there is no norm bias."""
     if norm_b is None:
         return b
-    acc = torch.promote_types(w.dtype, torch.float32)
-    folded = w.to(acc) @ norm_b.to(acc)
-    return (folded if b is None else folded + b.to(acc)).to(w.dtype)
+    folded = w.float() @ norm_b.float()
+    return (folded if b is None else folded + b.float()).to(w.dtype)
 
 
 # --- the pieces: plain tensor functions (torch.compile sees the same arguments for every block) ---
@@ -286,8 +275,7 @@ def _mlstm_out_ffn(x, h, o, head_w, head_b, out_w, out_b, ffn_norm_w, ffn_norm_b
 
 
 def _head(x, d, use_norm: bool, norm_w, norm_b, lm_w, eps: float, f32: bool, cap):
-    if d is not None:
-        x = x + d
+    x = x + d
     if use_norm:
         x = rms_norm(x, norm_w, norm_b, eps, f32)
     logits = F.linear(x, lm_w)

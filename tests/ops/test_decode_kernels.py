@@ -170,31 +170,6 @@ def test_mlstm_head_step_caps_the_gates_itself(dtype, poison):
     assert not torch.allclose(s_uncapped.m.float(), s.m, rtol=0.01, atol=0.01)   # the caps mattered
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("bias", [False, True])
-def test_mlstm_head_step_applies_a_folded_rms_norm(dtype, bias, poison):
-    """norm_of: y = x W'^T with the RMSNorm weight folded into W' (the hybrid decode step's GEMM on the
-    unnormalised block input); the kernel scales y by x's 1/rms and adds the bias, as
-    F.linear(rms_norm(x) * w, W, b) would give, then caps the gates and steps."""
-    B, H, K, V, E = 3, 2, 16, 24, 40
-    _, sizes, state = step_inputs(B, H, K, V, dtype)
-    x = rnd(B, E, dtype=dtype, scale=2.0)
-    nw = rnd(E, dtype=dtype, scale=0.2, shift=1.0)
-    W = rnd(sum(sizes), E, dtype=dtype, scale=E ** -0.5)
-    b = rnd(sum(sizes), dtype=dtype, scale=0.5) if bias else None
-    y_raw = (x.double() @ (W.double() * nw.double()).T).to(dtype)
-    y_ref = rms64(x, nw) @ W.double().T + (b.double() if bias else 0)
-    head_w = rnd(H * V, dtype=dtype, scale=0.3, shift=1.0)
-    out, s = decode.mlstm_head_step(y_raw, sizes, state, head_w, num_heads=H, eps=1e-6, norm_eps=1e-6, gate_cap=15.0,
-                                    norm_of=x, in_bias=b, lock=lock_for(B * H))
-    from fastxlstm.layers.common import soft_cap
-    y_ref = torch.cat([y_ref[:, :-2 * H], soft_cap(y_ref[:, -2 * H:], 15.0)], dim=1)
-    ref, s_ref = step_reference(y_ref, sizes, state, H, head_w, None)
-    assert_close("sigmoid(o) * head_norm(h)", ref, out, dtype)
-    for name in "cnm":
-        assert_close(f"state.{name}", getattr(s_ref, name), getattr(s, name), dtype)
-
-
 def test_shapes_are_checked():
     x, w = torch.zeros(2, 8, device=DEVICE), torch.zeros(4, 6, device=DEVICE)
     with pytest.raises(ValueError, match="agree in K"):

@@ -17,7 +17,7 @@ import torch
 
 from .. import triton_available
 
-__all__ = ["usable", "add_rms_norm", "gated_head_norm", "silu_mul", "norm_silu_mul", "cross_entropy_rows"]
+__all__ = ["usable", "add_rms_norm", "gated_head_norm", "silu_mul", "cross_entropy_rows"]
 
 
 def usable(x: torch.Tensor, *weights) -> bool:
@@ -53,18 +53,6 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     from . import triton as kernels
     return kernels.silu_mul(gate, up)
 
-
-
-def norm_silu_mul(gu: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None, eps: float) -> torch.Tensor:
-    """silu(gate) * up with gate | up = rs * gu (+ bias), rs = 1 / rms(x) per row (eps inside the
-    root): SwiGLU after an RMSNorm whose weight is folded into the GEMM that made gu (B, 2F) from the
-    unnormalised x (B, E). Rounded where F.linear, F.silu and the product round. (B, F)."""
-    if gu.dim() != 2 or gu.shape[1] % 2 or x.dim() != 2 or x.shape[0] != gu.shape[0]:
-        raise ValueError(f"gu (B, 2F) and x (B, E) must agree in B, got {tuple(gu.shape)} and {tuple(x.shape)}")
-    if bias is not None and tuple(bias.shape) != (gu.shape[1],):
-        raise ValueError(f"bias must be ({gu.shape[1]},), got {tuple(bias.shape)}")
-    from . import triton as kernels
-    return kernels.norm_silu_mul(gu.contiguous(), x.contiguous(), bias, eps)
 
 
 def cross_entropy_rows(z: torch.Tensor, targets: torch.Tensor, row_weight: torch.Tensor, cap: float | None,

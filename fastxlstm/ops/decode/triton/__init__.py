@@ -408,22 +408,8 @@ def norm_swiglu(x, norm_w, w, b=None, *, eps: float, lock=None):
 # ------------------------------------------------------------------------ mLSTM step + head norm
 
 @triton.jit
-def _in_proj(row, b_ptr, off, mask, rs, NORM: tl.constexpr, HAS_B: tl.constexpr, dt: tl.constexpr):
-    """Input-projection columns ``off`` of a batch row: y as the GEMM left it, or rs * y (+ bias) rounded
-    to dt as F.linear's output (the RMSNorm's weight folded into the GEMM's weights, its 1/rms here)."""
-    v = tl.load(row + off, mask=mask, other=0.0).to(tl.float32)
-    if NORM:
-        v = v * rs
-    if HAS_B:
-        v = v + tl.load(b_ptr + off, mask=mask, other=0.0).to(tl.float32)
-    if NORM or HAS_B:
-        v = _rnd(v, dt)
-    return v
-
-
-@triton.jit
-def _head_out(num, qn, m_new, row, hd, b, ov, mv, hw_ptr, hb_ptr, out_ptr, o_off, eps, norm_eps, rs, ib_ptr,
-              H: tl.constexpr, V: tl.constexpr, HAS_HB: tl.constexpr, NORM: tl.constexpr, HAS_IB: tl.constexpr):
+def _head_out(num, qn, m_new, row, hd, b, ov, mv, hw_ptr, hb_ptr, out_ptr, o_off, eps, norm_eps,
+              H: tl.constexpr, V: tl.constexpr, HAS_HB: tl.constexpr):
     """h = num / den of one head, then LayerNorm over Dv, x weight (+ bias), x sigmoid(o)."""
     dt: tl.constexpr = out_ptr.dtype.element_ty
     den = tl.maximum(tl.abs(qn), tl.exp(-m_new)) + eps
@@ -434,22 +420,20 @@ def _head_out(num, qn, m_new, row, hd, b, ov, mv, hw_ptr, hb_ptr, out_ptr, o_off
     hn = _rnd(hn * tl.load(hw_ptr + hd * V + ov, mask=mv, other=0.0).to(tl.float32), dt)
     if HAS_HB:
         hn = _rnd(hn + tl.load(hb_ptr + hd * V + ov, mask=mv, other=0.0).to(tl.float32), dt)
-    og = _rnd(tl.sigmoid(_in_proj(row, ib_ptr, o_off + hd * V + ov, mv, rs, NORM, HAS_IB, dt)), dt)
+    og = _rnd(tl.sigmoid(tl.load(row + o_off + hd * V + ov, mask=mv, other=0.0).to(tl.float32)), dt)
     tl.store(out_ptr + b * (H * V) + hd * V + ov, (og * hn).to(dt), mask=mv)
 
 
 @triton.jit
 def _step_kernel(
     y_ptr, c_ptr, n_ptr, m_ptr, c_out, n_out, m_out, hw_ptr, hb_ptr, out_ptr, wsn_ptr, wsq_ptr, lock_ptr,
-    x_ptr, ib_ptr, ldy, q_off, k_off, v_off, o_off, i_off, f_off, scale, eps, norm_eps, cap,
+    ldy, q_off, k_off, v_off, o_off, i_off, f_off, scale, eps, norm_eps, cap,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, NSP: tl.constexpr,
-    E: tl.constexpr, BE: tl.constexpr, HAS_HB: tl.constexpr, CAP: tl.constexpr, NORM: tl.constexpr,
-    HAS_IB: tl.constexpr, PDL: tl.constexpr,
+    HAS_HB: tl.constexpr, CAP: tl.constexpr, PDL: tl.constexpr,
 ):
     """Grid (cdiv(K, BK), B * H): a program updates BK rows of one head's C (all Dv columns) and
     n, and forms its part of q~ C' and q~ . n'; the last program of the head sums the parts in
-    order and writes the normalised, gated output row. NORM: y is W' x with the RMSNorm weight folded
-    into W'; 1/rms of the block input x (B, E) scales it here (with the bias after it, HAS_IB)."""
+    order and writes the normalised, gated output row."""
     s = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     b = bh // H
@@ -466,24 +450,18 @@ def _step_kernel(
     n = tl.load(n_ptr + bh * K + ok, mask=mk, other=0.0)
     m = tl.load(m_ptr + bh)
     row = y_ptr + b * ldy
-    dt: tl.constexpr = y_ptr.dtype.element_ty
-    rs = 1.0
-    if NORM:
-        oe = tl.arange(0, BE)
-        xr = tl.load(x_ptr + b * E + oe, mask=oe < E, other=0.0).to(tl.float32)
-        rs = tl.rsqrt(tl.sum(xr * xr, 0) / E + norm_eps)
-    ig = _in_proj(row, ib_ptr, i_off + hd, hd < H, rs, NORM, HAS_IB, dt)
-    fg = _in_proj(row, ib_ptr, f_off + hd, hd < H, rs, NORM, HAS_IB, dt)
+    ig = tl.load(row + i_off + hd).to(tl.float32)
+    fg = tl.load(row + f_off + hd).to(tl.float32)
     if CAP:                                                # the gates' soft caps, where no GEMV applied them
-        ig = _soft_cap(ig, cap, dt)
-        fg = _soft_cap(fg, cap, dt)
+        ig = _soft_cap(ig, cap, y_ptr.dtype.element_ty)
+        fg = _soft_cap(fg, cap, y_ptr.dtype.element_ty)
     lf = _logsigmoid(fg)
     m_new = tl.maximum(lf + m, ig)
     fa = tl.exp(lf + m - m_new)
     ia = tl.exp(ig - m_new)
-    q = _in_proj(row, ib_ptr, q_off + hd * K + ok, mk, rs, NORM, HAS_IB, dt) * scale
-    k = _in_proj(row, ib_ptr, k_off + hd * K + ok, mk, rs, NORM, HAS_IB, dt)
-    v = _in_proj(row, ib_ptr, v_off + hd * V + ov, mv, rs, NORM, HAS_IB, dt)
+    q = tl.load(row + q_off + hd * K + ok, mask=mk, other=0.0).to(tl.float32) * scale
+    k = tl.load(row + k_off + hd * K + ok, mask=mk, other=0.0).to(tl.float32)
+    v = tl.load(row + v_off + hd * V + ov, mask=mv, other=0.0).to(tl.float32)
     c = fa * c + ia * k[:, None] * v[None, :]
     tl.store(c_out + coff, c, mask=cm)
     n = fa * n + ia * k
@@ -493,8 +471,7 @@ def _step_kernel(
     num = tl.sum(q[:, None] * c, 0)
     qn = tl.sum(q * n, 0)
     if NS == 1:
-        _head_out(num, qn, m_new, row, hd, b, ov, mv, hw_ptr, hb_ptr, out_ptr, o_off, eps, norm_eps, rs, ib_ptr,
-                  H, V, HAS_HB, NORM, HAS_IB)
+        _head_out(num, qn, m_new, row, hd, b, ov, mv, hw_ptr, hb_ptr, out_ptr, o_off, eps, norm_eps, H, V, HAS_HB)
     else:
         tl.store(wsn_ptr + (bh * NS + s) * BV + ov, num)
         tl.store(wsq_ptr + bh * NS + s, qn)
@@ -506,19 +483,16 @@ def _step_kernel(
             qn = tl.sum(tl.load(wsq_ptr + bh * NS + js, mask=js < NS, other=0.0, cache_modifier=".cg"), 0)
             tl.store(lock_ptr + bh, 0)
             _head_out(tl.sum(parts, 0), qn, m_new, row, hd, b, ov, mv, hw_ptr, hb_ptr, out_ptr, o_off, eps,
-                      norm_eps, rs, ib_ptr, H, V, HAS_HB, NORM, HAS_IB)
+                      norm_eps, H, V, HAS_HB)
 
 
 def mlstm_head_step(y, sizes, state, head_w, head_b=None, *, num_heads: int, eps: float, norm_eps: float,
-                    gate_cap: float | None = None, norm_of=None, in_bias=None, lock=None):
+                    gate_cap: float | None = None, lock=None):
     """The mLSTM step on the input projection's output, then the layer's output before out_proj.
 
     y: (B, Nin), the columns q | k | v | o | i | f of widths ``sizes`` (q, k: H*Dqk, v, o: H*Dv,
     i, f: H; i and f already soft-capped, or capped here with ``gate_cap``); state: MLSTMState
     (c (B, H, Dqk, Dv), n, m), float32.
-    norm_of: the block input x (B, E) when y = x W'^T with the RMSNorm's weight folded into W' and no
-    bias: y is then scaled by x's 1/rms (eps ``norm_eps``) here and ``in_bias`` (Nin,) added, each
-    column rounded to y's dtype, so one GEMM on the unnormalised x needs no norm launch before it.
     Returns sigmoid(o) * head_layer_norm(h) (B, H*Dv) in y's dtype and the new state (new
     tensors). h is rounded to y's dtype first, as the model's step returns it."""
     B = y.shape[0]
@@ -532,11 +506,6 @@ def mlstm_head_step(y, sizes, state, head_w, head_b=None, *, num_heads: int, eps
     if tuple(c.shape) != (B, H, K, V):
         raise ValueError(f"state.c must be {(B, H, K, V)}, got {tuple(c.shape)}")
     y = y.contiguous()
-    if norm_of is not None and (norm_of.dim() != 2 or norm_of.shape[0] != B):
-        raise ValueError(f"norm_of must be the block input (B={B}, E), got {tuple(norm_of.shape)}")
-    if in_bias is not None and tuple(in_bias.shape) != (y.shape[1],):
-        raise ValueError(f"in_bias must be ({y.shape[1]},), got {tuple(in_bias.shape)}")
-    x = norm_of.contiguous() if norm_of is not None else y
     cfg = CONFIG["step"]
     BK, BV = min(cfg["BK"], triton.next_power_of_2(K)), triton.next_power_of_2(V)
     NS = triton.cdiv(K, BK)
@@ -556,9 +525,7 @@ def mlstm_head_step(y, sizes, state, head_w, head_b=None, *, num_heads: int, eps
         kw["launch_pdl"] = True
     _step_kernel[(NS, B * H)](
         y, c, n, m, c_out, n_out, m_out, head_w, head_b if head_b is not None else head_w, out, wsn, wsq, lock,
-        x, in_bias if in_bias is not None else y, y.shape[1], *offs, K ** -0.5, float(eps), float(norm_eps),
-        float(gate_cap or 1.0), H=H, K=K, V=V, BK=BK, BV=BV, NSP=triton.next_power_of_2(NS),
-        E=x.shape[1] if norm_of is not None else 1, BE=triton.next_power_of_2(x.shape[1]) if norm_of is not None else 1,
-        HAS_HB=head_b is not None, CAP=bool(gate_cap),
-        NORM=norm_of is not None, HAS_IB=in_bias is not None, PDL="launch_pdl" in kw, **kw)
+        y.shape[1], *offs, K ** -0.5, float(eps), float(norm_eps), float(gate_cap or 1.0),
+        H=H, K=K, V=V, BK=BK, BV=BV, NSP=triton.next_power_of_2(NS), HAS_HB=head_b is not None,
+        CAP=bool(gate_cap), PDL="launch_pdl" in kw, **kw)
     return out, MLSTMState(c_out, n_out, m_out)

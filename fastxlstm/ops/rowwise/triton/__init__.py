@@ -15,7 +15,7 @@ except ImportError:
     gdc_launch_dependents = gdc_wait = None     # never reached: PDL is a constexpr False then
     _HAS_PDL = False
 
-__all__ = ["add_rms_norm", "gated_head_norm", "silu_mul", "norm_silu_mul", "cross_entropy_rows", "CONFIG"]
+__all__ = ["add_rms_norm", "gated_head_norm", "silu_mul", "cross_entropy_rows", "CONFIG"]
 
 # pdl: launch the row kernels of the hybrid decode step (add_rms_norm, silu_mul) with programmatic
 # dependent launch (sm_90+), so that each may start while the GEMM before it drains: 7B batch-16
@@ -81,20 +81,6 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return out.view(gate.shape)
 
 
-def norm_silu_mul(gu: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None, eps: float) -> torch.Tensor:
-    # (row, block of F) programs; each forms its row's 1/rms from x (E values, from L2)
-    B, F2 = gu.shape
-    F = F2 // 2
-    E = x.shape[1]
-    out = torch.empty(B, F, device=gu.device, dtype=gu.dtype)
-    pdl = use_pdl(out, CONFIG["pdl"])
-    BLOCK = 1024
-    _norm_silu_mul_kernel[(B, triton.cdiv(F, BLOCK))](
-        gu, x, bias if bias is not None else gu, out, F, E, eps, HAS_B=bias is not None, BLOCK=BLOCK,
-        BE=triton.next_power_of_2(E), PDL=pdl, num_warps=4, **({"launch_pdl": True} if pdl else {}))
-    return out
-
-
 def cross_entropy_rows(z: torch.Tensor, targets: torch.Tensor, row_weight: torch.Tensor, cap: float,
                        grad: bool) -> torch.Tensor:
     # rows of the vocabulary: one program each, streaming the row in blocks (twice when grad)
@@ -104,32 +90,6 @@ def cross_entropy_rows(z: torch.Tensor, targets: torch.Tensor, row_weight: torch
     _cross_entropy_kernel[(n,)](z, targets, row_weight, loss, V, z.stride(0), float(cap or 1.0),
                                 CAP=bool(cap), GRAD=grad, BLOCK=BLOCK, num_warps=8)
     return loss
-
-
-@triton.jit
-def _norm_silu_mul_kernel(gu_ptr, x_ptr, b_ptr, out_ptr, F, E, eps, HAS_B: tl.constexpr, BLOCK: tl.constexpr,
-                          BE: tl.constexpr, PDL: tl.constexpr):
-    """gate | up = rs * (gate' | up') (+ bias), each rounded as F.linear's output, rs = x's 1/rms;
-    then silu(gate) rounded, times up, rounded: the model's SwiGLU after an RMSNorm whose weight is
-    folded into the GEMM that made gate' | up'."""
-    _pdl_enter(PDL)
-    r = tl.program_id(0).to(tl.int64)
-    oe = tl.arange(0, BE)
-    xr = tl.load(x_ptr + r * E + oe, mask=oe < E, other=0.0).to(tl.float32)
-    rs = tl.rsqrt(tl.sum(xr * xr, 0) / E + eps)
-    col = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    ok = col < F
-    gv = tl.load(gu_ptr + r * 2 * F + col, mask=ok, other=0.0)
-    dt: tl.constexpr = gv.dtype
-    g = gv.to(tl.float32) * rs
-    u = tl.load(gu_ptr + r * 2 * F + F + col, mask=ok, other=0.0).to(tl.float32) * rs
-    if HAS_B:
-        g += tl.load(b_ptr + col, mask=ok, other=0.0).to(tl.float32)
-        u += tl.load(b_ptr + F + col, mask=ok, other=0.0).to(tl.float32)
-    g = g.to(dt).to(tl.float32)
-    u = u.to(dt).to(tl.float32)
-    act = (g / (1.0 + tl.exp(-g))).to(dt).to(tl.float32)
-    tl.store(out_ptr + r * F + col, (act * u).to(dt), mask=ok)
 
 
 @triton.jit
