@@ -47,7 +47,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .fwd import _chunk_decay, _intra_gates, _logsigmoid, _qk_block, _rows_of, _sequence_of
+from .fwd import _chunk_decay, _chunk_tile, _chunk_tokens, _intra_gates, _logsigmoid, _qk_block, _rows_of, _sequence_of
 
 
 @triton.jit
@@ -93,23 +93,14 @@ def _query_weight_kernel(q_ptr, tok_ptr, scal_ptr, chs_ptr, start_ptr, end_ptr, 
     # Also dn's own term per chunk, sum_t q~_t ds_t in fp32 (ds already holds 1/den), written into
     # the chunk's dn slot for the state kernel.
     pid_k = tl.program_id(0)
-    gc = tl.program_id(1).to(tl.int64)
-    h = tl.program_id(2).to(tl.int64)  # int64: h * T_all and friends must not wrap
-    t0 = tl.load(start_ptr + gc)
-    te = tl.load(end_ptr + gc)
-    ot = tl.arange(0, L)
-    ok = tl.arange(0, BK)
-    valid = ot < te - t0
-    mk = pid_k * BK + ok < K
+    gc, h, t0, ot, valid = _chunk_tokens(start_ptr, end_ptr, L)
     b = tl.load(tok_ptr + (h * T_all + t0) + ot, mask=valid, other=0.0)
     m = tl.load(tok_ptr + ((H + h) * T_all + t0) + ot, mask=valid, other=0.0)
     ds = tl.load(scal_ptr + ((H + h) * T_all + t0) + ot, mask=valid, other=0.0)
     inv_den = tl.load(scal_ptr + (h * T_all + t0) + ot, mask=valid, other=0.0)
     m_start = tl.load(chs_ptr + (gc * H + h) * 3)
     w0 = tl.where(valid, tl.exp(b + m_start - m), 0.0) * scale
-    base = t0 * (H * K) + h * K + pid_k * BK                 # int64 scalar; int32 offsets in the tile
-    off = ot[:, None] * (H * K) + ok[None, :]
-    msk = valid[:, None] & mk[None, :]
+    base, off, msk, ok, mk = _chunk_tile(t0, h, pid_k, ot, valid, H, K, BK)
     qw = tl.load(q_ptr + base + off, mask=msk, other=0.0).to(tl.float32) * w0[:, None]
     tl.store(qw_ptr + base + off, (qw * inv_den[:, None]).to(qw_ptr.dtype.element_ty), mask=msk)
     tl.store(dns_ptr + (gc * H + h) * K + pid_k * BK + ok, tl.sum(qw * ds[:, None], 0), mask=mk)

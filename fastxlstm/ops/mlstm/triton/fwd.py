@@ -68,6 +68,27 @@ def _rows_of(pid_c, start_ptr, end_ptr, L: tl.constexpr, BT: tl.constexpr):
 
 
 @triton.jit
+def _chunk_tokens(start_ptr, end_ptr, L: tl.constexpr):
+    """A per-chunk program's chunk gc and head h (program ids 1 and 2, int64: h * T_all and friends
+    must not wrap), the chunk's first token t0, token offsets within it and which are inside it."""
+    gc = tl.program_id(1).to(tl.int64)
+    h = tl.program_id(2).to(tl.int64)
+    t0 = tl.load(start_ptr + gc)
+    ot = tl.arange(0, L)
+    return gc, h, t0, ot, ot < tl.load(end_ptr + gc) - t0
+
+
+@triton.jit
+def _chunk_tile(t0, h, pid_k, ot, valid, H: tl.constexpr, K: tl.constexpr, BK: tl.constexpr):
+    """The (L, BK) tile of a (T, H, K) tensor at a chunk's tokens and K slice pid_k: an int64 base,
+    int32 offsets within the tile and its mask; the slice's columns and their mask."""
+    ok = tl.arange(0, BK)
+    mk = pid_k * BK + ok < K
+    base = t0 * (H * K) + h * K + pid_k * BK
+    return base, ot[:, None] * (H * K) + ok[None, :], valid[:, None] & mk[None, :], ok, mk
+
+
+@triton.jit
 def _chunk_decay(chs_ptr, gc, h, H: tl.constexpr, valid):
     """exp(g + m_start - m_end) of chunk(s) gc: how the state at its start counts at its end."""
     base = chs_ptr + (gc * H + h) * 3
@@ -86,12 +107,7 @@ def _chunk_gate_kernel(k_ptr, i_ptr, f_ptr, start_ptr, end_ptr, chs_ptr, tok_ptr
     # k~ = k exp(i - b - max(i - b)) <= 1 in the operand dtype, with their fp32 sum (n's term) in
     # the chunk's n slot; the state kernel scales both by exp(a - m_end) once m_end is known.
     pid_k = tl.program_id(0)
-    gc = tl.program_id(1).to(tl.int64)
-    h = tl.program_id(2).to(tl.int64)  # int64: h * T_all and friends must not wrap
-    t0 = tl.load(start_ptr + gc)
-    te = tl.load(end_ptr + gc)
-    ot = tl.arange(0, L)
-    valid = ot < te - t0
+    gc, h, t0, ot, valid = _chunk_tokens(start_ptr, end_ptr, L)
     fg = tl.load(f_ptr + (t0 * H + h) + ot * H, mask=valid, other=0.0).to(tl.float32)
     ig = tl.load(i_ptr + (t0 * H + h) + ot * H, mask=valid, other=0.0).to(tl.float32)
     lf = tl.where(valid, _logsigmoid(fg), 0.0)
@@ -105,11 +121,7 @@ def _chunk_gate_kernel(k_ptr, i_ptr, f_ptr, start_ptr, end_ptr, chs_ptr, tok_ptr
         tl.store(chs_ptr + (gc * H + h) * 3 + 1, g)
         tl.store(chs_ptr + (gc * H + h) * 3 + 2, g + cmax)
     w = tl.where(valid, tl.exp(ib - cmax), 0.0)
-    ok = tl.arange(0, BK)
-    mk = pid_k * BK + ok < K
-    base = t0 * (H * K) + h * K + pid_k * BK                 # int64 scalar; int32 offsets in the tile
-    off = ot[:, None] * (H * K) + ok[None, :]
-    msk = valid[:, None] & mk[None, :]
+    base, off, msk, ok, mk = _chunk_tile(t0, h, pid_k, ot, valid, H, K, BK)
     kw = tl.load(k_ptr + base + off, mask=msk, other=0.0).to(tl.float32) * w[:, None]
     tl.store(kw_ptr + base + off, kw.to(kw_ptr.dtype.element_ty), mask=msk)
     tl.store(ns_ptr + (gc * H + h) * K + pid_k * BK + ok, tl.sum(kw, 0), mask=mk)
