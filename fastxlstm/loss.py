@@ -95,12 +95,14 @@ class _LMHeadLoss(torch.autograd.Function):
             for lo in range(0, h.shape[0], chunk_rows):
                 hc = h[lo:lo + chunk_rows].to(compute)
                 y = torch.where(valid[lo:lo + chunk_rows], targets[lo:lo + chunk_rows], 0).unsqueeze(1)
+                z = hc @ w.T                                     # (n, V): the logits in the matmul's rounding
+                rw = row_weight[lo:lo + chunk_rows]
                 if kernel:                                       # the gradient over the logits, in place
-                    z = hc @ w.T
-                    total += rowwise.cross_entropy_rows(z, y[:, 0], row_weight[lo:lo + chunk_rows], cap, grad).sum()
+                    total += rowwise.cross_entropy_rows(z, y[:, 0], rw, cap, grad).sum()
                     gc = z
                 else:
-                    gc = _eager_rows(hc @ w.T, y, row_weight[lo:lo + chunk_rows], cap, acc, total, grad, compute)
+                    loss, gc = _eager_rows(z, y, rw, cap, acc, grad, compute)
+                    total += loss
                 if want_dh:
                     dh[lo:lo + chunk_rows] = gc @ w
                 if want_dw:
@@ -119,12 +121,12 @@ class _LMHeadLoss(torch.autograd.Function):
         return dh, dw, None, None, None, None, None, None, None, None
 
 
-def _eager_rows(z, y, row_weight, cap, acc, total, grad, compute):
-    """The kernel's work in torch ops: adds the chunk's loss to ``total`` (in place) and returns the
-    logits' gradient in the matmul dtype (None without ``grad``). Each step is one pass over the
-    (n, V) chunk, in place where the value is not needed again."""
+def _eager_rows(z, y, row_weight, cap, acc, grad, compute):
+    """The kernel's work in torch ops: the chunk's weighted loss (in ``acc``) and the logits'
+    gradient in the matmul dtype (None without ``grad``). Each step is one pass over the (n, V)
+    chunk, in place where the value is not needed again."""
     rw = row_weight.unsqueeze(1)                             # (n, 1)
-    z = z.to(acc)                                            # the logits in the matmul's rounding
+    z = z.to(acc)
     if cap:
         t = z.div_(cap).tanh_()                              # keep tanh for the cap's derivative 1 - t^2
         s = t * cap
@@ -134,11 +136,11 @@ def _eager_rows(z, y, row_weight, cap, acc, total, grad, compute):
     picked = s.gather(1, y)
     e = s.sub_(top).exp_()                                   # exp(s - max), in s's buffer
     sum_e = e.sum(dim=1, keepdim=True)
-    total += ((top + sum_e.log() - picked) * rw).sum()
+    loss = ((top + sum_e.log() - picked) * rw).sum()
     if not grad:
-        return None
+        return loss, None
     g = e.mul_(rw / sum_e)                                   # softmax, weighted per row
     g.scatter_add_(1, y, -rw)                                # minus the weighted one-hot of the target
     if cap:
         g = torch.addcmul(g, g, t.mul_(t), value=-1, out=t)  # (1 - t^2) * g
-    return g.to(compute)
+    return loss, g.to(compute)
