@@ -27,6 +27,8 @@ H200 takes 288-291 ms with the kernel against 304-306 ms without (benchmarks/RES
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from .ops import rowwise, triton_available
@@ -106,7 +108,7 @@ class _LMHeadLoss(torch.autograd.Function):
                 if want_dh:
                     dh[lo:lo + chunk_rows] = gc @ w
                 if want_dw:
-                    dw += gc.T @ hc
+                    _add_matmul_(dw, gc.T, hc)
             if mean:
                 total = total * (count / count)                  # NaN when no row counts, as F.cross_entropy
         ctx.save_for_backward(dh, dw)
@@ -119,6 +121,31 @@ class _LMHeadLoss(torch.autograd.Function):
         dh = dh * grad.to(dh.dtype) if dh is not None else None
         dw = (dw * grad.to(dw.dtype)).to(ctx.weight_dtype) if dw is not None else None
         return dh, dw, None, None, None, None, None, None, None, None
+
+
+def _add_matmul_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """acc += a @ b. With a, b narrower than acc on CUDA, the GEMM accumulates into acc itself (cuBLAS
+    beta = 1, ``addmm(..., out_dtype=)``): no rounding of a @ b to a's dtype and no second pass over
+    acc, which for the LM head's (V, E) float32 gradient is ~1 GB of traffic per chunk."""
+    if acc.dtype != a.dtype and acc.is_cuda and _accumulates_in_place(acc.device, a.dtype, acc.dtype):
+        torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
+    else:
+        acc += a @ b
+
+
+@functools.cache
+def _accumulates_in_place(device: torch.device, low: torch.dtype, acc: torch.dtype) -> bool:
+    """Whether this torch accumulates a ``low`` GEMM into an ``acc`` tensor in place (addmm's
+    out_dtype, torch >= 2.8 on CUDA), checked once on a tiny case against the two-pass result."""
+    try:
+        g = torch.Generator(device=device).manual_seed(0)
+        a, b = (torch.randn(8, 8, device=device, generator=g).to(low) for _ in range(2))
+        c = torch.randn(8, 8, device=device, generator=g, dtype=acc)
+        want = c + a.to(acc) @ b.to(acc)
+        torch.addmm(c, a, b, out_dtype=acc, out=c)
+        return bool(torch.allclose(c, want, rtol=1e-3, atol=1e-3))
+    except (RuntimeError, TypeError):
+        return False
 
 
 def _eager_rows(z, y, row_weight, cap, acc, grad, compute):

@@ -176,7 +176,7 @@ class XLSTMLarge(nn.Module):
             raise ValueError(f"input_ids must have shape (batch, length >= 1), got {tuple(input_ids.shape)}")
         capturing = input_ids.is_cuda and torch.cuda.is_current_stream_capturing()
         if not capturing and not torch.compiler.is_compiling() and input_ids.numel():
-            lo, hi = int(input_ids.min()), int(input_ids.max())
+            lo, hi = torch.stack(torch.aminmax(input_ids)).tolist()       # one host sync, not two
             if lo < 0 or hi >= self.cfg.vocab_size:
                 raise ValueError(f"input_ids out of range: found ids in [{lo}, {hi}], "
                                  f"vocab_size is {self.cfg.vocab_size}")

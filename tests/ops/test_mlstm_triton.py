@@ -350,3 +350,13 @@ def test_gpu_step_in_place_under_cuda_graph():
         assert_close(f"h step {t}", h_ref, h, torch.bfloat16)
     for name, a, b in zip("cnm", ref_state, state):
         assert_close(f"state.{name}", a, b, torch.float32)
+
+
+def test_short_chunks_take_their_own_tiles(tiles):
+    # below chunk 128 a kernel reads its group's _short tiles where CONFIG has them, else the group's
+    q = torch.zeros(1, dtype=torch.bfloat16)
+    tiles["bwd_dqk_short"]["W"] = 2
+    assert tri._tiles("bwd_dqk", q, 64)["W"] == 2
+    assert tri._tiles("bwd_dqk", q, 128) == tri.CONFIG["bwd_dqk"]
+    assert tri._tiles("bwd_state", q, 64) == tri.CONFIG["bwd_state"]
+    assert tri._tiles("fwd_out", q, 32)["S"] == tri.CONFIG["fwd_out_short"]["S"]
