@@ -130,17 +130,19 @@ def step_reference(y, sizes, state, H, head_w, head_b):
     return torch.sigmoid(o) * head_layer_norm(h, head_w.double(), hb, 1e-6, True), s
 
 
+@pytest.mark.parametrize("early", [False, True])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("B,H,K,V,BK", [(1, 2, 8, 16, 16), (3, 2, 16, 24, 4), (2, 3, 12, 16, 8)])
-def test_mlstm_head_step(dtype, B, H, K, V, BK, poison, monkeypatch):
+def test_mlstm_head_step(dtype, B, H, K, V, BK, early, poison, monkeypatch):
     """One program per head (BK >= Dqk), or Dqk split over programs with the last one reducing;
-    Dv not a power of two; Dqk not a multiple of the tile."""
+    Dv not a power of two; Dqk not a multiple of the tile; the state read before or after the
+    wait on the previous launch (early: with PDL, on a GPU)."""
     monkeypatch.setitem(decode.CONFIG, "step", dict(decode.CONFIG["step"], BK=BK))
     y, sizes, state = step_inputs(B, H, K, V, dtype)
     head_w, head_b = rnd(H * V, dtype=dtype, scale=0.3, shift=1.0), rnd(H * V, dtype=dtype, scale=0.1)
     lock = lock_for(B * H)
     out, s = decode.mlstm_head_step(y, sizes, state, head_w, head_b, num_heads=H, eps=1e-6, norm_eps=1e-6,
-                                    lock=lock)
+                                    lock=lock, early_state=early)
     ref, s_ref = step_reference(y, sizes, state, H, head_w, head_b)
     assert out.dtype == dtype and s.c.dtype == torch.float32
     assert_close("sigmoid(o) * head_norm(h)", ref, out, dtype)

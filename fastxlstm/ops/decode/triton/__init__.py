@@ -429,11 +429,12 @@ def _step_kernel(
     y_ptr, c_ptr, n_ptr, m_ptr, c_out, n_out, m_out, hw_ptr, hb_ptr, out_ptr, wsn_ptr, wsq_ptr, lock_ptr,
     ldy, q_off, k_off, v_off, o_off, i_off, f_off, scale, eps, norm_eps, cap,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, NSP: tl.constexpr,
-    HAS_HB: tl.constexpr, CAP: tl.constexpr, PDL: tl.constexpr,
+    HAS_HB: tl.constexpr, CAP: tl.constexpr, PDL: tl.constexpr, EARLY: tl.constexpr,
 ):
     """Grid (cdiv(K, BK), B * H): a program updates BK rows of one head's C (all Dv columns) and
     n, and forms its part of q~ C' and q~ . n'; the last program of the head sums the parts in
-    order and writes the normalised, gated output row."""
+    order and writes the normalised, gated output row. EARLY: the state is loaded before the
+    wait on the previous launch (which then must not be the one that wrote it)."""
     s = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     b = bh // H
@@ -445,10 +446,15 @@ def _step_kernel(
     mv = ov < V
     cm = mk[:, None] & mv[None, :]
     coff = bh * K * V + ok[:, None] * V + ov[None, :]
-    _pdl_enter(PDL)                                        # the state may be the previous launch's output
-    c = tl.load(c_ptr + coff, mask=cm, other=0.0)
-    n = tl.load(n_ptr + bh * K + ok, mask=mk, other=0.0)
-    m = tl.load(m_ptr + bh)
+    if EARLY:
+        c = tl.load(c_ptr + coff, mask=cm, other=0.0)
+        n = tl.load(n_ptr + bh * K + ok, mask=mk, other=0.0)
+        m = tl.load(m_ptr + bh)
+    _pdl_enter(PDL)
+    if not EARLY:                                          # the state may be the previous launch's output
+        c = tl.load(c_ptr + coff, mask=cm, other=0.0)
+        n = tl.load(n_ptr + bh * K + ok, mask=mk, other=0.0)
+        m = tl.load(m_ptr + bh)
     row = y_ptr + b * ldy
     ig = tl.load(row + i_off + hd).to(tl.float32)
     fg = tl.load(row + f_off + hd).to(tl.float32)
@@ -487,14 +493,16 @@ def _step_kernel(
 
 
 def mlstm_head_step(y, sizes, state, head_w, head_b=None, *, num_heads: int, eps: float, norm_eps: float,
-                    gate_cap: float | None = None, lock=None):
+                    gate_cap: float | None = None, lock=None, early_state: bool = False):
     """The mLSTM step on the input projection's output, then the layer's output before out_proj.
 
     y: (B, Nin), the columns q | k | v | o | i | f of widths ``sizes`` (q, k: H*Dqk, v, o: H*Dv,
     i, f: H; i and f already soft-capped, or capped here with ``gate_cap``); state: MLSTMState
     (c (B, H, Dqk, Dv), n, m), float32.
     Returns sigmoid(o) * head_layer_norm(h) (B, H*Dv) in y's dtype and the new state (new
-    tensors). h is rounded to y's dtype first, as the model's step returns it."""
+    tensors). h is rounded to y's dtype first, as the model's step returns it.
+    early_state: the state was not written by the launch right before this one (the input
+    projection's, as in generation/fused.py), so with PDL it is read while that launch drains."""
     B = y.shape[0]
     H = num_heads
     K, V = sizes[0] // H, sizes[2] // H
@@ -527,5 +535,5 @@ def mlstm_head_step(y, sizes, state, head_w, head_b=None, *, num_heads: int, eps
         y, c, n, m, c_out, n_out, m_out, head_w, head_b if head_b is not None else head_w, out, wsn, wsq, lock,
         y.shape[1], *offs, K ** -0.5, float(eps), float(norm_eps), float(gate_cap or 1.0),
         H=H, K=K, V=V, BK=BK, BV=BV, NSP=triton.next_power_of_2(NS), HAS_HB=head_b is not None,
-        CAP=bool(gate_cap), PDL="launch_pdl" in kw, **kw)
+        CAP=bool(gate_cap), PDL="launch_pdl" in kw, EARLY=early_state and "launch_pdl" in kw, **kw)
     return out, MLSTMState(c_out, n_out, m_out)
