@@ -253,11 +253,18 @@ def test_the_ops_entry_point_compiles_without_graph_breaks(backend):
     torch.testing.assert_close(torch.compile(fn, fullgraph=True, backend="aot_eager")(q, k, v, i, f), fn(q, k, v, i, f))
 
 
-def test_a_model_block_compiles_without_graph_breaks():
-    # what training's --compile does to each block, forward and backward, through the Triton ops
+@pytest.mark.parametrize("joint_gate_up", [False, True])
+def test_a_model_block_compiles_without_graph_breaks(joint_gate_up, monkeypatch):
+    # what training's --compile does to each block, forward and backward, through the Triton ops;
+    # joint_gate_up: the FFN as on CUDA when training (one gate|up GEMM and rowwise.swiglu)
     from fastxlstm.config import ModelConfig
+    from fastxlstm.layers import common
     from fastxlstm.model import XLSTMLarge
 
+    if not CUDA:
+        monkeypatch.setattr(common, "_joint_gate_up", lambda x: joint_gate_up and torch.is_grad_enabled())
+    elif not joint_gate_up:
+        monkeypatch.setattr(common, "_joint_gate_up", lambda x: False)
     torch.manual_seed(0)
     model = XLSTMLarge(ModelConfig(vocab_size=64, embedding_dim=64, num_heads=2, num_blocks=1, chunk_size=16))
     block = model.to(DEVICE).backbone.blocks[0]

@@ -78,6 +78,47 @@ def test_silu_mul_on_the_halves_of_one_projection():
     _close(rowwise.silu_mul(gate, up), F.silu(gate) * up, torch.float32)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_swiglu_forward_and_backward_equal_eager_autograd(dtype):
+    # y = [g | u]: silu(g) * u and the gradient of both halves in one tensor, rounded as autograd
+    # of the eager formula in the same dtype rounds
+    y = (torch.randn(3, 5, 2 * 1001, device=DEVICE) * 4).to(dtype).requires_grad_()
+    out = rowwise.swiglu(y)
+    da = torch.randn_like(out)
+    (dy,) = torch.autograd.grad(out, y, da)
+    g, u = y.chunk(2, dim=-1)
+    ref = F.silu(g) * u
+    (dy_ref,) = torch.autograd.grad(ref, y, da)
+    _close(out, ref.detach(), dtype)
+    _close(dy, dy_ref, dtype)
+
+
+def test_swiglu_bad_input():
+    with pytest.raises(ValueError, match="2F"):
+        rowwise.swiglu(torch.zeros(2, 7, device=DEVICE))
+    with pytest.raises(ValueError, match="2F"):
+        rowwise.swiglu(torch.zeros(2, 8, device=DEVICE, dtype=torch.float64))
+
+
+def test_swiglu_layer_joint_gate_up_equals_two_projections(monkeypatch):
+    # training's path (one GEMM over gate|up, rowwise.swiglu) against the two projections: output,
+    # dL/dx and both weights' gradients
+    from fastxlstm.layers import common
+
+    torch.manual_seed(0)
+    ffn = common.SwiGLU(24, 40).to(DEVICE)
+    x = torch.randn(2, 7, 24, device=DEVICE, requires_grad=True)
+    runs = []
+    for joint in (False, True):
+        monkeypatch.setattr(common, "_joint_gate_up", lambda t, joint=joint: joint)
+        out = ffn(x)
+        grads = torch.autograd.grad(out.square().sum(), [x, ffn.proj_up_gate.weight, ffn.proj_up.weight,
+                                                          ffn.proj_down.weight])
+        runs.append((out, *grads))
+    for a, b in zip(*runs):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
 def test_usable_only_for_gradient_free_cuda_calls():
     x = torch.randn(2, 8, device=DEVICE)
     with torch.no_grad():

@@ -17,7 +17,7 @@ import torch
 
 from .. import triton_available
 
-__all__ = ["usable", "add_rms_norm", "gated_head_norm", "silu_mul", "cross_entropy_rows"]
+__all__ = ["usable", "add_rms_norm", "gated_head_norm", "silu_mul", "swiglu", "cross_entropy_rows"]
 
 
 def usable(x: torch.Tensor, *weights) -> bool:
@@ -53,6 +53,51 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     from . import triton as kernels
     return kernels.silu_mul(gate, up)
 
+
+
+def swiglu(y: torch.Tensor) -> torch.Tensor:
+    """silu(g) * u of y = [g | u] (..., 2F) -> (..., F), differentiable: the backward writes the
+    gradient of both halves into one (..., 2F) tensor, so that a joint gate|up projection needs
+    one GEMM for dL/dx and one for its weight, and no gather of the halves' gradients. Rounds as
+    eager autograd of ``F.silu(g) * u`` does. CUDA (or TRITON_INTERPRET=1)."""
+    if y.shape[-1] % 2 or y.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"y must be (..., 2F) float32/bfloat16/float16, got {tuple(y.shape)} {y.dtype}")
+    return torch.ops.fastxlstm.swiglu(y.contiguous())
+
+
+@torch.library.custom_op("fastxlstm::swiglu", mutates_args=())
+def _swiglu(y: torch.Tensor) -> torch.Tensor:
+    from . import triton as kernels
+    F = y.shape[-1] // 2
+    return kernels.silu_mul(y[..., :F], y[..., F:])
+
+
+@_swiglu.register_fake
+def _(y):
+    return y.new_empty(*y.shape[:-1], y.shape[-1] // 2)
+
+
+@torch.library.custom_op("fastxlstm::swiglu_bwd", mutates_args=())
+def _swiglu_bwd(da: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    from . import triton as kernels
+    return kernels.silu_mul_backward(da, y)
+
+
+@_swiglu_bwd.register_fake
+def _(da, y):
+    return torch.empty_like(y)
+
+
+def _swiglu_setup(ctx, inputs, output):
+    ctx.save_for_backward(inputs[0])
+
+
+def _swiglu_grad(ctx, da):
+    (y,) = ctx.saved_tensors
+    return torch.ops.fastxlstm.swiglu_bwd(da.to(y.dtype), y)
+
+
+torch.library.register_autograd("fastxlstm::swiglu", _swiglu_grad, setup_context=_swiglu_setup)
 
 
 def cross_entropy_rows(z: torch.Tensor, targets: torch.Tensor, row_weight: torch.Tensor, cap: float | None,

@@ -15,7 +15,7 @@ except ImportError:
     gdc_launch_dependents = gdc_wait = None     # never reached: PDL is a constexpr False then
     _HAS_PDL = False
 
-__all__ = ["add_rms_norm", "gated_head_norm", "silu_mul", "cross_entropy_rows", "CONFIG"]
+__all__ = ["add_rms_norm", "gated_head_norm", "silu_mul", "silu_mul_backward", "cross_entropy_rows", "CONFIG"]
 
 # pdl: launch the row kernels of the hybrid decode step (add_rms_norm, silu_mul) with programmatic
 # dependent launch (sm_90+), so that each may start while the GEMM before it drains: 7B batch-16
@@ -79,6 +79,15 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     _silu_mul_kernel[(triton.cdiv(n, 2048),)](g, u, out, n, F, g.stride(0), u.stride(0), BLOCK=2048, PDL=pdl,
                                               num_warps=4, **({"launch_pdl": True} if pdl else {}))
     return out.view(gate.shape)
+
+
+def silu_mul_backward(da: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    # y = [g | u] (..., 2F) contiguous; the gradient of both halves into one (..., 2F) tensor
+    F = da.shape[-1]
+    dy = torch.empty_like(y)
+    n = da.numel()
+    _silu_mul_bwd_kernel[(triton.cdiv(n, 2048),)](da.contiguous(), y, dy, n, F, BLOCK=2048, num_warps=4)
+    return dy
 
 
 def cross_entropy_rows(z: torch.Tensor, targets: torch.Tensor, row_weight: torch.Tensor, cap: float,
@@ -200,3 +209,24 @@ def _silu_mul_kernel(g_ptr, u_ptr, out_ptr, n, F, g_row, u_row, BLOCK: tl.conste
     act = (g / (1.0 + tl.exp(-g))).to(gv.dtype).to(tl.float32)
     up = tl.load(u_ptr + row * u_row + col, mask=ok, other=0.0).to(tl.float32)
     tl.store(out_ptr + off, (act * up).to(gv.dtype), mask=ok)
+
+
+@triton.jit
+def _silu_mul_bwd_kernel(da_ptr, y_ptr, dy_ptr, n, F, BLOCK: tl.constexpr):
+    """dg, du of a = silu(g) * u, rounded where eager autograd rounds: du = da * silu(g) and
+    ds = da * u in the input dtype, then dg = ds * silu'(g) from float32."""
+    off = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    ok = off < n
+    row = off // F
+    col = off - row * F
+    gi = row * (2 * F) + col
+    gv = tl.load(y_ptr + gi, mask=ok, other=0.0)
+    dt: tl.constexpr = gv.dtype
+    g = gv.to(tl.float32)
+    u = tl.load(y_ptr + gi + F, mask=ok, other=0.0).to(tl.float32)
+    da = tl.load(da_ptr + off, mask=ok, other=0.0).to(tl.float32)
+    sig = 1.0 / (1.0 + tl.exp(-g))
+    act = (g * sig).to(dt).to(tl.float32)
+    ds = (da * u).to(dt).to(tl.float32)
+    tl.store(dy_ptr + gi, (ds * sig * (1.0 + g * (1.0 - sig))).to(dt), mask=ok)
+    tl.store(dy_ptr + gi + F, (da * act).to(dt), mask=ok)
