@@ -1,14 +1,19 @@
 """Fused row-wise work on CUDA: residual add + RMSNorm, the per-head LayerNorm times the output
-gate, SwiGLU's silu(gate) * up (inference forwards), and the soft-capped cross-entropy of logit
-rows with its gradient (the chunked LM-head loss, fastxlstm/loss.py).
+gate, SwiGLU's silu(gate) * up (inference forwards), SwiGLU over a joint gate|up projection with
+its gradient (``swiglu``, training), and the soft-capped cross-entropy of logit rows with its
+gradient (the chunked LM-head loss, fastxlstm/loss.py).
 
 Why: eagerly each of these is five to eight elementwise kernels over (B, T, E)-sized tensors (the
 float32 reductions cast up and back); in a 7B prefill they took ~30 % of the GPU time, as much
 as a third of the GEMMs (benchmarks/RESULTS.md, fifth session). Here each is one pass. Only for
 calls that need no gradient (prefill, scoring, evaluation); training keeps the eager formulas,
-which torch.compile fuses there. The kernels round where the eager formulas of layers/common.py
-round (to the input dtype after the float32 normalisation, after the weight, after the gate), so
-the results agree to the reductions' summation order.
+which torch.compile fuses there, except ``swiglu``: there the point is the layout of the gradient
+(one tensor for both halves, so the joint projection's backward is one GEMM each for dL/dx and
+the weight). The joint projection with torch's ops for the halves measured slower than two
+projections in a compiled 1.3b step (run 39); with this op, faster (runs 44, 46). The kernels
+round where the eager formulas of layers/common.py round (to the input dtype after the float32
+normalisation, after the weight, after the gate), so the results agree to the reductions'
+summation order.
 """
 
 from __future__ import annotations

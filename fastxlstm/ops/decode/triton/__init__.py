@@ -425,6 +425,13 @@ def _head_out(num, qn, m_new, row, hd, b, ov, mv, hw_ptr, hb_ptr, out_ptr, o_off
 
 
 @triton.jit
+def _load_state(c_ptr, n_ptr, m_ptr, coff, cm, bh, ok, mk, K: tl.constexpr):
+    """A program's rows of C and n, and its head's m."""
+    return (tl.load(c_ptr + coff, mask=cm, other=0.0), tl.load(n_ptr + bh * K + ok, mask=mk, other=0.0),
+            tl.load(m_ptr + bh))
+
+
+@triton.jit
 def _step_kernel(
     y_ptr, c_ptr, n_ptr, m_ptr, c_out, n_out, m_out, hw_ptr, hb_ptr, out_ptr, wsn_ptr, wsq_ptr, lock_ptr,
     ldy, q_off, k_off, v_off, o_off, i_off, f_off, scale, eps, norm_eps, cap,
@@ -447,14 +454,10 @@ def _step_kernel(
     cm = mk[:, None] & mv[None, :]
     coff = bh * K * V + ok[:, None] * V + ov[None, :]
     if EARLY:
-        c = tl.load(c_ptr + coff, mask=cm, other=0.0)
-        n = tl.load(n_ptr + bh * K + ok, mask=mk, other=0.0)
-        m = tl.load(m_ptr + bh)
+        c, n, m = _load_state(c_ptr, n_ptr, m_ptr, coff, cm, bh, ok, mk, K)
     _pdl_enter(PDL)
     if not EARLY:                                          # the state may be the previous launch's output
-        c = tl.load(c_ptr + coff, mask=cm, other=0.0)
-        n = tl.load(n_ptr + bh * K + ok, mask=mk, other=0.0)
-        m = tl.load(m_ptr + bh)
+        c, n, m = _load_state(c_ptr, n_ptr, m_ptr, coff, cm, bh, ok, mk, K)
     row = y_ptr + b * ldy
     ig = tl.load(row + i_off + hd).to(tl.float32)
     fg = tl.load(row + f_off + hd).to(tl.float32)
