@@ -76,7 +76,7 @@ class XLSTMLarge(nn.Module):
         """The cell backend for ``device``, resolved once per device type and logged."""
         key = device.type
         if key not in self._backends:
-            self._backends[key] = resolve_backend(self.cfg.backend, device)
+            self._backends[key] = resolve_backend(self.cfg.backend, device, chunk_size=self.cfg.chunk_size)
             log.info("fastxlstm: mLSTM backend %s on %s", self._backends[key].value, key)
         return self._backends[key]
 

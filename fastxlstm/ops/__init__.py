@@ -71,18 +71,20 @@ def triton_available() -> bool:
 _TRITON_READY: bool = Backend.TRITON in mlstm_impls.available() and triton_available()
 
 
-def resolve_backend(backend: Backend | str, device: torch.device | str | None = None) -> Backend:
+def resolve_backend(backend: Backend | str, device: torch.device | str | None = None, *,
+                    chunk_size: int | None = None) -> Backend:
     """Turn AUTO into a concrete backend for ``device``; check that an explicit choice can run.
 
-    AUTO picks Triton on CUDA when Triton imports and its kernels are registered, native
-    otherwise. A named backend that cannot run raises with the reason; there is never a silent
+    AUTO picks Triton on CUDA when Triton imports and its kernels are registered (and run
+    ``chunk_size``, where one is given: a power of two >= 16), native otherwise. A named backend that cannot run raises with the reason; there is never a silent
     fallback. Called outside compiled code (a model resolves its backend before its compiled
     blocks run), it also imports the backend's module, which compiled code then only looks up.
     """
     backend = Backend(backend)
     device = torch.device(device if device is not None else "cpu")
     if backend is Backend.AUTO:
-        backend = Backend.TRITON if device.type == "cuda" and _TRITON_READY else Backend.NATIVE
+        takes = chunk_size is None or mlstm_impls.triton_takes_chunk(chunk_size)
+        backend = Backend.TRITON if device.type == "cuda" and _TRITON_READY and takes else Backend.NATIVE
     elif backend is Backend.TRITON and not _TRITON_READY:
         if Backend.TRITON not in mlstm_impls.available():
             raise RuntimeError("backend 'triton' is not part of this build of fastxlstm")

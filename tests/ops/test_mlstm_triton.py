@@ -288,6 +288,15 @@ def test_auto_and_named_backend_route_here():
         assert ops.resolve_backend(Backend.AUTO, "cuda") is Backend.TRITON
 
 
+def test_auto_takes_native_for_chunk_sizes_the_kernels_do_not_run():
+    # a tiny model with chunk 8 on a GPU machine: AUTO runs it natively instead of raising
+    assert ops.resolve_backend(Backend.AUTO, "cuda", chunk_size=8) is Backend.NATIVE
+    assert ops.resolve_backend(Backend.AUTO, "cuda", chunk_size=48) is Backend.NATIVE
+    ready = Backend.TRITON if ops._TRITON_READY else Backend.NATIVE
+    assert ops.resolve_backend(Backend.AUTO, "cuda", chunk_size=64) is ready
+    assert ops.resolve_backend(Backend.AUTO, "cuda") is ready
+
+
 def test_unsupported_inputs_raise():
     (q, k, v, i, f), _ = make_mlstm_inputs(1, 20, 2, 16, 16, dtype=torch.float64, device=DEVICE)
     with pytest.raises(ValueError, match="float32, bfloat16 or float16"):

@@ -25,6 +25,11 @@ def available() -> list[Backend]:
     return [b for b, name in IMPLS.items() if importlib.util.find_spec(f"{__name__}.{name}") is not None]
 
 
+def triton_takes_chunk(chunk_size: int) -> bool:
+    """Whether the Triton kernels run this chunk size: a power of two >= 16 (their tile sizes)."""
+    return chunk_size >= 16 and chunk_size & (chunk_size - 1) == 0
+
+
 def get(backend: Backend) -> ModuleType:
     """Import a backend module lazily, so ``import fastxlstm`` never imports Triton. Once imported
     (ops.resolve_backend does it outside compiled code) it is read from sys.modules, which Dynamo

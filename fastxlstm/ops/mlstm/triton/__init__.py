@@ -18,6 +18,7 @@ import triton
 from torch import Tensor
 
 from ...state import MLSTMState
+from .. import triton_takes_chunk
 from . import bwd, fwd, step
 
 __all__ = ["mlstm", "mlstm_step", "CONFIG"]
@@ -377,5 +378,5 @@ def _check_dtype(q):
 def _check(q, k, v, chunk_size):
     _check_device(q)
     _check_dtype(q)
-    if chunk_size < 16 or chunk_size & (chunk_size - 1):
+    if not triton_takes_chunk(chunk_size):
         raise ValueError(f"the triton backend needs a power-of-two chunk_size >= 16, got {chunk_size}")
