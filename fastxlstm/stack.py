@@ -178,7 +178,10 @@ class XLSTMStack(nn.Module):
     def backend_for(self, device: torch.device) -> Backend:
         """The cell backend for ``device``, resolved once per device type and logged."""
         if device.type not in self._backends:
-            self._backends[device.type] = resolve_backend(self.cfg.backend, device, chunk_size=self.cfg.chunk_size)
+            # the chunk size steers AUTO only where mLSTM blocks use it (sLSTM kernels take any)
+            has_mlstm = any(not b.is_slstm for b in self.blocks)
+            chunk = self.cfg.chunk_size if has_mlstm else None
+            self._backends[device.type] = resolve_backend(self.cfg.backend, device, chunk_size=chunk)
             log.info("fastxlstm: stack backend %s on %s", self._backends[device.type].value, device.type)
         return self._backends[device.type]
 

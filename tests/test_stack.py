@@ -159,3 +159,12 @@ def test_slstm_layer_backends_agree_with_reference(backend, conv_kernel_size):
         assert_close("cell state", a, b, torch.float32)
     for name in g0:
         assert_close(f"grad {name}", g0[name], g1[name], torch.float32)
+
+
+def test_auto_backend_ignores_the_chunk_size_without_mlstm_blocks():
+    # the mLSTM chunk size steers AUTO (Triton needs a power of two >= 16) only where mLSTM blocks use it
+    small = dict(embedding_dim=32, num_blocks=2, chunk_size=8, mlstm_num_heads=2, slstm_num_heads=2)
+    assert XLSTMStack(StackConfig(**small, slstm_at=(1,))).backend_for(torch.device("cuda")) is Backend.NATIVE
+    only_slstm = XLSTMStack(StackConfig(**small, slstm_at=(0, 1))).backend_for(torch.device("cuda"))
+    assert only_slstm is XLSTMStack(StackConfig(**{**small, "chunk_size": 64}, slstm_at=(0, 1))).backend_for(
+        torch.device("cuda"))

@@ -76,9 +76,10 @@ def resolve_backend(backend: Backend | str, device: torch.device | str | None = 
     """Turn AUTO into a concrete backend for ``device``; check that an explicit choice can run.
 
     AUTO picks Triton on CUDA when Triton imports and its kernels are registered (and run
-    ``chunk_size``, where one is given: a power of two >= 16), native otherwise. A named backend that cannot run raises with the reason; there is never a silent
-    fallback. Called outside compiled code (a model resolves its backend before its compiled
-    blocks run), it also imports the backend's module, which compiled code then only looks up.
+    ``chunk_size``, where one is given: a power of two >= 16), native otherwise. A named backend
+    that cannot run raises with the reason; there is never a silent fallback. Called outside
+    compiled code (a model resolves its backend before its compiled blocks run), it also imports
+    the backend's module, which compiled code then only looks up.
     """
     backend = Backend(backend)
     device = torch.device(device if device is not None else "cpu")

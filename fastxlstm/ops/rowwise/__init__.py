@@ -59,7 +59,6 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return kernels.silu_mul(gate, up)
 
 
-
 def swiglu(y: torch.Tensor) -> torch.Tensor:
     """silu(g) * u of y = [g | u] (..., 2F) -> (..., F), differentiable: the backward writes the
     gradient of both halves into one (..., 2F) tensor, so that a joint gate|up projection needs
