@@ -93,6 +93,21 @@ def test_hybrid_step_equals_the_model_step(name, dtype):
     assert_step_equal(*step_both(model, B=3, kernels=None, hybrid=True), dtype)
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="runs the kernels on CPU tensors under the interpreter")
+@pytest.mark.parametrize("kernels,hybrid", [(True, None), (None, True)])
+def test_kernel_steps_update_the_state_in_place_when_asked(kernels, hybrid):
+    pytest.importorskip("triton")
+    model = random_model(dtype=torch.float32, scale=0.3)
+    ids = torch.randint(0, model.cfg.vocab_size, (3, 6), generator=torch.Generator().manual_seed(4))
+    with torch.inference_mode():
+        _, state = model(ids[:, :5])
+        ref = model(ids[:, 5:], state)
+        given = [type(s)(*(t.clone() for t in s)) for s in state]
+        logits, new = FusedStep(model, compile=False, kernels=kernels, hybrid=hybrid, inplace_state=True)(ids[:, 5:], given)
+    assert all(s.c is g.c and s.n is g.n for s, g in zip(new, given))
+    assert_step_equal(ref, (logits, new), torch.float32)
+
+
 def test_path_by_batch_size_on_cuda(monkeypatch):
     model = random_model(dtype=torch.float32)
     step = FusedStep(model, compile=False)

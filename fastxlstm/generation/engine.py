@@ -313,7 +313,9 @@ def decode_steps(model, state: list, last_logits: torch.Tensor, params: Sampling
     if cuda_graph and not _graphs_supported(device):
         raise ValueError(f"cuda_graph=True needs a CUDA model, this one is on {device}")
     if fused:                                # built only now: a one-token generation needs no step
-        model = FusedStep(getattr(model, "_orig_mod", model), compile=True if compile else None)
+        # the decoders own the state (it is consumed), so the step kernels may update it in place
+        model = FusedStep(getattr(model, "_orig_mod", model), compile=True if compile else None,
+                          inplace_state=True)
     elif compile:
         model = torch.compile(model, dynamic=False)
     tok = first[:, None]

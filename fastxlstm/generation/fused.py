@@ -78,6 +78,9 @@ class FusedStep:
     kernels do not take; None: where the kernels would fit (CUDA) up to ``max_hybrid_batch``, True:
     at every batch (also on the CPU under TRITON_INTERPRET=1, for tests), False or kernels=False:
     the compiled pieces instead.
+    inplace_state: the decode kernels' step (batches on the kernel or hybrid path) writes the new C
+    and n over the state it is given, which the caller gives up (the engine's decoders own theirs):
+    no state copy at a CUDA graph's end. Off by default: states are values.
     The weights are read from the model when this is built: rebuild after changing them.
     """
 
@@ -87,7 +90,7 @@ class FusedStep:
     max_hybrid_batch = 32
 
     def __init__(self, model, *, compile: bool | None = None, kernels: bool | None = None,
-                 hybrid: bool | None = None):
+                 hybrid: bool | None = None, inplace_state: bool = False):
         from ..model import XLSTMLarge
 
         if not isinstance(model, XLSTMLarge):
@@ -112,6 +115,7 @@ class FusedStep:
                                            else (_mlstm_in, _mlstm_out_ffn, _head))
         self.kernels = kernels
         self.hybrid = hybrid
+        self.inplace_state = inplace_state
         self._kernels_fit = (self.device.type == "cuda" and ops.triton_available()
                              and model.embedding.weight.dtype in (torch.float32, torch.bfloat16, torch.float16))
         self._lock = None
@@ -200,7 +204,8 @@ class FusedStep:
             # state, so the state is read while it drains (B1 215.6 -> 217.5, B16 2,868 -> 2,875
             # tokens/s, run 41, one process)
             h, s = decode.mlstm_head_step(y, self.sizes, s, w.head_w, w.head_b, num_heads=H, eps=self.cell_eps,
-                                          norm_eps=self.eps, lock=lock, early_state=True)
+                                          norm_eps=self.eps, lock=lock, early_state=True,
+                                          inplace=self.inplace_state)
             x = decode.linear(h, w.out_w, w.out_b, residual=x, lock=lock)
             d = decode.linear(decode.norm_swiglu(x, w.ffn_norm_w, w.w_up, b_up, eps=self.eps, lock=lock),
                               w.down_w, w.down_b, lock=lock)
@@ -228,7 +233,7 @@ class FusedStep:
             # early_state: as in _kernel_step, the launch before is the input GEMM
             hn, s = decode.mlstm_head_step(y, self.sizes, s, w.head_w, w.head_b, num_heads=H, eps=self.cell_eps,
                                            norm_eps=self.eps, gate_cap=self.gate_cap, lock=lock,
-                                           early_state=True)
+                                           early_state=True, inplace=self.inplace_state)
             x, xn = add_rms_norm(x, F.linear(hn, w.out_w, w.out_b), w.ffn_norm_w, w.ffn_norm_b, self.eps, self.f32)
             gate, up = F.linear(xn, w.w_up, w.b_up).split(self.ffn_dim, dim=-1)
             d = F.linear(silu_mul(gate, up), w.down_w, w.down_b)

@@ -130,21 +130,26 @@ def step_reference(y, sizes, state, H, head_w, head_b):
     return torch.sigmoid(o) * head_layer_norm(h, head_w.double(), hb, 1e-6, True), s
 
 
-@pytest.mark.parametrize("early", [False, True])
+@pytest.mark.parametrize("early,inplace", [(False, False), (True, False), (True, True)])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("B,H,K,V,BK", [(1, 2, 8, 16, 16), (3, 2, 16, 24, 4), (2, 3, 12, 16, 8)])
-def test_mlstm_head_step(dtype, B, H, K, V, BK, early, poison, monkeypatch):
+def test_mlstm_head_step(dtype, B, H, K, V, BK, early, inplace, poison, monkeypatch):
     """One program per head (BK >= Dqk), or Dqk split over programs with the last one reducing;
     Dv not a power of two; Dqk not a multiple of the tile; the state read before or after the
-    wait on the previous launch (early: with PDL, on a GPU)."""
+    wait on the previous launch (early: with PDL, on a GPU); C and n written over the input state."""
     monkeypatch.setitem(decode.CONFIG, "step", dict(decode.CONFIG["step"], BK=BK))
     y, sizes, state = step_inputs(B, H, K, V, dtype)
     head_w, head_b = rnd(H * V, dtype=dtype, scale=0.3, shift=1.0), rnd(H * V, dtype=dtype, scale=0.1)
     lock = lock_for(B * H)
-    out, s = decode.mlstm_head_step(y, sizes, state, head_w, head_b, num_heads=H, eps=1e-6, norm_eps=1e-6,
-                                    lock=lock, early_state=early)
+    given = MLSTMState(*(t.clone() for t in state))
+    out, s = decode.mlstm_head_step(y, sizes, given, head_w, head_b, num_heads=H, eps=1e-6, norm_eps=1e-6,
+                                    lock=lock, early_state=early, inplace=inplace)
     ref, s_ref = step_reference(y, sizes, state, H, head_w, head_b)
     assert out.dtype == dtype and s.c.dtype == torch.float32
+    assert (s.c is given.c and s.n is given.n) == inplace
+    assert torch.equal(given.m, state.m) and s.m is not given.m        # m is read by every program: never in place
+    if not inplace:
+        assert all(torch.equal(a, b) for a, b in zip(given, state))
     assert_close("sigmoid(o) * head_norm(h)", ref, out, dtype)
     for name in "cnm":
         assert_close(f"state.{name}", getattr(s_ref, name), getattr(s, name), torch.float32)
