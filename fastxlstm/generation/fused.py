@@ -116,6 +116,7 @@ class FusedStep:
         self.kernels = kernels
         self.hybrid = hybrid
         self.inplace_state = inplace_state
+        self.skinny = True
         self._kernels_fit = (self.device.type == "cuda" and ops.triton_available()
                              and model.embedding.weight.dtype in (torch.float32, torch.bfloat16, torch.float16))
         self._lock = None
@@ -227,21 +228,30 @@ class FusedStep:
         x = self.model.embedding(input_ids[:, 0])                     # (B, E)
         d = None
         new_state = []
+        lin = self._small_linear(B, lock)
         for w, b_in, s in zip(self.blocks, self._in_bias, state):
             x, xn = add_rms_norm(x, d, w.norm_w, w.norm_b, self.eps, self.f32)
-            y = F.linear(xn, w.w_in, b_in)
+            y = lin(xn, w.w_in, b_in)
             # early_state: as in _kernel_step, the launch before is the input GEMM
             hn, s = decode.mlstm_head_step(y, self.sizes, s, w.head_w, w.head_b, num_heads=H, eps=self.cell_eps,
                                            norm_eps=self.eps, gate_cap=self.gate_cap, lock=lock,
                                            early_state=True, inplace=self.inplace_state)
-            x, xn = add_rms_norm(x, F.linear(hn, w.out_w, w.out_b), w.ffn_norm_w, w.ffn_norm_b, self.eps, self.f32)
-            gate, up = F.linear(xn, w.w_up, w.b_up).split(self.ffn_dim, dim=-1)
-            d = F.linear(silu_mul(gate, up), w.down_w, w.down_b)
+            x, xn = add_rms_norm(x, lin(hn, w.out_w, w.out_b), w.ffn_norm_w, w.ffn_norm_b, self.eps, self.f32)
+            gate, up = lin(xn, w.w_up, w.b_up).split(self.ffn_dim, dim=-1)
+            d = lin(silu_mul(gate, up), w.down_w, w.down_b)
             new_state.append(s)
         nw, nb = self.out_norm if self.out_norm is not None else (None, None)
         logits = self._head(x, d, self.out_norm is not None, nw, nb, self.model.lm_head.weight,
                             self.eps, self.f32, self.logit_cap)
         return logits.unsqueeze(1), new_state
+
+    def _small_linear(self, batch: int, lock: torch.Tensor):
+        """The hybrid's GEMM: ops.decode.skinny_linear up to 16 rows where ``skinny`` allows, else cuBLAS."""
+        from ..ops import decode
+
+        if self.skinny and batch <= 16:
+            return lambda x, w, b: decode.skinny_linear(x, w, b, lock=lock)
+        return F.linear
 
     def _lock_for(self, batch: int) -> torch.Tensor:
         """The kernels' split-K and per-head counters: int32 zeros, reset by the kernels themselves,

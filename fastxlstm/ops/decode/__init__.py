@@ -1,6 +1,7 @@
 """Small-batch decode ops for XLSTMLarge: a block in five launches at batch 1 (Triton kernels in
 triton/, which says what each does and what was measured). No autograd: decoding only."""
 
-from .triton import CONFIG, linear, lock_size, mlstm_head_step, norm_linear, norm_swiglu
+from .triton import CONFIG, linear, lock_size, mlstm_head_step, norm_linear, norm_swiglu, skinny_linear, skinny_lock_size
 
-__all__ = ["norm_linear", "linear", "norm_swiglu", "mlstm_head_step", "lock_size", "CONFIG"]
+__all__ = ["norm_linear", "linear", "norm_swiglu", "mlstm_head_step", "lock_size", "skinny_linear", "skinny_lock_size",
+           "CONFIG"]

@@ -1,0 +1,122 @@
+"""y = x W^T (+ b) for a few rows of x (M <= 16): the weight stream of a small-batch decode step.
+
+At batch 2..16 a decode GEMM reads all of W for a handful of rows, so it should run at the
+copy rate; cuBLAS's small-M kernels reach 2.4 TB/s on the 7B's 4096 x 4096 out_proj and
+3.4-3.6 on the larger weights of the H200 (run 52). This kernel cuts W into BN-row tiles and each
+tile's K into SPLITS equal ranges, one program per (tile, range), and leaves the loop free of
+branches so that Triton pipelines the weight loads (num_stages tiles in flight); the batch is the
+dot's N side (padded to 16). A tile cut into several ranges stores fp32 partial sums, and the last
+of its programs to finish (a per-tile counter) adds them in range order and writes the tile:
+deterministic, one launch, and the counter is left at zero for the next launch.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ...rowwise.triton import _pdl_enter, use_pdl
+
+# BN weight rows x BK of K per loop step, W warps, S pipeline stages; K is split so that the
+# programs fill ``ctas`` slots per SM in as few rounds as possible; shapes: overrides per "NxK"
+# (``splits`` fixes the split).
+CONFIG = dict(BN=64, BK=128, W=4, S=4, ctas=2, pdl=True, shapes={})
+_BM = 16
+
+
+@triton.jit
+def _skinny_kernel(x_ptr, w_ptr, b_ptr, y_ptr, ws_ptr, lock_ptr, M, N, K, K_PER,
+                   HAS_B: tl.constexpr, SPLITS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                   BK: tl.constexpr, PREC: tl.constexpr, PDL: tl.constexpr):
+    pid = tl.program_id(0)
+    t = pid // SPLITS
+    sp = pid - t * SPLITS
+    rn = t * BN + tl.arange(0, BN)
+    rm = tl.arange(0, BM)
+    mn = rn < N
+    mm = rm < M
+    k0 = sp * K_PER
+    k1 = tl.minimum(k0 + K_PER, K)
+    _pdl_enter(PDL)
+    wrow = w_ptr + rn.to(tl.int64)[:, None] * K
+    acc = tl.zeros([BN, BM], dtype=tl.float32)
+    for kk in range(k0, k1, BK):
+        ok = kk + tl.arange(0, BK)
+        mk = ok < k1
+        w = tl.load(wrow + ok[None, :], mask=mn[:, None] & mk[None, :], other=0.0)
+        x = tl.load(x_ptr + rm[:, None] * K + ok[None, :], mask=mm[:, None] & mk[None, :], other=0.0)
+        acc += tl.dot(w, tl.trans(x.to(w.dtype)), input_precision=PREC)
+    if SPLITS > 1:
+        tile = tl.arange(0, BN)[:, None] * BM + tl.arange(0, BM)[None, :]
+        tl.store(ws_ptr + (t.to(tl.int64) * SPLITS + sp) * (BN * BM) + tile, acc)
+        tl.debug_barrier()                                  # every thread's partials precede the release
+        if tl.atomic_add(lock_ptr + t, 1, sem="acq_rel") == SPLITS - 1:
+            acc = tl.zeros([BN, BM], dtype=tl.float32)
+            for j in range(0, SPLITS):
+                acc += tl.load(ws_ptr + (t.to(tl.int64) * SPLITS + j) * (BN * BM) + tile, cache_modifier=".cg")
+            tl.store(lock_ptr + t, 0)                       # ready for the next launch
+            _skinny_out(acc, b_ptr, y_ptr, rn, rm, mn, mm, N, HAS_B)
+    else:
+        _skinny_out(acc, b_ptr, y_ptr, rn, rm, mn, mm, N, HAS_B)
+
+
+@triton.jit
+def _skinny_out(acc, b_ptr, y_ptr, rn, rm, mn, mm, N, HAS_B: tl.constexpr):
+    if HAS_B:
+        acc = acc + tl.load(b_ptr + rn, mask=mn, other=0.0).to(tl.float32)[:, None]
+    tl.store(y_ptr + rm[None, :] * N + rn[:, None], acc.to(y_ptr.dtype.element_ty), mask=mn[:, None] & mm[None, :])
+
+
+def _plan(N: int, K: int, device: torch.device) -> dict:
+    cfg = {k: v for k, v in CONFIG.items() if k != "shapes"}
+    cfg.update(CONFIG["shapes"].get(f"{N}x{K}", {}))
+    BK = cfg["BK"] = max(16, min(cfg["BK"], triton.next_power_of_2(K)))
+    tiles = triton.cdiv(N, cfg["BN"])
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+    steps = triton.cdiv(K, BK)
+    slots = cfg["ctas"] * sms
+    # rounds of programs x work per program: the fewest splits within 5 % of the least
+    cost = {s: -(-tiles * s // slots) / s for s in range(1, min(steps, 32) + 1)}
+    best = min(cost.values())
+    splits = cfg.get("splits") or min(s for s, c in cost.items() if c <= 1.05 * best)
+    cfg.update(tiles=tiles, splits=splits, k_per=triton.cdiv(steps, splits) * BK)
+    cfg["splits"] = triton.cdiv(K, cfg["k_per"])            # no empty range
+    return cfg
+
+
+def skinny_lock_size(N: int, K: int, device: torch.device | str = "cuda") -> int:
+    """Counters a skinny_linear of this weight shape needs (one per tile of BN rows)."""
+    return _plan(N, K, torch.device(device))["tiles"]
+
+
+def skinny_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None, *,
+                  lock: torch.Tensor | None = None) -> torch.Tensor:
+    """x (M, K) with M <= 16, w (N, K) row-major (nn.Linear), b (N,): x w^T + b in w's dtype,
+    summed in float32. lock: int32 zeros, at least ``skinny_lock_size(N, K)``; the kernel
+    leaves them zero (one buffer serves launches that run one after another)."""
+    if x.dim() != 2 or w.dim() != 2 or x.shape[1] != w.shape[1]:
+        raise ValueError(f"x (M, K) and w (N, K) must agree in K, got {tuple(x.shape)} and {tuple(w.shape)}")
+    if not 1 <= x.shape[0] <= _BM:
+        raise ValueError(f"skinny_linear takes 1 to {_BM} rows, got {x.shape[0]}")
+    if w.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"skinny_linear takes float32, bfloat16 or float16 weights, got {w.dtype}")
+    M, K = x.shape
+    N = w.shape[0]
+    x, w = x.contiguous(), w.contiguous()
+    p = _plan(N, K, x.device)
+    if lock is None:
+        lock = torch.zeros(p["tiles"], device=x.device, dtype=torch.int32)
+    elif lock.numel() < p["tiles"] or lock.dtype != torch.int32:
+        raise ValueError(f"lock must be int32 zeros of at least {p['tiles']} elements")
+    y = torch.empty(M, N, device=x.device, dtype=w.dtype)
+    ws = torch.empty(p["tiles"] * p["splits"] * p["BN"] * _BM if p["splits"] > 1 else 1, device=x.device,
+                     dtype=torch.float32)
+    kw = dict(num_warps=p["W"], num_stages=p["S"])
+    if use_pdl(x, p["pdl"]):
+        kw["launch_pdl"] = True
+    _skinny_kernel[(p["tiles"] * p["splits"],)](
+        x, w, b if b is not None else w, y, ws, lock, M, N, K, p["k_per"], HAS_B=b is not None,
+        SPLITS=p["splits"], BM=_BM, BN=p["BN"], BK=p["BK"], PREC="ieee" if w.dtype == torch.float32 else "tf32",
+        PDL="launch_pdl" in kw, **kw)
+    return y
