@@ -24,16 +24,14 @@ Decode kernels (``kernels=True``, float32/bfloat16/float16): the Triton kernels 
 run a block in five launches instead, each streaming its weights (RMSNorm + the q|k|v|o|i|f GEMV +
 gate caps; the mLSTM step + head norm x sigmoid(o); out_proj + residual; RMSNorm + the gate|up
 GEMV + SwiGLU; proj_down), and the head in one (residual + out norm + LM head + logit cap). They
-read the same concatenated weights. Larger batches take cuBLAS for the GEMMs: the kernels'
-batch > 1 path (tl.dot, batch padded to 16) is correct at any batch but was measured slower than
-cuBLAS on the H200 at 4, 8 and 16 (ops/decode/triton says what was measured);
-``max_kernel_batch`` sets the limit. Between those GEMMs the hybrid path puts the row kernels
-(ops/rowwise: residual add + RMSNorm, silu x up) and the decode step kernel (gate caps, the
-mLSTM step, head norm x sigmoid(o)): eight launches a block, where the compiled pieces take ~14.
-At batch 1 the decode kernels stay the default: 231 against 222 tokens/s for the hybrid, 7B on
-the H200, both in one process (run 26; an earlier comparison across two processes had it the other
-way round, within their spread). Then the hybrid up to ``max_hybrid_batch``, the compiled pieces
-above.
+read the same concatenated weights. The default on CUDA is the hybrid path: one GEMM per
+projection (``ops.decode.skinny_linear`` up to 16 rows, a split-K kernel that streams the weights
+faster than cuBLAS's small-batch kernels; cuBLAS above), with one launch each between them for the
+residual add + RMSNorm and silu x up (ops/rowwise) and for the gate caps + mLSTM step + head norm
+x sigmoid(o) (the decode step kernel): eight launches a block. 7B on the H200, chained steps in one
+CUDA graph, one process (run 53): batch 1 246.7 tokens/s against 220.5 for the decode kernels and
+232.5 for the hybrid on cuBLAS; batch 16 3,012 against 2,887 on cuBLAS. ``max_hybrid_batch`` bounds
+it; above, the compiled pieces.
 """
 
 from __future__ import annotations
@@ -72,7 +70,7 @@ class FusedStep:
     """The decode step of ``model`` (an XLSTMLarge) with fused projections and elementwise work.
 
     compile: run the pieces through torch.compile (default: on CUDA). kernels: run the decode kernels
-    (ops/decode/triton); None: on CUDA for batches up to ``max_kernel_batch`` (1) in float32/bfloat16/float16,
+    (ops/decode/triton); None: on CUDA for batches up to ``max_kernel_batch`` (0) in float32/bfloat16/float16,
     True: at every batch size (also on the CPU under TRITON_INTERPRET=1, for tests), False: never.
     hybrid: cuBLAS GEMMs with the row and step kernels between them, for the batches the decode
     kernels do not take; None: where the kernels would fit (CUDA) up to ``max_hybrid_batch``, True:
@@ -84,7 +82,8 @@ class FusedStep:
     The weights are read from the model when this is built: rebuild after changing them.
     """
 
-    max_kernel_batch = 1
+    # the decode kernels only when asked for: the hybrid beats them at batch 1 (run 53, see above)
+    max_kernel_batch = 0
     # the hybrid against the compiled pieces, 7B shape on the H200 (run 24, chained steps in one CUDA
     # graph): 2,697 vs 2,592 tokens/s at batch 16, 6,612 vs 6,859 at batch 64
     max_hybrid_batch = 32
@@ -116,7 +115,6 @@ class FusedStep:
         self.kernels = kernels
         self.hybrid = hybrid
         self.inplace_state = inplace_state
-        self.skinny = True
         self._kernels_fit = (self.device.type == "cuda" and ops.triton_available()
                              and model.embedding.weight.dtype in (torch.float32, torch.bfloat16, torch.float16))
         self._lock = None
@@ -240,16 +238,20 @@ class FusedStep:
             gate, up = lin(xn, w.w_up, w.b_up).split(self.ffn_dim, dim=-1)
             d = lin(silu_mul(gate, up), w.down_w, w.down_b)
             new_state.append(s)
-        nw, nb = self.out_norm if self.out_norm is not None else (None, None)
-        logits = self._head(x, d, self.out_norm is not None, nw, nb, self.model.lm_head.weight,
-                            self.eps, self.f32, self.logit_cap)
-        return logits.unsqueeze(1), new_state
+        if self.out_norm is not None:
+            _, x = add_rms_norm(x, d, *self.out_norm, self.eps, self.f32)
+        else:
+            x = x + d
+        logits = lin(x, self.model.lm_head.weight, None)
+        if logits.dtype in (torch.float16, torch.bfloat16):
+            logits = logits.float()                                 # as the model: the cap needs the range
+        return soft_cap(logits, self.logit_cap).unsqueeze(1), new_state
 
     def _small_linear(self, batch: int, lock: torch.Tensor):
         """The hybrid's GEMM: ops.decode.skinny_linear up to 16 rows where ``skinny`` allows, else cuBLAS."""
         from ..ops import decode
 
-        if self.skinny and batch <= 16:
+        if batch <= decode.SKINNY_ROWS:
             return lambda x, w, b: decode.skinny_linear(x, w, b, lock=lock)
         return F.linear
 

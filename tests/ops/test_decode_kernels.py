@@ -177,6 +177,36 @@ def test_mlstm_head_step_caps_the_gates_itself(dtype, poison):
     assert not torch.allclose(s_uncapped.m.float(), s.m, rtol=0.01, atol=0.01)   # the caps mattered
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16] + ([torch.bfloat16] if CUDA else []))
+@pytest.mark.parametrize("M", [1, 3, 16])
+@pytest.mark.parametrize("N,K,splits", [(40, 96, None), (130, 200, 3), (64, 72, 2)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_skinny_linear(dtype, M, N, K, splits, bias, monkeypatch):
+    """One program per tile or K split over programs (the last one adds the partials in order);
+    N not a multiple of the tile, K not a multiple of the loop step; the counters left at zero."""
+    monkeypatch.setitem(decode.triton.skinny.CONFIG, "shapes", {f"{N}x{K}": dict(BK=32, splits=splits)})
+    x, w = rnd(M, K, dtype=dtype), rnd(N, K, dtype=dtype, scale=K ** -0.5)
+    b = rnd(N, dtype=dtype) if bias else None
+    lock = lock_for(decode.skinny_lock_size(N, K, DEVICE))
+    y = decode.skinny_linear(x, w, b, lock=lock)
+    ref = x.double() @ w.double().T + (b.double() if bias else 0)
+    assert y.dtype == dtype and y.shape == (M, N)
+    assert_close("x w^T + b", ref, y, dtype)
+    assert not lock.any()
+
+
+def test_skinny_linear_refuses_bad_input():
+    x, w = torch.zeros(17, 8, device=DEVICE), torch.zeros(4, 8, device=DEVICE)
+    with pytest.raises(ValueError, match="1 to 16 rows"):
+        decode.skinny_linear(x, w)
+    with pytest.raises(ValueError, match="agree in K"):
+        decode.skinny_linear(x[:2], w[:, :6])
+    with pytest.raises(ValueError, match="float32, bfloat16 or float16"):
+        decode.skinny_linear(x[:2].double(), w.double())
+    with pytest.raises(ValueError, match="int32 zeros"):
+        decode.skinny_linear(x[:2], w, lock=torch.zeros(1, dtype=torch.int64, device=DEVICE))
+
+
 def test_shapes_are_checked():
     x, w = torch.zeros(2, 8, device=DEVICE), torch.zeros(4, 6, device=DEVICE)
     with pytest.raises(ValueError, match="agree in K"):
@@ -215,6 +245,18 @@ def test_gpu_gemvs_at_the_7b_shapes(M):
     lm = rnd(Vocab, E, dtype=bf, scale=0.02)
     _, logits = decode.norm_linear(x, d, nw, lm, eps=1e-6, cap=30.0, out_dtype=torch.float32, lock=lock)
     assert_close("logits", 30 * torch.tanh(rms64(x64, nw) @ lm.double().T / 30), logits, bf)
+    torch.cuda.synchronize()
+    assert not lock.any()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("M", [1, 16])
+def test_gpu_skinny_linear_at_the_7b_shapes(M):
+    lock = lock_for(50304)
+    for N, K in [(4096, 4096), (12304, 4096), (21888, 4096), (4096, 10944), (50304, 4096)]:
+        x, w, b = rnd(M, K, dtype=torch.bfloat16), rnd(N, K, dtype=torch.bfloat16, scale=K ** -0.5), rnd(N, dtype=torch.bfloat16)
+        assert_close(f"{N}x{K}", x.double() @ w.double().T + b.double(), decode.skinny_linear(x, w, b, lock=lock),
+                     torch.bfloat16)
     torch.cuda.synchronize()
     assert not lock.any()
 

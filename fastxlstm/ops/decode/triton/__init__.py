@@ -74,10 +74,10 @@ import triton.language as tl
 from ...mlstm.triton.fwd import _logsigmoid
 from ...rowwise.triton import _pdl_enter, _tanh, use_pdl
 from ...state import MLSTMState
-from .skinny import skinny_linear, skinny_lock_size
+from .skinny import SKINNY_ROWS, skinny_linear, skinny_lock_size
 
 __all__ = ["norm_linear", "linear", "norm_swiglu", "mlstm_head_step", "lock_size", "skinny_linear",
-           "skinny_lock_size", "CONFIG"]
+           "skinny_lock_size", "SKINNY_ROWS", "CONFIG"]
 
 # GEMV tiles. m1: M == 1 (broadcast multiply-reduce); mn: M > 1 (tl.dot, batch padded to 16);
 # _glu: the gate|up GEMV (two weight tiles a step). BN rows x BK of K a step, W warps, at most
