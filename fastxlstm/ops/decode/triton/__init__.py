@@ -434,19 +434,11 @@ def _load_state(c_ptr, n_ptr, m_ptr, coff, cm, bh, ok, mk, K: tl.constexpr):
 
 
 @triton.jit
-def _store_state(c, n, m_new, c_out, n_out, m_out, coff, cm, bh, ok, mk, s, K: tl.constexpr):
-    tl.store(c_out + coff, c, mask=cm)
-    tl.store(n_out + bh * K + ok, n, mask=mk)
-    if s == 0:
-        tl.store(m_out + bh, m_new)
-
-
-@triton.jit
 def _step_kernel(
     y_ptr, c_ptr, n_ptr, m_ptr, c_out, n_out, m_out, hw_ptr, hb_ptr, out_ptr, wsn_ptr, wsq_ptr, lock_ptr,
     ldy, q_off, k_off, v_off, o_off, i_off, f_off, scale, eps, norm_eps, cap,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, NSP: tl.constexpr,
-    HAS_HB: tl.constexpr, CAP: tl.constexpr, PDL: tl.constexpr, EARLY: tl.constexpr, LATE: tl.constexpr,
+    HAS_HB: tl.constexpr, CAP: tl.constexpr, PDL: tl.constexpr, EARLY: tl.constexpr,
 ):
     """Grid (cdiv(K, BK), B * H): a program updates BK rows of one head's C (all Dv columns) and
     n, and forms its part of q~ C' and q~ . n'; the last program of the head sums the parts in
@@ -482,26 +474,20 @@ def _step_kernel(
     k = tl.load(row + k_off + hd * K + ok, mask=mk, other=0.0).to(tl.float32)
     v = tl.load(row + v_off + hd * V + ov, mask=mv, other=0.0).to(tl.float32)
     c = fa * c + ia * k[:, None] * v[None, :]
+    tl.store(c_out + coff, c, mask=cm)
     n = fa * n + ia * k
-    if not LATE:
-        tl.store(c_out + coff, c, mask=cm)
-        tl.store(n_out + bh * K + ok, n, mask=mk)
-        if s == 0:
-            tl.store(m_out + bh, m_new)
+    tl.store(n_out + bh * K + ok, n, mask=mk)
+    if s == 0:
+        tl.store(m_out + bh, m_new)
     num = tl.sum(q[:, None] * c, 0)
     qn = tl.sum(q * n, 0)
     if NS == 1:
-        if LATE:
-            _store_state(c, n, m_new, c_out, n_out, m_out, coff, cm, bh, ok, mk, s, K)
         _head_out(num, qn, m_new, row, hd, b, ov, mv, hw_ptr, hb_ptr, out_ptr, o_off, eps, norm_eps, H, V, HAS_HB)
     else:
         tl.store(wsn_ptr + (bh * NS + s) * BV + ov, num)
         tl.store(wsq_ptr + bh * NS + s, qn)
         tl.debug_barrier()
-        last = tl.atomic_add(lock_ptr + bh, 1, sem="acq_rel") == NS - 1
-        if LATE:
-            _store_state(c, n, m_new, c_out, n_out, m_out, coff, cm, bh, ok, mk, s, K)
-        if last:
+        if tl.atomic_add(lock_ptr + bh, 1, sem="acq_rel") == NS - 1:
             js = tl.arange(0, NSP)
             parts = tl.load(wsn_ptr + (bh * NS + js)[:, None] * BV + ov[None, :], mask=(js < NS)[:, None],
                             other=0.0, cache_modifier=".cg")
@@ -558,6 +544,5 @@ def mlstm_head_step(y, sizes, state, head_w, head_b=None, *, num_heads: int, eps
         y, c, n, m, c_out, n_out, m_out, head_w, head_b if head_b is not None else head_w, out, wsn, wsq, lock,
         y.shape[1], *offs, K ** -0.5, float(eps), float(norm_eps), float(gate_cap or 1.0),
         H=H, K=K, V=V, BK=BK, BV=BV, NSP=triton.next_power_of_2(NS), HAS_HB=head_b is not None,
-        CAP=bool(gate_cap), PDL="launch_pdl" in kw, EARLY=early_state and "launch_pdl" in kw,
-        LATE=CONFIG["step"].get("late", True), **kw)
+        CAP=bool(gate_cap), PDL="launch_pdl" in kw, EARLY=early_state and "launch_pdl" in kw, **kw)
     return out, MLSTMState(c_out, n_out, m_out)
