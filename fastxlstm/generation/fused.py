@@ -216,53 +216,44 @@ class FusedStep:
         return logits.unsqueeze(1), new_state
 
     def _hybrid_step(self, input_ids, state):
-        """One GEMM per projection and the decode step kernel (gate caps + mLSTM step + head norm x
-        sigmoid(o)) between. Up to ``ops.decode.SKINNY_ROWS`` rows the GEMMs are skinny_linear with
-        the elementwise work folded into them (residual add + RMSNorm into the input and gate|up
-        GEMMs, silu x up into proj_down): five launches a block. Above, cuBLAS with one row-kernel
-        launch each for the residual add + RMSNorm and silu x up between: eight. The FFN's residual
-        add is the next block's (or the head's)."""
+        """cuBLAS GEMMs; between them one launch each for the residual add + RMSNorm, the gate caps
+        + mLSTM step + head norm x sigmoid(o), and silu x up. The FFN's residual add is the next
+        block's (or the head's)."""
         from ..ops import decode
 
         B, H = input_ids.shape[0], self.num_heads
         lock = self._lock_for(B)
-        skinny = B <= decode.SKINNY_ROWS
         x = self.model.embedding(input_ids[:, 0])                     # (B, E)
         d = None
         new_state = []
-        for w, b_in, (kb_in, kb_up), s in zip(self.blocks, self._in_bias, self._kbias, state):
-            x, y = self._norm_gemm(x, d, w.norm_w, w.norm_b, w.w_in, b_in, kb_in, lock, skinny)
+        lin = self._small_linear(B, lock)
+        for w, b_in, s in zip(self.blocks, self._in_bias, state):
+            x, xn = add_rms_norm(x, d, w.norm_w, w.norm_b, self.eps, self.f32)
+            y = lin(xn, w.w_in, b_in)
             # early_state: as in _kernel_step, the launch before is the input GEMM
             hn, s = decode.mlstm_head_step(y, self.sizes, s, w.head_w, w.head_b, num_heads=H, eps=self.cell_eps,
                                            norm_eps=self.eps, gate_cap=self.gate_cap, lock=lock,
                                            early_state=True, inplace=self.inplace_state)
-            o = decode.skinny_linear(hn, w.out_w, w.out_b, lock=lock) if skinny else F.linear(hn, w.out_w, w.out_b)
-            x, gu = self._norm_gemm(x, o, w.ffn_norm_w, w.ffn_norm_b, w.w_up, w.b_up, kb_up, lock, skinny)
-            if skinny:
-                d = decode.skinny_linear(gu, w.down_w, w.down_b, glu=True, lock=lock)
-            else:
-                d = F.linear(silu_mul(*gu.split(self.ffn_dim, dim=-1)), w.down_w, w.down_b)
+            x, xn = add_rms_norm(x, lin(hn, w.out_w, w.out_b), w.ffn_norm_w, w.ffn_norm_b, self.eps, self.f32)
+            gate, up = lin(xn, w.w_up, w.b_up).split(self.ffn_dim, dim=-1)
+            d = lin(silu_mul(gate, up), w.down_w, w.down_b)
             new_state.append(s)
-        nw, nb = self.out_norm if self.out_norm is not None else (None, None)
-        lm_w = self.model.lm_head.weight
-        if nw is not None:
-            _, logits = self._norm_gemm(x, d, nw, nb, lm_w, None, self._head_bias, lock, skinny)
+        if self.out_norm is not None:
+            _, x = add_rms_norm(x, d, *self.out_norm, self.eps, self.f32)
         else:
-            logits = decode.skinny_linear(x + d, lm_w, lock=lock) if skinny else F.linear(x + d, lm_w)
+            x = x + d
+        logits = lin(x, self.model.lm_head.weight, None)
         if logits.dtype in (torch.float16, torch.bfloat16):
             logits = logits.float()                                 # as the model: the cap needs the range
         return soft_cap(logits, self.logit_cap).unsqueeze(1), new_state
 
-    def _norm_gemm(self, x, d, norm_w, norm_b, w, b, b_folded, lock, skinny: bool):
-        """(s, rms_norm(s) w^T + b) with s = x + d (x when d is None). skinny_linear takes the norm
-        without its bias, folded into the GEMM's (``b_folded``, see _fold)."""
+    def _small_linear(self, batch: int, lock: torch.Tensor):
+        """The hybrid's GEMM: ops.decode.skinny_linear up to 16 rows where ``skinny`` allows, else cuBLAS."""
         from ..ops import decode
 
-        if skinny:
-            out = decode.skinny_linear(x, w, b_folded, d=d, norm_w=norm_w, eps=self.eps, lock=lock)
-            return out if d is not None else (x, out)
-        x, xn = add_rms_norm(x, d, norm_w, norm_b, self.eps, self.f32)
-        return x, F.linear(xn, w, b)
+        if batch <= decode.SKINNY_ROWS:
+            return lambda x, w, b: decode.skinny_linear(x, w, b, lock=lock)
+        return F.linear
 
     def _lock_for(self, batch: int) -> torch.Tensor:
         """The kernels' split-K and per-head counters: int32 zeros, reset by the kernels themselves,

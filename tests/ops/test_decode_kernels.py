@@ -195,36 +195,6 @@ def test_skinny_linear(dtype, M, N, K, splits, bias, monkeypatch):
     assert not lock.any()
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16] + ([torch.bfloat16] if CUDA else []))
-@pytest.mark.parametrize("M", [1, 16])
-@pytest.mark.parametrize("N,K,splits", [(40, 96, None), (130, 200, 3)])
-@pytest.mark.parametrize("mode", ["norm", "residual + norm", "silu(gate) * up"])
-def test_skinny_linear_prologues(dtype, M, N, K, splits, mode, monkeypatch):
-    """The input transforms the decode step fuses into its GEMMs: RMSNorm (from the partial sums of
-    x^2 of every K range), the residual sum (returned, written by the first tile's programs), SwiGLU."""
-    monkeypatch.setitem(decode.triton.skinny.CONFIG, "shapes", {f"{N}x{K}": dict(BK=32, splits=splits)})
-    w, b = rnd(N, K, dtype=dtype, scale=K ** -0.5), rnd(N, dtype=dtype)
-    lock = lock_for(decode.skinny_lock_size(N, K, DEVICE))
-    if mode == "silu(gate) * up":
-        x = rnd(M, 2 * K, dtype=dtype)
-        y = decode.skinny_linear(x, w, b, glu=True, lock=lock)
-        a = x.double()
-        ref = (F.silu(a[:, :K]) * a[:, K:]) @ w.double().T + b.double()
-    else:
-        x, nw = rnd(M, K, dtype=dtype, scale=3.0), rnd(K, dtype=dtype, scale=0.3, shift=1.0)
-        d = rnd(M, K, dtype=dtype) if mode.startswith("residual") else None
-        out = decode.skinny_linear(x, w, b, d=d, norm_w=nw, eps=1e-6, lock=lock)
-        s = x.double() + (d.double() if d is not None else 0)
-        if d is not None:
-            xo, y = out
-            assert_close("x + d", s, xo, dtype)
-        else:
-            y = out
-        ref = rms64(s, nw) @ w.double().T + b.double()
-    assert_close(mode, ref, y, dtype)
-    assert not lock.any()
-
-
 def test_skinny_linear_refuses_bad_input():
     x, w = torch.zeros(17, 8, device=DEVICE), torch.zeros(4, 8, device=DEVICE)
     with pytest.raises(ValueError, match="1 to 16 rows"):
@@ -235,12 +205,6 @@ def test_skinny_linear_refuses_bad_input():
         decode.skinny_linear(x[:2].double(), w.double())
     with pytest.raises(ValueError, match="int32 zeros"):
         decode.skinny_linear(x[:2], w, lock=torch.zeros(1, dtype=torch.int64, device=DEVICE))
-    with pytest.raises(ValueError, match="agree in K"):
-        decode.skinny_linear(x[:2], w, glu=True)                           # glu wants (M, 2K)
-    with pytest.raises(ValueError, match="d must be"):
-        decode.skinny_linear(x[:2], w, d=x[:3])
-    with pytest.raises(ValueError, match="not both"):
-        decode.skinny_linear(torch.zeros(2, 16, device=DEVICE), w, d=x[:2], glu=True)
 
 
 def test_shapes_are_checked():

@@ -31,17 +31,9 @@ SKINNY_ROWS = _BM                                           # the most rows of x
 
 
 @triton.jit
-def _rnd(x, dtype: tl.constexpr):
-    """x rounded to dtype and back to fp32: where an eager op of the model rounds."""
-    return x.to(dtype).to(tl.float32)
-
-
-@triton.jit
-def _skinny_kernel(x_ptr, d_ptr, xo_ptr, nw_ptr, w_ptr, b_ptr, y_ptr, ws_ptr, lock_ptr, M, N, K, K_PER, eps,
-                   HAS_B: tl.constexpr, HAS_D: tl.constexpr, NORM: tl.constexpr, GLU: tl.constexpr,
-                   SPLITS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-                   PREC: tl.constexpr, PDL: tl.constexpr):
-    dt: tl.constexpr = x_ptr.dtype.element_ty
+def _skinny_kernel(x_ptr, w_ptr, b_ptr, y_ptr, ws_ptr, lock_ptr, M, N, K, K_PER,
+                   HAS_B: tl.constexpr, SPLITS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                   BK: tl.constexpr, PREC: tl.constexpr, PDL: tl.constexpr):
     pid = tl.program_id(0)
     t = pid // SPLITS
     sp = pid - t * SPLITS
@@ -51,57 +43,31 @@ def _skinny_kernel(x_ptr, d_ptr, xo_ptr, nw_ptr, w_ptr, b_ptr, y_ptr, ws_ptr, lo
     mm = rm < M
     k0 = sp * K_PER
     k1 = tl.minimum(k0 + K_PER, K)
-    ldx = 2 * K if GLU else K
     _pdl_enter(PDL)
     wrow = w_ptr + rn.to(tl.int64)[:, None] * K
     acc = tl.zeros([BN, BM], dtype=tl.float32)
-    ss = tl.zeros([BM], dtype=tl.float32)
     for kk in range(k0, k1, BK):
         ok = kk + tl.arange(0, BK)
         mk = ok < k1
         w = tl.load(wrow + ok[None, :], mask=mn[:, None] & mk[None, :], other=0.0)
-        xm = mm[:, None] & mk[None, :]
-        x = tl.load(x_ptr + rm[:, None] * ldx + ok[None, :], mask=xm, other=0.0).to(tl.float32)
-        if GLU:                                             # silu(gate) * up, rounded as the model's ops
-            up = tl.load(x_ptr + rm[:, None] * ldx + K + ok[None, :], mask=xm, other=0.0).to(tl.float32)
-            x = _rnd(_rnd(x / (1.0 + tl.exp(-x)), dt) * up, dt)
-        if HAS_D:                                           # the residual sum x + d
-            x = _rnd(x + tl.load(d_ptr + rm[:, None] * K + ok[None, :], mask=xm, other=0.0).to(tl.float32), dt)
-        if NORM:
-            ss += tl.sum(x * x, 1)
-            x = x * tl.load(nw_ptr + ok, mask=mk, other=0.0).to(tl.float32)[None, :]
+        x = tl.load(x_ptr + rm[:, None] * K + ok[None, :], mask=mm[:, None] & mk[None, :], other=0.0)
         acc += tl.dot(w, tl.trans(x.to(w.dtype)), input_precision=PREC)
     if SPLITS > 1:
         tile = tl.arange(0, BN)[:, None] * BM + tl.arange(0, BM)[None, :]
-        slab = ws_ptr + (t.to(tl.int64) * SPLITS + sp) * (BN * BM + BM)
-        tl.store(slab + tile, acc)
-        tl.store(slab + BN * BM + rm, ss)
+        tl.store(ws_ptr + (t.to(tl.int64) * SPLITS + sp) * (BN * BM) + tile, acc)
         tl.debug_barrier()                                  # every thread's partials precede the release
         if tl.atomic_add(lock_ptr + t, 1, sem="acq_rel") == SPLITS - 1:
             acc = tl.zeros([BN, BM], dtype=tl.float32)
-            ss = tl.zeros([BM], dtype=tl.float32)
             for j in range(0, SPLITS):
-                part = ws_ptr + (t.to(tl.int64) * SPLITS + j) * (BN * BM + BM)
-                acc += tl.load(part + tile, cache_modifier=".cg")
-                ss += tl.load(part + BN * BM + rm, cache_modifier=".cg")
+                acc += tl.load(ws_ptr + (t.to(tl.int64) * SPLITS + j) * (BN * BM) + tile, cache_modifier=".cg")
             tl.store(lock_ptr + t, 0)                       # ready for the next launch
-            _skinny_out(acc, ss, b_ptr, y_ptr, rn, rm, mn, mm, N, K, eps, HAS_B, NORM)
+            _skinny_out(acc, b_ptr, y_ptr, rn, rm, mn, mm, N, HAS_B)
     else:
-        _skinny_out(acc, ss, b_ptr, y_ptr, rn, rm, mn, mm, N, K, eps, HAS_B, NORM)
-    if HAS_D:
-        if t == 0:                                          # the first tile's programs write x + d
-            for kk in range(k0, k1, BK):
-                ok = kk + tl.arange(0, BK)
-                xm = mm[:, None] & (ok < k1)[None, :]
-                x = tl.load(x_ptr + rm[:, None] * K + ok[None, :], mask=xm, other=0.0).to(tl.float32)
-                x += tl.load(d_ptr + rm[:, None] * K + ok[None, :], mask=xm, other=0.0).to(tl.float32)
-                tl.store(xo_ptr + rm[:, None] * K + ok[None, :], x.to(dt), mask=xm)
+        _skinny_out(acc, b_ptr, y_ptr, rn, rm, mn, mm, N, HAS_B)
 
 
 @triton.jit
-def _skinny_out(acc, ss, b_ptr, y_ptr, rn, rm, mn, mm, N, K, eps, HAS_B: tl.constexpr, NORM: tl.constexpr):
-    if NORM:                                                # W (x * rstd * w_norm) = rstd * (W (x * w_norm))
-        acc = acc * tl.rsqrt(ss / K + eps)[None, :]
+def _skinny_out(acc, b_ptr, y_ptr, rn, rm, mn, mm, N, HAS_B: tl.constexpr):
     if HAS_B:
         acc = acc + tl.load(b_ptr + rn, mask=mn, other=0.0).to(tl.float32)[:, None]
     tl.store(y_ptr + rm[None, :] * N + rn[:, None], acc.to(y_ptr.dtype.element_ty), mask=mn[:, None] & mm[None, :])
@@ -129,48 +95,33 @@ def skinny_lock_size(N: int, K: int, device: torch.device | str = "cuda") -> int
     return _plan(N, K, torch.device(device))["tiles"]
 
 
-def skinny_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None, *, d: torch.Tensor | None = None,
-                  norm_w: torch.Tensor | None = None, eps: float = 0.0, glu: bool = False,
-                  lock: torch.Tensor | None = None):
-    """y = x' w^T + b for x (M, K) with M <= 16, w (N, K) row-major (nn.Linear), b (N,), in w's
-    dtype, summed in float32, where x' is x with, in this order:
-    glu: x is (M, 2K) and x' = silu(x[:, :K]) * x[:, K:];  d: x' = x + d, returned too;
-    norm_w: x' = rms_norm(x') * norm_w (eps; no norm bias: fold it into b, as b + W norm_bias).
-    Each is rounded to x's dtype where the model's eager op rounds, except the normalised x', which
-    is not rounded (W (x' rstd w_norm) is formed as rstd (W (x' w_norm))): the same function within
-    the dtype's rounding. Returns y, or (x + d, y) when d is given.
-    lock: int32 zeros, at least ``skinny_lock_size(N, K)``; the kernel leaves them zero (one buffer
-    serves launches that run one after another)."""
-    K = w.shape[-1]
-    if x.dim() != 2 or w.dim() != 2 or x.shape[1] != (2 * K if glu else K):
-        raise ValueError(f"x (M, {'2K' if glu else 'K'}) and w (N, K) must agree in K, got {tuple(x.shape)} "
-                         f"and {tuple(w.shape)}")
+def skinny_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None, *,
+                  lock: torch.Tensor | None = None) -> torch.Tensor:
+    """x (M, K) with M <= 16, w (N, K) row-major (nn.Linear), b (N,): x w^T + b in w's dtype,
+    summed in float32. lock: int32 zeros, at least ``skinny_lock_size(N, K)``; the kernel
+    leaves them zero (one buffer serves launches that run one after another)."""
+    if x.dim() != 2 or w.dim() != 2 or x.shape[1] != w.shape[1]:
+        raise ValueError(f"x (M, K) and w (N, K) must agree in K, got {tuple(x.shape)} and {tuple(w.shape)}")
     if not 1 <= x.shape[0] <= SKINNY_ROWS:
-        raise ValueError(f"skinny_linear takes 1 to {SKINNY_ROWS} rows, got {x.shape[0]}")
+        raise ValueError(f"skinny_linear takes 1 to {_BM} rows, got {x.shape[0]}")
     if w.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise ValueError(f"skinny_linear takes float32, bfloat16 or float16 weights, got {w.dtype}")
-    if glu and d is not None:
-        raise ValueError("skinny_linear takes glu or d, not both")
-    if d is not None and d.shape != (x.shape[0], K):
-        raise ValueError(f"d must be {(x.shape[0], K)}, got {tuple(d.shape)}")
-    M, N = x.shape[0], w.shape[0]
+    M, K = x.shape
+    N = w.shape[0]
     x, w = x.contiguous(), w.contiguous()
-    d = d.contiguous() if d is not None else None
     p = _plan(N, K, x.device)
     if lock is None:
         lock = torch.zeros(p["tiles"], device=x.device, dtype=torch.int32)
     elif lock.numel() < p["tiles"] or lock.dtype != torch.int32:
         raise ValueError(f"lock must be int32 zeros of at least {p['tiles']} elements")
     y = torch.empty(M, N, device=x.device, dtype=w.dtype)
-    xo = torch.empty_like(x) if d is not None else x
-    ws = torch.empty(p["tiles"] * p["splits"] * (p["BN"] + 1) * _BM if p["splits"] > 1 else 1, device=x.device,
+    ws = torch.empty(p["tiles"] * p["splits"] * p["BN"] * _BM if p["splits"] > 1 else 1, device=x.device,
                      dtype=torch.float32)
     kw = dict(num_warps=p["W"], num_stages=p["S"])
     if use_pdl(x, p["pdl"]):
         kw["launch_pdl"] = True
     _skinny_kernel[(p["tiles"] * p["splits"],)](
-        x, d if d is not None else x, xo, norm_w if norm_w is not None else w, w, b if b is not None else w, y, ws,
-        lock, M, N, K, p["k_per"], float(eps), HAS_B=b is not None, HAS_D=d is not None, NORM=norm_w is not None,
-        GLU=glu, SPLITS=p["splits"], BM=_BM, BN=p["BN"], BK=p["BK"],
-        PREC="ieee" if w.dtype == torch.float32 else "tf32", PDL="launch_pdl" in kw, **kw)
-    return (xo, y) if d is not None else y
+        x, w, b if b is not None else w, y, ws, lock, M, N, K, p["k_per"], HAS_B=b is not None,
+        SPLITS=p["splits"], BM=_BM, BN=p["BN"], BK=p["BK"], PREC="ieee" if w.dtype == torch.float32 else "tf32",
+        PDL="launch_pdl" in kw, **kw)
+    return y
