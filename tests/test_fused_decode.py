@@ -94,6 +94,17 @@ def test_hybrid_step_equals_the_model_step(name, dtype):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="runs the kernels on CPU tensors under the interpreter")
+@pytest.mark.parametrize("name", ["default", "bias, no out norm, tied"])
+def test_hybrid_step_above_the_skinny_rows_equals_the_model_step(name):
+    # past ops.decode.SKINNY_ROWS the hybrid's GEMMs are F.linear
+    pytest.importorskip("triton")
+    from fastxlstm.ops import decode
+
+    model = random_model(variant(name), dtype=torch.float32, scale=0.3)
+    assert_step_equal(*step_both(model, B=decode.SKINNY_ROWS + 1, kernels=None, hybrid=True), torch.float32)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="runs the kernels on CPU tensors under the interpreter")
 @pytest.mark.parametrize("kernels,hybrid", [(True, None), (None, True)])
 def test_kernel_steps_update_the_state_in_place_when_asked(kernels, hybrid):
     pytest.importorskip("triton")
