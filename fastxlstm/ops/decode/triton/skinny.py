@@ -24,7 +24,7 @@ from ...rowwise.triton import _pdl_enter, use_pdl
 # 32 weight copies in one CUDA graph, against cuBLAS in the same process): out_proj 10.8 vs 13.1 us,
 # in 28.7 vs 29.5, gate|up 47.8 vs 47.9, down (BK 256) 24.8 vs 28.7, LM head (ctas 2) 100.8 vs
 # 124.5; batch 1 alike. 8 warps, BN 128 or 32, deeper pipelines or more splits were slower.
-CONFIG = dict(BN=64, BK=128, W=4, S=4, ctas=1, pdl=True, prefetch=4,
+CONFIG = dict(BN=64, BK=128, W=4, S=4, ctas=1, pdl=True,
               shapes={"4096x10944": dict(BK=256), "50304x4096": dict(ctas=2)})
 _BM = 16
 SKINNY_ROWS = _BM                                           # the most rows of x it takes
@@ -33,8 +33,7 @@ SKINNY_ROWS = _BM                                           # the most rows of x
 @triton.jit
 def _skinny_kernel(x_ptr, w_ptr, b_ptr, y_ptr, ws_ptr, lock_ptr, M, N, K, K_PER,
                    HAS_B: tl.constexpr, SPLITS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-                   BK: tl.constexpr, PREC: tl.constexpr, PDL: tl.constexpr, PREFETCH: tl.constexpr,
-                   LINE: tl.constexpr):
+                   BK: tl.constexpr, PREC: tl.constexpr, PDL: tl.constexpr):
     pid = tl.program_id(0)
     t = pid // SPLITS
     sp = pid - t * SPLITS
@@ -44,10 +43,8 @@ def _skinny_kernel(x_ptr, w_ptr, b_ptr, y_ptr, ws_ptr, lock_ptr, M, N, K, K_PER,
     mm = rm < M
     k0 = sp * K_PER
     k1 = tl.minimum(k0 + K_PER, K)
-    wrow = w_ptr + rn.to(tl.int64)[:, None] * K
-    if PREFETCH > 0:                                        # the first weight tiles into L2 while the previous
-        _prefetch_l2(w_ptr, wrow, mn, k0, k1, PREFETCH * BK, LINE)   # launch drains (weights never depend on it)
     _pdl_enter(PDL)
+    wrow = w_ptr + rn.to(tl.int64)[:, None] * K
     acc = tl.zeros([BN, BM], dtype=tl.float32)
     for kk in range(k0, k1, BK):
         ok = kk + tl.arange(0, BK)
@@ -67,16 +64,6 @@ def _skinny_kernel(x_ptr, w_ptr, b_ptr, y_ptr, ws_ptr, lock_ptr, M, N, K, K_PER,
             _skinny_out(acc, b_ptr, y_ptr, rn, rm, mn, mm, N, HAS_B)
     else:
         _skinny_out(acc, b_ptr, y_ptr, rn, rm, mn, mm, N, HAS_B)
-
-
-@triton.jit
-def _prefetch_l2(w_ptr, wrow, mn, k0, k1, COLS: tl.constexpr, LINE: tl.constexpr):
-    """prefetch.global.L2 of the 128-byte lines (LINE elements) of columns k0 .. k0 + COLS of the
-    program's weight rows; lines outside the rows or the range prefetch the first line of w."""
-    off = k0 + tl.arange(0, COLS // LINE) * LINE
-    ptrs = tl.where(mn[:, None] & (off < k1)[None, :], wrow + off[None, :], w_ptr)
-    tl.inline_asm_elementwise("prefetch.global.L2 [$1];\n\tmov.u32 $0, 0;", "=r,l", [ptrs], dtype=tl.int32,
-                              is_pure=False, pack=1)
 
 
 @triton.jit
@@ -133,9 +120,8 @@ def skinny_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = Non
     kw = dict(num_warps=p["W"], num_stages=p["S"])
     if use_pdl(x, p["pdl"]):
         kw["launch_pdl"] = True
-    line = 128 // w.element_size()
     _skinny_kernel[(p["tiles"] * p["splits"],)](
         x, w, b if b is not None else w, y, ws, lock, M, N, K, p["k_per"], HAS_B=b is not None,
         SPLITS=p["splits"], BM=_BM, BN=p["BN"], BK=p["BK"], PREC="ieee" if w.dtype == torch.float32 else "tf32",
-        PDL="launch_pdl" in kw, PREFETCH=p["prefetch"] if "launch_pdl" in kw else 0, LINE=line, **kw)
+        PDL="launch_pdl" in kw, **kw)
     return y
