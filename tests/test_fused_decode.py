@@ -1,6 +1,7 @@
 """The fused decode step (generation/fused.py) equals the model's one-token forward, and generation
 through it equals generation through ``model(token, state)``; both of its paths: the compiled
-pieces and the decode kernels (ops/decode/triton, on the CPU under TRITON_INTERPRET=1)."""
+pieces and the hybrid (skinny_linear GEMMs with the row and step kernels between; on the CPU
+under TRITON_INTERPRET=1)."""
 
 import functools
 import os
@@ -31,14 +32,14 @@ def variant(name, **over):
     return ModelConfig(**{**CFG.to_dict(), **VARIANTS[name], **over})
 
 
-def step_both(model, B=3, seed=2, kernels=False, hybrid=None):
+def step_both(model, B=3, seed=2, hybrid=None):
     """(model's logits and state, fused step's logits and state) for one token after a prompt."""
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, model.cfg.vocab_size, (B, 11), generator=g)
     with torch.inference_mode():
         _, state = model(ids[:, :10])
         ref = model(ids[:, 10:], state)
-        step = FusedStep(model, compile=False, kernels=kernels, hybrid=hybrid)
+        step = FusedStep(model, compile=False, hybrid=hybrid)
         assert step.uses_hybrid(B) == bool(hybrid)
         out = step(ids[:, 10:], state)
     return ref, out
@@ -67,30 +68,16 @@ def test_fused_step_in_bfloat16_equals_the_model_to_its_rounding():
     assert_step_equal(*step_both(model), torch.bfloat16)
 
 
-# The decode kernels on the CPU (interpreter): bfloat16 at batch 1 only, the interpreter's bf16 dot
-# being wrong (tests/ops/test_decode_kernels.py); float16 and float32 run the batch > 1 dot path.
-KERNEL_CASES = [(torch.float32, 1), (torch.float32, 3), (torch.float16, 3), (torch.bfloat16, 1)]
-
-
-@pytest.mark.skipif(torch.cuda.is_available(), reason="runs the kernels on CPU tensors under the interpreter, "
-                    "which a CUDA machine does not set; tests/ops/test_decode_kernels.py covers them there")
-@pytest.mark.parametrize("name", list(VARIANTS))
-@pytest.mark.parametrize("dtype,B", KERNEL_CASES)
-def test_kernel_step_equals_the_model_step(name, dtype, B):
-    pytest.importorskip("triton")
-    model = random_model(variant(name), dtype=dtype, scale=0.1 if dtype != torch.float32 else 0.3)
-    assert_step_equal(*step_both(model, B=B, kernels=True), dtype)
-
-
 @pytest.mark.skipif(torch.cuda.is_available(), reason="runs the kernels on CPU tensors under the interpreter, "
                     "which a CUDA machine does not set; the GPU test below covers the hybrid there")
 @pytest.mark.parametrize("name", list(VARIANTS))
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_hybrid_step_equals_the_model_step(name, dtype):
-    # cuBLAS-style GEMMs (F.linear) with the row kernels and the decode step kernel between them
+@pytest.mark.parametrize("dtype,B", [(torch.float32, 1), (torch.float32, 3), (torch.float16, 3)])
+def test_hybrid_step_equals_the_model_step(name, dtype, B):
+    # skinny_linear GEMMs with the row kernels and the decode step kernel between them. bfloat16 runs
+    # on the GPU only: the interpreter's bfloat16 tl.dot is wrong (tests/ops/test_decode_kernels.py)
     pytest.importorskip("triton")
     model = random_model(variant(name), dtype=dtype, scale=0.1 if dtype != torch.float32 else 0.3)
-    assert_step_equal(*step_both(model, B=3, kernels=None, hybrid=True), dtype)
+    assert_step_equal(*step_both(model, B=B, hybrid=True), dtype)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="runs the kernels on CPU tensors under the interpreter")
@@ -101,12 +88,11 @@ def test_hybrid_step_above_the_skinny_rows_equals_the_model_step(name):
     from fastxlstm.ops import decode
 
     model = random_model(variant(name), dtype=torch.float32, scale=0.3)
-    assert_step_equal(*step_both(model, B=decode.SKINNY_ROWS + 1, kernels=None, hybrid=True), torch.float32)
+    assert_step_equal(*step_both(model, B=decode.SKINNY_ROWS + 1, hybrid=True), torch.float32)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="runs the kernels on CPU tensors under the interpreter")
-@pytest.mark.parametrize("kernels,hybrid", [(True, None), (None, True)])
-def test_kernel_steps_update_the_state_in_place_when_asked(kernels, hybrid):
+def test_hybrid_step_updates_the_state_in_place_when_asked():
     pytest.importorskip("triton")
     model = random_model(dtype=torch.float32, scale=0.3)
     ids = torch.randint(0, model.cfg.vocab_size, (3, 6), generator=torch.Generator().manual_seed(4))
@@ -114,32 +100,29 @@ def test_kernel_steps_update_the_state_in_place_when_asked(kernels, hybrid):
         _, state = model(ids[:, :5])
         ref = model(ids[:, 5:], state)
         given = [type(s)(*(t.clone() for t in s)) for s in state]
-        logits, new = FusedStep(model, compile=False, kernels=kernels, hybrid=hybrid, inplace_state=True)(ids[:, 5:], given)
+        logits, new = FusedStep(model, compile=False, hybrid=True, inplace_state=True)(ids[:, 5:], given)
     assert all(s.c is g.c and s.n is g.n for s, g in zip(new, given))
     assert_step_equal(ref, (logits, new), torch.float32)
 
 
-def test_path_by_batch_size_on_cuda(monkeypatch):
+def test_path_by_batch_size_on_cuda():
     model = random_model(dtype=torch.float32)
     step = FusedStep(model, compile=False)
-    assert not step.uses_kernels(1) and not step.uses_hybrid(1)          # CPU: exact eager PyTorch
-    step._kernels_fit = True                                             # as on CUDA
-    for limit in (0, 1):                                                 # the decode kernels up to the limit
-        monkeypatch.setattr(FusedStep, "max_kernel_batch", limit)
-        assert step.uses_kernels(1) == (limit >= 1) and not step.uses_kernels(limit + 1)
-        assert step.uses_hybrid(limit + 1) and step.uses_hybrid(1) == (limit == 0)       # then the hybrid
-    assert step.uses_hybrid(FusedStep.max_hybrid_batch) and not step.uses_hybrid(FusedStep.max_hybrid_batch + 1)
-    assert not FusedStep(model, compile=False, kernels=False).uses_kernels(1)
-    no_triton = FusedStep(model, compile=False, kernels=False)
-    no_triton._kernels_fit = True
-    assert not no_triton.uses_hybrid(1)                                  # kernels=False: compiled pieces
+    assert not step.uses_hybrid(1)                                       # CPU: exact eager PyTorch
+    step._hybrid_fits = True                                             # as on CUDA
+    assert step.uses_hybrid(1) and step.uses_hybrid(FusedStep.max_hybrid_batch)
+    assert not step.uses_hybrid(FusedStep.max_hybrid_batch + 1)         # then the compiled pieces
+    forced = FusedStep(model, compile=False, hybrid=False)
+    forced._hybrid_fits = True
+    assert not forced.uses_hybrid(1)
 
 
-def test_generation_through_the_kernel_step_equals_the_model_step(fake_graphs, monkeypatch):  # noqa: F811
+def test_generation_through_the_hybrid_step_equals_the_model_step(fake_graphs, monkeypatch):  # noqa: F811
+    # the engine's decoders hand their state to the step kernel to update in place
     pytest.importorskip("triton")
     import fastxlstm.generation.engine as engine
 
-    monkeypatch.setattr(engine, "FusedStep", functools.partial(FusedStep, kernels=True))
+    monkeypatch.setattr(engine, "FusedStep", functools.partial(FusedStep, hybrid=True))
     model = random_model(dtype=torch.float32)
     prompts = prompts_of([5, 7, 3])
     kw = dict(max_new_tokens=9, temperature=0.9, top_k=40, seed=[1, 2, 3])
@@ -229,10 +212,10 @@ GPU_7B_HEADS = ModelConfig(vocab_size=4096, embedding_dim=4096, num_heads=8, num
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("B,kernels", [(1, None), (1, True), (16, True), (16, None), (1, False), (16, False)])
-def test_gpu_fused_step_equals_the_model_step_bf16(B, kernels):
-    """Batches up to max_hybrid_batch take the hybrid (cuBLAS, row and step kernels) by default,
-    the decode kernels when asked, the compiled pieces with kernels=False."""
+@pytest.mark.parametrize("B,hybrid", [(1, None), (16, None), (20, None), (1, False), (16, False)])
+def test_gpu_fused_step_equals_the_model_step_bf16(B, hybrid):
+    """Batches up to max_hybrid_batch take the hybrid (skinny_linear up to 16 rows, cuBLAS above,
+    with the row and step kernels between) by default, the compiled pieces with hybrid=False."""
     torch.manual_seed(0)
     model = XLSTMLarge(GPU_7B_HEADS).to(device="cuda", dtype=torch.bfloat16)
     g = torch.Generator().manual_seed(3)
@@ -240,16 +223,15 @@ def test_gpu_fused_step_equals_the_model_step_bf16(B, kernels):
     with torch.inference_mode():
         _, state = model(ids[:, :69])
         ref_logits, ref_state = model(ids[:, 69:], state)
-        step = FusedStep(model, kernels=kernels)                          # compiled on CUDA
-        assert step.uses_kernels(B) == (kernels or (kernels is None and B <= FusedStep.max_kernel_batch))
-        assert step.uses_hybrid(B) == (kernels is None and FusedStep.max_kernel_batch < B <= FusedStep.max_hybrid_batch)
+        step = FusedStep(model, hybrid=hybrid)                            # compiled on CUDA
+        assert step.uses_hybrid(B) == (hybrid is None and B <= FusedStep.max_hybrid_batch)
         for _ in range(2):                                                # the second call: compiled code
             logits, new_state = step(ids[:, 69:], state)
     assert_step_equal((ref_logits, ref_state), (logits, new_state), torch.bfloat16)
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("lengths", [[5, 130, 12], [130]])                # batch 1: the decode kernels
+@pytest.mark.parametrize("lengths", [[5, 130, 12], [130]])
 @pytest.mark.parametrize("kw", [dict(), dict(temperature=0.9, top_k=40, seed=[1, 2, 3])])
 def test_gpu_fused_graph_decode_equals_model_step(kw, lengths):
     from .test_generate import GPU_CFG

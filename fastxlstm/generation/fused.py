@@ -20,18 +20,14 @@ bf16 = 9.0 GB while decoding, on top of the model's 13.7 GB. Every other weight 
 The formulas mirror layers/common.py and layers/mlstm.py; tests/test_fused_decode.py holds them to
 the model's forward.
 
-Decode kernels (``kernels=True``, float32/bfloat16/float16): the Triton kernels of ops/decode/triton
-run a block in five launches instead, each streaming its weights (RMSNorm + the q|k|v|o|i|f GEMV +
-gate caps; the mLSTM step + head norm x sigmoid(o); out_proj + residual; RMSNorm + the gate|up
-GEMV + SwiGLU; proj_down), and the head in one (residual + out norm + LM head + logit cap). They
-read the same concatenated weights. The default on CUDA is the hybrid path: one GEMM per
-projection (``ops.decode.skinny_linear`` up to 16 rows, a split-K kernel that streams the weights
-faster than cuBLAS's small-batch kernels; cuBLAS above), with one launch each between them for the
-residual add + RMSNorm and silu x up (ops/rowwise) and for the gate caps + mLSTM step + head norm
-x sigmoid(o) (the decode step kernel): eight launches a block. 7B on the H200, chained steps in one
-CUDA graph, one process (run 53): batch 1 246.7 tokens/s against 220.5 for the decode kernels and
-232.5 for the hybrid on cuBLAS; batch 16 3,012 against 2,887 on cuBLAS. ``max_hybrid_batch`` bounds
-it; above, the compiled pieces.
+The hybrid path (CUDA, the default up to ``max_hybrid_batch`` rows): one GEMM per projection
+(``ops.decode.skinny_linear`` up to 16 rows, a split-K kernel that streams the weights faster than
+cuBLAS's small-batch kernels; cuBLAS above) with one launch each between them for the residual add
++ RMSNorm and silu x up (ops/rowwise) and for the gate caps + mLSTM step + head norm x sigmoid(o)
+(ops.decode.mlstm_head_step): eight launches a block. 7B on the H200, chained steps in one CUDA
+graph, one process (run 53): batch 1 246.7 tokens/s against 220.5 for the GEMV kernels that ran a
+block in five launches (removed since) and 232.5 on cuBLAS; batch 16 3,012 against 2,887 on cuBLAS.
+Above ``max_hybrid_batch``, the compiled pieces.
 """
 
 from __future__ import annotations
@@ -69,27 +65,22 @@ class _BlockWeights(NamedTuple):
 class FusedStep:
     """The decode step of ``model`` (an XLSTMLarge) with fused projections and elementwise work.
 
-    compile: run the pieces through torch.compile (default: on CUDA). kernels: run the decode kernels
-    (ops/decode/triton); None: on CUDA for batches up to ``max_kernel_batch`` (0) in float32/bfloat16/float16,
-    True: at every batch size (also on the CPU under TRITON_INTERPRET=1, for tests), False: never.
-    hybrid: cuBLAS GEMMs with the row and step kernels between them, for the batches the decode
-    kernels do not take; None: where the kernels would fit (CUDA) up to ``max_hybrid_batch``, True:
-    at every batch (also on the CPU under TRITON_INTERPRET=1, for tests), False or kernels=False:
-    the compiled pieces instead.
-    inplace_state: the decode kernels' step (batches on the kernel or hybrid path) writes the new C
-    and n over the state it is given, which the caller gives up (the engine's decoders own theirs):
-    no state copy at a CUDA graph's end. Off by default: states are values.
+    compile: run the pieces through torch.compile (default: on CUDA). hybrid: one GEMM per
+    projection with the row and step kernels between them; None: on CUDA up to
+    ``max_hybrid_batch`` rows (float32/bfloat16/float16 weights), True: at every batch (also on the
+    CPU under TRITON_INTERPRET=1, for tests), False: the compiled pieces.
+    inplace_state: the hybrid's step kernel writes the new C and n over the state it is given,
+    which the caller gives up (the engine's decoders own theirs): no state copy at a CUDA graph's
+    end. Off by default: states are values.
     The weights are read from the model when this is built: rebuild after changing them.
     """
 
-    # the decode kernels only when asked for: the hybrid beats them at batch 1 (run 53, see above)
-    max_kernel_batch = 0
     # the hybrid against the compiled pieces, 7B shape on the H200 (run 24, chained steps in one CUDA
     # graph): 2,697 vs 2,592 tokens/s at batch 16, 6,612 vs 6,859 at batch 64
     max_hybrid_batch = 32
 
-    def __init__(self, model, *, compile: bool | None = None, kernels: bool | None = None,
-                 hybrid: bool | None = None, inplace_state: bool = False):
+    def __init__(self, model, *, compile: bool | None = None, hybrid: bool | None = None,
+                 inplace_state: bool = False):
         from ..model import XLSTMLarge
 
         if not isinstance(model, XLSTMLarge):
@@ -112,17 +103,12 @@ class FusedStep:
         use_compile = self.device.type == "cuda" if compile is None else compile
         self._in, self._out, self._head = ((_compiled("in"), _compiled("out"), _compiled("head")) if use_compile
                                            else (_mlstm_in, _mlstm_out_ffn, _head))
-        self.kernels = kernels
         self.hybrid = hybrid
         self.inplace_state = inplace_state
-        self._kernels_fit = (self.device.type == "cuda" and ops.triton_available()
+        self._hybrid_fits = (self.device.type == "cuda" and ops.triton_available()
                              and model.embedding.weight.dtype in (torch.float32, torch.bfloat16, torch.float16))
         self._lock = None
-        # the kernels' RMSNorm has no bias: a norm bias is folded into the bias of the GEMV after it
         with torch.no_grad():
-            self._kbias = [self._fold(w) for w in self.blocks]
-            self._head_bias = (_fold_norm_bias(model.lm_head.weight, None, self.out_norm[1])
-                               if self.out_norm is not None else None)
             self._in_bias = [w.b_in if w.b_in.any() else None for w in self.blocks]   # no all-zero bias add
 
     @staticmethod
@@ -140,21 +126,11 @@ class FusedStep:
                              layer.out_proj.weight, layer.out_proj.bias, block.norm_ffn.weight, block.norm_ffn.bias,
                              w_up, b_up, ffn.proj_down.weight, ffn.proj_down.bias)
 
-    def _fold(self, w: _BlockWeights) -> tuple:
-        b_in = _fold_norm_bias(w.w_in, w.b_in, w.norm_b)
-        return (b_in if w.norm_b is not None or w.b_in.any() else None), _fold_norm_bias(w.w_up, w.b_up, w.ffn_norm_b)
-
-    def uses_kernels(self, batch: int) -> bool:
-        """Whether a step of this batch size runs the decode kernels."""
-        if self.kernels is not None:
-            return self.kernels
-        return self._kernels_fit and batch <= self.max_kernel_batch
-
     def uses_hybrid(self, batch: int) -> bool:
-        """Whether a step of this batch size runs cuBLAS with the row and step kernels between."""
-        if self.kernels is False or self.hybrid is False or self.uses_kernels(batch):
-            return False
-        return bool(self.hybrid) or (self._kernels_fit and batch <= self.max_hybrid_batch)
+        """Whether a step of this batch size runs the hybrid path (GEMMs with the row and step kernels between)."""
+        if self.hybrid is not None:
+            return self.hybrid
+        return self._hybrid_fits and batch <= self.max_hybrid_batch
 
     @property
     def extra_bytes(self) -> int:
@@ -167,8 +143,6 @@ class FusedStep:
             raise ValueError(f"the fused step takes one token per row, (B, 1), got {tuple(input_ids.shape)}")
         if state is None or len(state) != len(self.blocks):
             raise ValueError(f"the fused step needs a state of {len(self.blocks)} blocks")
-        if self.uses_kernels(input_ids.shape[0]):
-            return self._kernel_step(input_ids, state)
         if self.uses_hybrid(input_ids.shape[0]):
             return self._hybrid_step(input_ids, state)
         x = self.model.embedding(input_ids[:, 0])                     # (B, E)
@@ -186,35 +160,6 @@ class FusedStep:
                             self.eps, self.f32, self.logit_cap)
         return logits.unsqueeze(1), new_state
 
-    def _kernel_step(self, input_ids, state):
-        """The step through ops/decode/triton: five launches a block, one for the head."""
-        from ..ops import decode
-
-        B, H = input_ids.shape[0], self.num_heads
-        lock = self._lock_for(B)
-        cap_from = sum(self.sizes) - 2 * H                           # the i and f columns are capped
-        x = self.model.embedding(input_ids[:, 0])                     # (B, E)
-        d = None
-        new_state = []
-        for w, (b_in, b_up), s in zip(self.blocks, self._kbias, state):
-            x, y = decode.norm_linear(x, d, w.norm_w, w.w_in, b_in, eps=self.eps, cap=self.gate_cap,
-                                      cap_from=cap_from, lock=lock)
-            # early_state: the launch before the step kernel is the input GEMV, which never writes the
-            # state, so the state is read while it drains (B1 215.6 -> 217.5, B16 2,868 -> 2,875
-            # tokens/s, run 41, one process)
-            h, s = decode.mlstm_head_step(y, self.sizes, s, w.head_w, w.head_b, num_heads=H, eps=self.cell_eps,
-                                          norm_eps=self.eps, lock=lock, early_state=True,
-                                          inplace=self.inplace_state)
-            x = decode.linear(h, w.out_w, w.out_b, residual=x, lock=lock)
-            d = decode.linear(decode.norm_swiglu(x, w.ffn_norm_w, w.w_up, b_up, eps=self.eps, lock=lock),
-                              w.down_w, w.down_b, lock=lock)
-            new_state.append(s)
-        lm_w = self.model.lm_head.weight
-        out = torch.float32 if lm_w.dtype in (torch.float16, torch.bfloat16) else lm_w.dtype
-        _, logits = decode.norm_linear(x, d, self.out_norm[0] if self.out_norm is not None else None, lm_w,
-                                       self._head_bias, eps=self.eps, cap=self.logit_cap, out_dtype=out, lock=lock)
-        return logits.unsqueeze(1), new_state
-
     def _hybrid_step(self, input_ids, state):
         """cuBLAS GEMMs; between them one launch each for the residual add + RMSNorm, the gate caps
         + mLSTM step + head norm x sigmoid(o), and silu x up. The FFN's residual add is the next
@@ -230,7 +175,9 @@ class FusedStep:
         for w, b_in, s in zip(self.blocks, self._in_bias, state):
             x, xn = add_rms_norm(x, d, w.norm_w, w.norm_b, self.eps, self.f32)
             y = lin(xn, w.w_in, b_in)
-            # early_state: as in _kernel_step, the launch before is the input GEMM
+            # early_state: the launch before the step kernel is the input GEMM, which never writes the
+            # state, so with PDL the state is read while it drains (B1 215.6 -> 217.5, B16 2,868 ->
+            # 2,875 tokens/s, run 41, one process)
             hn, s = decode.mlstm_head_step(y, self.sizes, s, w.head_w, w.head_b, num_heads=H, eps=self.cell_eps,
                                            norm_eps=self.eps, gate_cap=self.gate_cap, lock=lock,
                                            early_state=True, inplace=self.inplace_state)
@@ -256,22 +203,15 @@ class FusedStep:
         return F.linear
 
     def _lock_for(self, batch: int) -> torch.Tensor:
-        """The kernels' split-K and per-head counters: int32 zeros, reset by the kernels themselves,
-        one buffer for every launch (they run one after another)."""
-        rows = max(self.model.lm_head.weight.shape[0], self.blocks[0].w_in.shape[0] if self.blocks else 0,
-                   self.ffn_dim, self.model.cfg.embedding_dim)
-        need = max(batch * self.num_heads, rows * -(-batch // 16))
+        """The step kernel's per-head and skinny_linear's per-tile counters: int32 zeros, reset by
+        the kernels themselves, one buffer for every launch (they run one after another)."""
+        from ..ops import decode
+
+        weights = [self.model.lm_head.weight] + [w for b in self.blocks[:1] for w in (b.w_in, b.out_w, b.w_up, b.down_w)]
+        need = max([batch * self.num_heads] + [decode.skinny_lock_size(*w.shape, self.device) for w in weights])
         if self._lock is None or self._lock.numel() < need:
             self._lock = torch.zeros(need, dtype=torch.int32, device=self.device)
         return self._lock
-
-
-def _fold_norm_bias(w, b, norm_b):
-    """b + W norm_b (the bias of W (x_n + norm_b) + b as a bias of W x_n); b where there is no norm bias."""
-    if norm_b is None:
-        return b
-    folded = w.float() @ norm_b.float()
-    return (folded if b is None else folded + b.float()).to(w.dtype)
 
 
 # --- the pieces: plain tensor functions (torch.compile sees the same arguments for every block) ---
