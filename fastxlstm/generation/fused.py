@@ -161,9 +161,10 @@ class FusedStep:
         return logits.unsqueeze(1), new_state
 
     def _hybrid_step(self, input_ids, state):
-        """cuBLAS GEMMs; between them one launch each for the residual add + RMSNorm, the gate caps
-        + mLSTM step + head norm x sigmoid(o), and silu x up. The FFN's residual add is the next
-        block's (or the head's)."""
+        """One GEMM per projection (skinny_linear up to ops.decode.SKINNY_ROWS rows, cuBLAS above);
+        between them one launch each for the residual add + RMSNorm, the gate caps + mLSTM step +
+        head norm x sigmoid(o), and silu x up. The FFN's residual add is the next block's (or the
+        head's)."""
         from ..ops import decode
 
         B, H = input_ids.shape[0], self.num_heads
@@ -195,7 +196,7 @@ class FusedStep:
         return soft_cap(logits, self.logit_cap).unsqueeze(1), new_state
 
     def _small_linear(self, batch: int, lock: torch.Tensor):
-        """The hybrid's GEMM: ops.decode.skinny_linear up to 16 rows where ``skinny`` allows, else cuBLAS."""
+        """The hybrid's GEMM for this batch: ops.decode.skinny_linear up to its SKINNY_ROWS, else cuBLAS."""
         from ..ops import decode
 
         if batch <= decode.SKINNY_ROWS:

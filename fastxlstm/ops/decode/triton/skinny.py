@@ -4,8 +4,8 @@ At batch 1..16 a decode GEMM reads all of W for a handful of rows, so it should 
 copy rate; cuBLAS's small-M kernels reach 2.4 TB/s on the 7B's 4096 x 4096 out_proj and
 3.1-3.8 on the larger weights of the H200 (runs 52, 53). This kernel cuts W into BN-row tiles and each
 tile's K into SPLITS equal ranges, one program per (tile, range), and leaves the loop free of
-branches so that Triton pipelines the weight loads (num_stages tiles in flight); the batch is the
-dot's N side (padded to 16). A tile cut into several ranges stores fp32 partial sums, and the last
+branches so that the compiler issues the coming iterations' weight loads ahead (num_stages of
+them, held in registers on sm_90); the batch is the dot's N side (padded to 16). A tile cut into several ranges stores fp32 partial sums, and the last
 of its programs to finish (a per-tile counter) adds them in range order and writes the tile:
 deterministic, one launch, and the counter is left at zero for the next launch.
 """
@@ -103,7 +103,7 @@ def skinny_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = Non
     if x.dim() != 2 or w.dim() != 2 or x.shape[1] != w.shape[1]:
         raise ValueError(f"x (M, K) and w (N, K) must agree in K, got {tuple(x.shape)} and {tuple(w.shape)}")
     if not 1 <= x.shape[0] <= SKINNY_ROWS:
-        raise ValueError(f"skinny_linear takes 1 to {_BM} rows, got {x.shape[0]}")
+        raise ValueError(f"skinny_linear takes 1 to {SKINNY_ROWS} rows, got {x.shape[0]}")
     if w.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise ValueError(f"skinny_linear takes float32, bfloat16 or float16 weights, got {w.dtype}")
     M, K = x.shape
