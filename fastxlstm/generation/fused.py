@@ -162,9 +162,9 @@ class FusedStep:
 
     def _hybrid_step(self, input_ids, state):
         """One GEMM per projection (skinny_linear up to ops.decode.SKINNY_ROWS rows, cuBLAS above);
-        between them one launch each for the residual add + RMSNorm, the gate caps + mLSTM step +
-        head norm x sigmoid(o), and silu x up. The FFN's residual add is the next block's (or the
-        head's)."""
+        between them one launch each for the residual add + RMSNorm and the gate caps + mLSTM step +
+        head norm x sigmoid(o); silu x up is the gate|up GEMM's epilogue (skinny_linear) or one more
+        launch (cuBLAS). The FFN's residual add is the next block's (or the head's)."""
         from ..ops import decode
 
         B, H = input_ids.shape[0], self.num_heads
@@ -183,8 +183,11 @@ class FusedStep:
                                            norm_eps=self.eps, gate_cap=self.gate_cap, lock=lock,
                                            early_state=True, inplace=self.inplace_state)
             x, xn = add_rms_norm(x, lin(hn, w.out_w, w.out_b), w.ffn_norm_w, w.ffn_norm_b, self.eps, self.f32)
-            gate, up = lin(xn, w.w_up, w.b_up).split(self.ffn_dim, dim=-1)
-            d = lin(silu_mul(gate, up), w.down_w, w.down_b)
+            if B <= decode.SKINNY_ROWS:                             # silu(gate) * up in the GEMM's epilogue
+                act = decode.skinny_linear(xn, w.w_up, w.b_up, glu=True, lock=lock)
+            else:
+                act = silu_mul(*F.linear(xn, w.w_up, w.b_up).split(self.ffn_dim, dim=-1))
+            d = lin(act, w.down_w, w.down_b)
             new_state.append(s)
         if self.out_norm is not None:
             _, x = add_rms_norm(x, d, *self.out_norm, self.eps, self.f32)

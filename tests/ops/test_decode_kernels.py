@@ -117,6 +117,26 @@ def test_skinny_linear(dtype, M, N, K, splits, bias, monkeypatch):
     assert not lock.any()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16] + ([torch.bfloat16] if CUDA else []))
+@pytest.mark.parametrize("M", [1, 3, 16])
+@pytest.mark.parametrize("F_,K,splits", [(20, 96, None), (70, 200, 3)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_skinny_linear_silu_gate_times_up(dtype, M, F_, K, splits, bias, monkeypatch):
+    """glu: the gate|up GEMM with silu(gate) * up in its epilogue (a program takes matching gate and
+    up rows); one program per tile or K split (the partials of both halves added in order)."""
+    import torch.nn.functional as F
+
+    monkeypatch.setitem(decode.triton.skinny.CONFIG, "shapes", {f"{2 * F_}x{K}": dict(BK=32, splits=splits)})
+    x, w = rnd(M, K, dtype=dtype), rnd(2 * F_, K, dtype=dtype, scale=K ** -0.5)
+    b = rnd(2 * F_, dtype=dtype) if bias else None
+    lock = lock_for(decode.skinny_lock_size(2 * F_, K, DEVICE))
+    y = decode.skinny_linear(x, w, b, glu=True, lock=lock)
+    gu = x.double() @ w.double().T + (b.double() if bias else 0)
+    assert y.dtype == dtype and y.shape == (M, F_)
+    assert_close("silu(gate) * up", F.silu(gu[:, :F_]) * gu[:, F_:], y, dtype)
+    assert not lock.any()
+
+
 def test_skinny_linear_refuses_bad_input():
     x, w = torch.zeros(17, 8, device=DEVICE), torch.zeros(4, 8, device=DEVICE)
     with pytest.raises(ValueError, match="1 to 16 rows"):
@@ -127,6 +147,8 @@ def test_skinny_linear_refuses_bad_input():
         decode.skinny_linear(x[:2].double(), w.double())
     with pytest.raises(ValueError, match="int32 zeros"):
         decode.skinny_linear(x[:2], w, lock=torch.zeros(1, dtype=torch.int64, device=DEVICE))
+    with pytest.raises(ValueError, match="even number of weight rows"):
+        decode.skinny_linear(x[:2], w[:3], glu=True)
 
 
 def test_shapes_are_checked():

@@ -32,8 +32,10 @@ SKINNY_ROWS = _BM                                           # the most rows of x
 
 @triton.jit
 def _skinny_kernel(x_ptr, w_ptr, b_ptr, y_ptr, ws_ptr, lock_ptr, M, N, K, K_PER,
-                   HAS_B: tl.constexpr, SPLITS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-                   BK: tl.constexpr, PREC: tl.constexpr, PDL: tl.constexpr):
+                   HAS_B: tl.constexpr, GLU: tl.constexpr, SPLITS: tl.constexpr, BM: tl.constexpr,
+                   BN: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr, PDL: tl.constexpr):
+    """N output columns; GLU: w holds N gate rows over N up rows, and a program takes the BN gate
+    rows of its tile and the same BN up rows (two dots a step)."""
     pid = tl.program_id(0)
     t = pid // SPLITS
     sp = pid - t * SPLITS
@@ -45,37 +47,67 @@ def _skinny_kernel(x_ptr, w_ptr, b_ptr, y_ptr, ws_ptr, lock_ptr, M, N, K, K_PER,
     k1 = tl.minimum(k0 + K_PER, K)
     _pdl_enter(PDL)
     wrow = w_ptr + rn.to(tl.int64)[:, None] * K
+    urow = w_ptr + (rn + N).to(tl.int64)[:, None] * K      # GLU: the up rows of the same columns
     acc = tl.zeros([BN, BM], dtype=tl.float32)
+    acc2 = tl.zeros([BN, BM], dtype=tl.float32)
     for kk in range(k0, k1, BK):
         ok = kk + tl.arange(0, BK)
         mk = ok < k1
-        w = tl.load(wrow + ok[None, :], mask=mn[:, None] & mk[None, :], other=0.0)
-        x = tl.load(x_ptr + rm[:, None] * K + ok[None, :], mask=mm[:, None] & mk[None, :], other=0.0)
-        acc += tl.dot(w, tl.trans(x.to(w.dtype)), input_precision=PREC)
+        wm = mn[:, None] & mk[None, :]
+        w = tl.load(wrow + ok[None, :], mask=wm, other=0.0)
+        x = tl.trans(tl.load(x_ptr + rm[:, None] * K + ok[None, :], mask=mm[:, None] & mk[None, :],
+                             other=0.0).to(w.dtype))
+        acc += tl.dot(w, x, input_precision=PREC)
+        if GLU:
+            acc2 += tl.dot(tl.load(urow + ok[None, :], mask=wm, other=0.0), x, input_precision=PREC)
     if SPLITS > 1:
+        P: tl.constexpr = (2 if GLU else 1) * BN * BM
         tile = tl.arange(0, BN)[:, None] * BM + tl.arange(0, BM)[None, :]
-        tl.store(ws_ptr + (t.to(tl.int64) * SPLITS + sp) * (BN * BM) + tile, acc)
+        slab = ws_ptr + (t.to(tl.int64) * SPLITS + sp) * P
+        tl.store(slab + tile, acc)
+        if GLU:
+            tl.store(slab + BN * BM + tile, acc2)
         tl.debug_barrier()                                  # every thread's partials precede the release
         if tl.atomic_add(lock_ptr + t, 1, sem="acq_rel") == SPLITS - 1:
             acc = tl.zeros([BN, BM], dtype=tl.float32)
+            acc2 = tl.zeros([BN, BM], dtype=tl.float32)
             for j in range(0, SPLITS):
-                acc += tl.load(ws_ptr + (t.to(tl.int64) * SPLITS + j) * (BN * BM) + tile, cache_modifier=".cg")
+                part = ws_ptr + (t.to(tl.int64) * SPLITS + j) * P
+                acc += tl.load(part + tile, cache_modifier=".cg")
+                if GLU:
+                    acc2 += tl.load(part + BN * BM + tile, cache_modifier=".cg")
             tl.store(lock_ptr + t, 0)                       # ready for the next launch
-            _skinny_out(acc, b_ptr, y_ptr, rn, rm, mn, mm, N, HAS_B)
+            _skinny_out(acc, acc2, b_ptr, y_ptr, rn, rm, mn, mm, N, HAS_B, GLU)
     else:
-        _skinny_out(acc, b_ptr, y_ptr, rn, rm, mn, mm, N, HAS_B)
+        _skinny_out(acc, acc2, b_ptr, y_ptr, rn, rm, mn, mm, N, HAS_B, GLU)
 
 
 @triton.jit
-def _skinny_out(acc, b_ptr, y_ptr, rn, rm, mn, mm, N, HAS_B: tl.constexpr):
+def _rnd(x, dtype: tl.constexpr):
+    """x rounded to dtype and back to fp32: where an eager op of the model rounds."""
+    return x.to(dtype).to(tl.float32)
+
+
+@triton.jit
+def _skinny_out(acc, acc2, b_ptr, y_ptr, rn, rm, mn, mm, N, HAS_B: tl.constexpr, GLU: tl.constexpr):
+    dt: tl.constexpr = y_ptr.dtype.element_ty
     if HAS_B:
         acc = acc + tl.load(b_ptr + rn, mask=mn, other=0.0).to(tl.float32)[:, None]
-    tl.store(y_ptr + rm[None, :] * N + rn[:, None], acc.to(y_ptr.dtype.element_ty), mask=mn[:, None] & mm[None, :])
+        if GLU:
+            acc2 = acc2 + tl.load(b_ptr + N + rn, mask=mn, other=0.0).to(tl.float32)[:, None]
+    if GLU:                                                 # silu(gate) * up, rounded as the model's ops
+        g = _rnd(acc, dt)
+        acc = _rnd(g / (1.0 + tl.exp(-g)), dt) * _rnd(acc2, dt)
+    tl.store(y_ptr + rm[None, :] * N + rn[:, None], acc.to(dt), mask=mn[:, None] & mm[None, :])
 
 
-def _plan(N: int, K: int, device: torch.device) -> dict:
+def _plan(N: int, K: int, device: torch.device, glu: bool = False) -> dict:
+    """N: output columns (GLU: half the weight's rows). A GLU tile reads BN // 2 gate and as many
+    up rows, so its weight bytes per step are those of a plain tile."""
     cfg = {k: v for k, v in CONFIG.items() if k != "shapes"}
-    cfg.update(CONFIG["shapes"].get(f"{N}x{K}", {}))
+    cfg.update(CONFIG["shapes"].get(f"{2 * N if glu else N}x{K}", {}))
+    if glu:
+        cfg["BN"] = max(16, cfg["BN"] // 2)
     BK = cfg["BK"] = max(16, min(cfg["BK"], triton.next_power_of_2(K)))
     tiles = triton.cdiv(N, cfg["BN"])
     sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
@@ -91,37 +123,41 @@ def _plan(N: int, K: int, device: torch.device) -> dict:
 
 
 def skinny_lock_size(N: int, K: int, device: torch.device | str = "cuda") -> int:
-    """Counters a skinny_linear of this weight shape needs (one per tile of BN rows)."""
-    return _plan(N, K, torch.device(device))["tiles"]
+    """Counters a skinny_linear of this weight shape (N, K) needs, with or without glu (one per tile)."""
+    return max(_plan(N, K, torch.device(device))["tiles"], _plan(N // 2, K, torch.device(device), True)["tiles"])
 
 
-def skinny_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None, *,
+def skinny_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None, *, glu: bool = False,
                   lock: torch.Tensor | None = None) -> torch.Tensor:
     """x (M, K) with M <= 16, w (N, K) row-major (nn.Linear), b (N,): x w^T + b in w's dtype,
-    summed in float32. lock: int32 zeros, at least ``skinny_lock_size(N, K)``; the kernel
-    leaves them zero (one buffer serves launches that run one after another)."""
+    summed in float32. glu: w is the gate rows over the up rows (2F, K) and the result
+    silu(gate) * up (M, F), rounded where the model's F.linear, silu and product round.
+    lock: int32 zeros, at least ``skinny_lock_size(N, K)``; the kernel leaves them zero (one
+    buffer serves launches that run one after another)."""
     if x.dim() != 2 or w.dim() != 2 or x.shape[1] != w.shape[1]:
         raise ValueError(f"x (M, K) and w (N, K) must agree in K, got {tuple(x.shape)} and {tuple(w.shape)}")
     if not 1 <= x.shape[0] <= SKINNY_ROWS:
         raise ValueError(f"skinny_linear takes 1 to {SKINNY_ROWS} rows, got {x.shape[0]}")
     if w.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise ValueError(f"skinny_linear takes float32, bfloat16 or float16 weights, got {w.dtype}")
+    if glu and w.shape[0] % 2:
+        raise ValueError(f"glu needs an even number of weight rows (gate over up), got {w.shape[0]}")
     M, K = x.shape
-    N = w.shape[0]
+    N = w.shape[0] // 2 if glu else w.shape[0]
     x, w = x.contiguous(), w.contiguous()
-    p = _plan(N, K, x.device)
+    p = _plan(N, K, x.device, glu)
     if lock is None:
         lock = torch.zeros(p["tiles"], device=x.device, dtype=torch.int32)
     elif lock.numel() < p["tiles"] or lock.dtype != torch.int32:
         raise ValueError(f"lock must be int32 zeros of at least {p['tiles']} elements")
     y = torch.empty(M, N, device=x.device, dtype=w.dtype)
-    ws = torch.empty(p["tiles"] * p["splits"] * p["BN"] * _BM if p["splits"] > 1 else 1, device=x.device,
-                     dtype=torch.float32)
+    ws = torch.empty(p["tiles"] * p["splits"] * p["BN"] * _BM * (2 if glu else 1) if p["splits"] > 1 else 1,
+                     device=x.device, dtype=torch.float32)
     kw = dict(num_warps=p["W"], num_stages=p["S"])
     if use_pdl(x, p["pdl"]):
         kw["launch_pdl"] = True
     _skinny_kernel[(p["tiles"] * p["splits"],)](
-        x, w, b if b is not None else w, y, ws, lock, M, N, K, p["k_per"], HAS_B=b is not None,
+        x, w, b if b is not None else w, y, ws, lock, M, N, K, p["k_per"], HAS_B=b is not None, GLU=glu,
         SPLITS=p["splits"], BM=_BM, BN=p["BN"], BK=p["BK"], PREC="ieee" if w.dtype == torch.float32 else "tf32",
         PDL="launch_pdl" in kw, **kw)
     return y
