@@ -25,6 +25,7 @@ VARIANTS = {
     "bias, no out norm, tied": dict(use_bias=True, add_out_norm=False, tie_word_embeddings=True),
     "norm in model dtype, no soft caps": dict(norm_reduction_force_float32=False, gate_soft_cap=0,
                                               output_logit_soft_cap=0),
+    "no out norm": dict(add_out_norm=False),
 }
 
 
@@ -77,6 +78,8 @@ def test_hybrid_step_equals_the_model_step(name, dtype, B):
     # on the GPU only: the interpreter's bfloat16 tl.dot is wrong (tests/ops/test_decode_kernels.py)
     pytest.importorskip("triton")
     model = random_model(variant(name), dtype=dtype, scale=0.1 if dtype != torch.float32 else 0.3)
+    # weight-only norms reduced in float32 ride in the GEMMs' epilogues; the others are row kernels
+    assert FusedStep(model, compile=False)._norms_fold == (name in ("default", "no out norm"))
     assert_step_equal(*step_both(model, B=B, hybrid=True), dtype)
 
 

@@ -108,6 +108,12 @@ class FusedStep:
         self._hybrid_fits = (self.device.type == "cuda" and ops.triton_available()
                              and model.embedding.weight.dtype in (torch.float32, torch.bfloat16, torch.float16))
         self._lock = None
+        # the RMSNorms can ride in skinny_linear's epilogues when they are weight-only norms reduced
+        # in float32 (as the model's RMSNorm by default)
+        norms = [(b.norm_w, b.norm_b) for b in self.blocks] + [(b.ffn_norm_w, b.ffn_norm_b) for b in self.blocks]
+        self._norms_fold = self.f32 and all(w is not None and b is None for w, b in norms) and (
+            self.out_norm is None or self.out_norm[1] is None)
+        self._sums = torch.empty(16 * ((cfg.embedding_dim + 63) // 64), device=self.device, dtype=torch.float32)
         with torch.no_grad():
             self._in_bias = [w.b_in if w.b_in.any() else None for w in self.blocks]   # no all-zero bias add
 
@@ -167,21 +173,17 @@ class FusedStep:
         launch (cuBLAS). The FFN's residual add is the next block's (or the head's)."""
         from ..ops import decode
 
-        B, H = input_ids.shape[0], self.num_heads
+        B = input_ids.shape[0]
         lock = self._lock_for(B)
+        if B <= decode.SKINNY_ROWS and self._norms_fold:
+            return self._skinny_step(input_ids, state, lock)
         x = self.model.embedding(input_ids[:, 0])                     # (B, E)
         d = None
         new_state = []
         lin = self._small_linear(B, lock)
         for w, b_in, s in zip(self.blocks, self._in_bias, state):
             x, xn = add_rms_norm(x, d, w.norm_w, w.norm_b, self.eps, self.f32)
-            y = lin(xn, w.w_in, b_in)
-            # early_state: the launch before the step kernel is the input GEMM, which never writes the
-            # state, so with PDL the state is read while it drains (B1 215.6 -> 217.5, B16 2,868 ->
-            # 2,875 tokens/s, run 41, one process)
-            hn, s = decode.mlstm_head_step(y, self.sizes, s, w.head_w, w.head_b, num_heads=H, eps=self.cell_eps,
-                                           norm_eps=self.eps, gate_cap=self.gate_cap, lock=lock,
-                                           early_state=True, inplace=self.inplace_state)
+            hn, s = self._cell(lin(xn, w.w_in, b_in), w, s, lock)
             x, xn = add_rms_norm(x, lin(hn, w.out_w, w.out_b), w.ffn_norm_w, w.ffn_norm_b, self.eps, self.f32)
             if B <= decode.SKINNY_ROWS:                             # silu(gate) * up in the GEMM's epilogue
                 act = decode.skinny_linear(xn, w.w_up, w.b_up, glu=True, lock=lock)
@@ -193,10 +195,50 @@ class FusedStep:
             _, x = add_rms_norm(x, d, *self.out_norm, self.eps, self.f32)
         else:
             x = x + d
-        logits = lin(x, self.model.lm_head.weight, None)
+        return self._logits(lin(x, self.model.lm_head.weight, None)), new_state
+
+    def _skinny_step(self, input_ids, state, lock):
+        """Up to SKINNY_ROWS rows, five launches a block: each RMSNorm rides in the GEMMs around it
+        (the one before adds the residual and writes x * norm weight with the sums of x^2, the one
+        after scales its rows by rsqrt(mean x^2 + eps)), silu x up in the gate|up GEMM's epilogue."""
+        from ..ops import decode
+
+        sums = self._sums
+        x, xn = add_rms_norm(self.model.embedding(input_ids[:, 0]), None, self.blocks[0].norm_w, None,
+                             self.eps, self.f32)
+        sq, new_state = None, []
+        norms_after = [b.norm_w for b in self.blocks[1:]] + [self.out_norm[0] if self.out_norm else None]
+        for w, b_in, s, next_norm in zip(self.blocks, self._in_bias, state, norms_after):
+            y = decode.skinny_linear(xn, w.w_in, b_in, lock=lock, rms=sq, eps=self.eps)
+            hn, s = self._cell(y, w, s, lock)
+            x, xn, sq = decode.skinny_linear(hn, w.out_w, w.out_b, lock=lock, residual=x,
+                                             norm_weight=w.ffn_norm_w, sumsq=sums)
+            act = decode.skinny_linear(xn, w.w_up, w.b_up, glu=True, lock=lock, rms=sq, eps=self.eps)
+            if next_norm is None:
+                x, xn, sq = decode.skinny_linear(act, w.down_w, w.down_b, lock=lock, residual=x), None, None
+            else:
+                x, xn, sq = decode.skinny_linear(act, w.down_w, w.down_b, lock=lock, residual=x,
+                                                 norm_weight=next_norm, sumsq=sums)
+            new_state.append(s)
+        head = self.model.lm_head.weight
+        logits = decode.skinny_linear(x if xn is None else xn, head, None, lock=lock, rms=sq, eps=self.eps)
+        return self._logits(logits), new_state
+
+    def _cell(self, y, w, s, lock):
+        """The gate caps + mLSTM step + head norm x sigmoid(o) (one launch) on the input GEMM's y."""
+        from ..ops import decode
+
+        # early_state: the launch before the step kernel is the input GEMM, which never writes the
+        # state, so with PDL the state is read while it drains (B1 215.6 -> 217.5, B16 2,868 ->
+        # 2,875 tokens/s, run 41, one process)
+        return decode.mlstm_head_step(y, self.sizes, s, w.head_w, w.head_b, num_heads=self.num_heads,
+                                      eps=self.cell_eps, norm_eps=self.eps, gate_cap=self.gate_cap, lock=lock,
+                                      early_state=True, inplace=self.inplace_state)
+
+    def _logits(self, logits):
         if logits.dtype in (torch.float16, torch.bfloat16):
             logits = logits.float()                                 # as the model: the cap needs the range
-        return soft_cap(logits, self.logit_cap).unsqueeze(1), new_state
+        return soft_cap(logits, self.logit_cap).unsqueeze(1)
 
     def _small_linear(self, batch: int, lock: torch.Tensor):
         """The hybrid's GEMM for this batch: ops.decode.skinny_linear up to its SKINNY_ROWS, else cuBLAS."""

@@ -137,6 +137,40 @@ def test_skinny_linear_silu_gate_times_up(dtype, M, F_, K, splits, bias, monkeyp
     assert not lock.any()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16] + ([torch.bfloat16] if CUDA else []))
+@pytest.mark.parametrize("M", [1, 5])
+@pytest.mark.parametrize("splits", [None, 3])
+@pytest.mark.parametrize("glu", [False, True])
+def test_skinny_linear_carries_a_residual_add_and_rms_norm_to_the_next_gemm(dtype, M, splits, glu, monkeypatch):
+    """h = r + x w1^T + b1 in the first GEMM's epilogue, with h * g and each tile's sums of h^2;
+    the next GEMM scales its rows by rsqrt(mean(h^2) + eps): together rms_norm(h) w2^T + b2 (with
+    or without the glu), no launch between. E = 150: three tiles, the last one short."""
+    import torch.nn.functional as F
+
+    E, K, N2, eps = 150, 96, 40, 1e-5
+    monkeypatch.setitem(decode.triton.skinny.CONFIG, "shapes", {f"{E}x{K}": dict(BK=32, splits=splits),
+                                                               f"{N2}x{E}": dict(BK=32, splits=splits)})
+    x, r = rnd(M, K, dtype=dtype), rnd(M, E, dtype=dtype)
+    w1, b1 = rnd(E, K, dtype=dtype, scale=K ** -0.5), rnd(E, dtype=dtype)
+    g = rnd(E, dtype=dtype, scale=0.2, shift=1.0)
+    w2, b2 = rnd(N2, E, dtype=dtype, scale=E ** -0.5), rnd(N2, dtype=dtype)
+    lock = lock_for(decode.skinny_lock_size(E, K, DEVICE), decode.skinny_lock_size(N2, E, DEVICE))
+    sums = torch.full((64,), float("nan"), device=DEVICE)
+    h, hg, sq = decode.skinny_linear(x, w1, b1, lock=lock, residual=r, norm_weight=g, sumsq=sums)
+    y = decode.skinny_linear(hg, w2, b2, glu=glu, lock=lock, rms=sq, eps=eps)
+    h_ref = r.double() + x.double() @ w1.double().T + b1.double()
+    assert h.dtype == dtype and sq.shape == (3, 16)
+    assert_close("r + x w1^T + b1", h_ref, h, dtype)
+    assert_close("h * g", h_ref * g.double(), hg, dtype)
+    assert_close("sums of h^2", h_ref.pow(2).sum(-1), sq[:, :M].sum(0), dtype)
+    xn = h_ref * torch.rsqrt(h_ref.pow(2).mean(-1, keepdim=True) + eps) * g.double()
+    y_ref = xn @ w2.double().T + b2.double()
+    if glu:
+        y_ref = F.silu(y_ref[:, :N2 // 2]) * y_ref[:, N2 // 2:]
+    assert_close("rms_norm(h) w2^T + b2", y_ref, y, dtype)
+    assert not lock.any()
+
+
 def test_skinny_linear_refuses_bad_input():
     x, w = torch.zeros(17, 8, device=DEVICE), torch.zeros(4, 8, device=DEVICE)
     with pytest.raises(ValueError, match="1 to 16 rows"):
@@ -149,6 +183,14 @@ def test_skinny_linear_refuses_bad_input():
         decode.skinny_linear(x[:2], w, lock=torch.zeros(1, dtype=torch.int64, device=DEVICE))
     with pytest.raises(ValueError, match="even number of weight rows"):
         decode.skinny_linear(x[:2], w[:3], glu=True)
+    with pytest.raises(ValueError, match="residual must be"):
+        decode.skinny_linear(x[:2], w, residual=x[:2])
+    with pytest.raises(ValueError, match="go together"):
+        decode.skinny_linear(x[:2], w, norm_weight=w[0, :4])
+    with pytest.raises(ValueError, match="sumsq must be float32"):
+        decode.skinny_linear(x[:2], w, norm_weight=w[0, :4], sumsq=torch.zeros(4, device=DEVICE))
+    with pytest.raises(ValueError, match="rms must be"):
+        decode.skinny_linear(x[:2], w, rms=torch.zeros(1, 8, device=DEVICE))
 
 
 def test_shapes_are_checked():

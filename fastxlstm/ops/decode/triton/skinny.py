@@ -31,11 +31,14 @@ SKINNY_ROWS = _BM                                           # the most rows of x
 
 
 @triton.jit
-def _skinny_kernel(x_ptr, w_ptr, b_ptr, y_ptr, ws_ptr, lock_ptr, M, N, K, K_PER,
-                   HAS_B: tl.constexpr, GLU: tl.constexpr, SPLITS: tl.constexpr, BM: tl.constexpr,
+def _skinny_kernel(x_ptr, w_ptr, b_ptr, y_ptr, ws_ptr, lock_ptr, r_ptr, g_ptr, yg_ptr, sq_ptr, rms_ptr,
+                   M, N, K, K_PER, RMS_TILES, eps,
+                   HAS_B: tl.constexpr, GLU: tl.constexpr, RES: tl.constexpr, NORM: tl.constexpr,
+                   RMS: tl.constexpr, SPLITS: tl.constexpr, BM: tl.constexpr,
                    BN: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr, PDL: tl.constexpr):
     """N output columns; GLU: w holds N gate rows over N up rows, and a program takes the BN gate
-    rows of its tile and the same BN up rows (two dots a step)."""
+    rows of its tile and the same BN up rows (two dots a step). The epilogue options (RES, NORM,
+    RMS) are described at skinny_linear."""
     pid = tl.program_id(0)
     t = pid // SPLITS
     sp = pid - t * SPLITS
@@ -77,9 +80,11 @@ def _skinny_kernel(x_ptr, w_ptr, b_ptr, y_ptr, ws_ptr, lock_ptr, M, N, K, K_PER,
                 if GLU:
                     acc2 += tl.load(part + BN * BM + tile, cache_modifier=".cg")
             tl.store(lock_ptr + t, 0)                       # ready for the next launch
-            _skinny_out(acc, acc2, b_ptr, y_ptr, rn, rm, mn, mm, N, HAS_B, GLU)
+            _skinny_out(acc, acc2, b_ptr, y_ptr, r_ptr, g_ptr, yg_ptr, sq_ptr, rms_ptr, t, rn, rm, mn, mm,
+                        N, K, RMS_TILES, eps, HAS_B, GLU, RES, NORM, RMS, BM)
     else:
-        _skinny_out(acc, acc2, b_ptr, y_ptr, rn, rm, mn, mm, N, HAS_B, GLU)
+        _skinny_out(acc, acc2, b_ptr, y_ptr, r_ptr, g_ptr, yg_ptr, sq_ptr, rms_ptr, t, rn, rm, mn, mm,
+                    N, K, RMS_TILES, eps, HAS_B, GLU, RES, NORM, RMS, BM)
 
 
 @triton.jit
@@ -89,8 +94,18 @@ def _rnd(x, dtype: tl.constexpr):
 
 
 @triton.jit
-def _skinny_out(acc, acc2, b_ptr, y_ptr, rn, rm, mn, mm, N, HAS_B: tl.constexpr, GLU: tl.constexpr):
+def _skinny_out(acc, acc2, b_ptr, y_ptr, r_ptr, g_ptr, yg_ptr, sq_ptr, rms_ptr, t, rn, rm, mn, mm,
+                N, K, RMS_TILES, eps, HAS_B: tl.constexpr, GLU: tl.constexpr, RES: tl.constexpr,
+                NORM: tl.constexpr, RMS: tl.constexpr, BM: tl.constexpr):
     dt: tl.constexpr = y_ptr.dtype.element_ty
+    if RMS:                                                 # x's rows were RMS-normalised: scale by rsqrt(mean x^2)
+        ss = tl.zeros([BM], dtype=tl.float32)
+        for j in range(0, RMS_TILES):                       # in tile order: deterministic
+            ss += tl.load(rms_ptr + j * BM + rm, mask=mm, other=0.0)
+        r = 1.0 / tl.sqrt(ss / K + eps)
+        acc = acc * r[None, :]
+        if GLU:
+            acc2 = acc2 * r[None, :]
     if HAS_B:
         acc = acc + tl.load(b_ptr + rn, mask=mn, other=0.0).to(tl.float32)[:, None]
         if GLU:
@@ -98,7 +113,17 @@ def _skinny_out(acc, acc2, b_ptr, y_ptr, rn, rm, mn, mm, N, HAS_B: tl.constexpr,
     if GLU:                                                 # silu(gate) * up, rounded as the model's ops
         g = _rnd(acc, dt)
         acc = _rnd(g / (1.0 + tl.exp(-g)), dt) * _rnd(acc2, dt)
-    tl.store(y_ptr + rm[None, :] * N + rn[:, None], acc.to(dt), mask=mn[:, None] & mm[None, :])
+    out = rm[None, :] * N + rn[:, None]
+    ok = mn[:, None] & mm[None, :]
+    y = acc.to(dt)
+    if RES:                                                 # the residual add, rounded as the model's
+        y = (tl.load(r_ptr + out, mask=ok, other=0.0).to(tl.float32) + y.to(tl.float32)).to(dt)
+    tl.store(y_ptr + out, y, mask=ok)
+    if NORM:                                                # y * norm weight, and this tile's sums of y^2
+        yf = y.to(tl.float32)
+        tl.store(yg_ptr + out, (yf * tl.load(g_ptr + rn, mask=mn, other=0.0).to(tl.float32)[:, None]).to(dt),
+                 mask=ok)
+        tl.store(sq_ptr + t * BM + rm, tl.sum(yf * yf, 0), mask=mm)
 
 
 def _plan(N: int, K: int, device: torch.device, glu: bool = False) -> dict:
@@ -128,12 +153,23 @@ def skinny_lock_size(N: int, K: int, device: torch.device | str = "cuda") -> int
 
 
 def skinny_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None, *, glu: bool = False,
-                  lock: torch.Tensor | None = None) -> torch.Tensor:
+                  lock: torch.Tensor | None = None, residual: torch.Tensor | None = None,
+                  norm_weight: torch.Tensor | None = None, sumsq: torch.Tensor | None = None,
+                  rms: torch.Tensor | None = None, eps: float = 1e-6):
     """x (M, K) with M <= 16, w (N, K) row-major (nn.Linear), b (N,): x w^T + b in w's dtype,
     summed in float32. glu: w is the gate rows over the up rows (2F, K) and the result
     silu(gate) * up (M, F), rounded where the model's F.linear, silu and product round.
     lock: int32 zeros, at least ``skinny_lock_size(N, K)``; the kernel leaves them zero (one
-    buffer serves launches that run one after another)."""
+    buffer serves launches that run one after another).
+
+    An RMSNorm between two of these GEMMs goes into their epilogues, so it costs no launch:
+    residual (M, N): the result is residual + (x w^T + b), rounded as the model's add.
+    norm_weight (N,) with sumsq (a float32 buffer of at least 16 x the tiles): also returns
+    y * norm_weight and the sums of y^2 over each tile's columns: ``(y, y * norm_weight, sums)``.
+    rms (the sums from such a call, over x's K columns): x is taken as rows that still need
+    RMSNorm's scale, x w^T becomes rsqrt(mean(row^2) + eps) * x w^T before the bias (and the glu).
+    So ``skinny_linear(yg, w2, rms=sums)`` is ``skinny_linear(rms_norm(y) , w2)`` up to where the
+    rounding falls."""
     if x.dim() != 2 or w.dim() != 2 or x.shape[1] != w.shape[1]:
         raise ValueError(f"x (M, K) and w (N, K) must agree in K, got {tuple(x.shape)} and {tuple(w.shape)}")
     if not 1 <= x.shape[0] <= SKINNY_ROWS:
@@ -150,14 +186,33 @@ def skinny_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = Non
         lock = torch.zeros(p["tiles"], device=x.device, dtype=torch.int32)
     elif lock.numel() < p["tiles"] or lock.dtype != torch.int32:
         raise ValueError(f"lock must be int32 zeros of at least {p['tiles']} elements")
+    if residual is not None and (glu or residual.shape != (M, N) or residual.dtype != w.dtype):
+        raise ValueError(f"residual must be ({M}, {N}) in {w.dtype} (and no glu), got "
+                         f"{tuple(residual.shape)} {residual.dtype}")
+    if (norm_weight is None) != (sumsq is None):
+        raise ValueError("norm_weight and sumsq go together")
+    if norm_weight is not None:
+        if glu or norm_weight.shape != (N,):
+            raise ValueError(f"norm_weight must be ({N},) (and no glu), got {tuple(norm_weight.shape)}")
+        if sumsq.dtype != torch.float32 or sumsq.numel() < p["tiles"] * _BM:
+            raise ValueError(f"sumsq must be float32 of at least {p['tiles'] * _BM} elements")
+        sumsq = sumsq.view(-1)[:p["tiles"] * _BM].view(p["tiles"], _BM)
+    if rms is not None and (rms.dtype != torch.float32 or rms.dim() != 2 or rms.shape[1] != _BM
+                            or not K <= rms.shape[0] * CONFIG["BN"] < K + CONFIG["BN"]):
+        raise ValueError(f"rms must be the (tiles, {_BM}) float32 sums of a skinny_linear with norm_weight "
+                         f"over {K} columns, got {tuple(rms.shape)} {rms.dtype}")
     y = torch.empty(M, N, device=x.device, dtype=w.dtype)
+    yg = torch.empty_like(y) if norm_weight is not None else y
     ws = torch.empty(p["tiles"] * p["splits"] * p["BN"] * _BM * (2 if glu else 1) if p["splits"] > 1 else 1,
                      device=x.device, dtype=torch.float32)
     kw = dict(num_warps=p["W"], num_stages=p["S"])
     if use_pdl(x, p["pdl"]):
         kw["launch_pdl"] = True
     _skinny_kernel[(p["tiles"] * p["splits"],)](
-        x, w, b if b is not None else w, y, ws, lock, M, N, K, p["k_per"], HAS_B=b is not None, GLU=glu,
+        x, w, b if b is not None else w, y, ws, lock, residual if residual is not None else y,
+        norm_weight if norm_weight is not None else w, yg, sumsq if sumsq is not None else ws,
+        rms if rms is not None else ws, M, N, K, p["k_per"], rms.shape[0] if rms is not None else 0, eps,
+        HAS_B=b is not None, GLU=glu, RES=residual is not None, NORM=norm_weight is not None, RMS=rms is not None,
         SPLITS=p["splits"], BM=_BM, BN=p["BN"], BK=p["BK"], PREC="ieee" if w.dtype == torch.float32 else "tf32",
         PDL="launch_pdl" in kw, **kw)
-    return y
+    return (y, yg, sumsq) if norm_weight is not None else y
