@@ -200,7 +200,8 @@ class FusedStep:
     def _skinny_step(self, input_ids, state, lock):
         """Up to SKINNY_ROWS rows, five launches a block: each RMSNorm rides in the GEMMs around it
         (the one before adds the residual and writes x * norm weight with the sums of x^2, the one
-        after scales its rows by rsqrt(mean x^2 + eps)), silu x up in the gate|up GEMM's epilogue."""
+        after scales its rows by rsqrt(mean x^2 + eps)), silu x up in the gate|up GEMM's epilogue,
+        the logits' float32 soft cap in the LM head's."""
         from ..ops import decode
 
         sums = self._sums
@@ -220,9 +221,9 @@ class FusedStep:
                 x, xn, sq = decode.skinny_linear(act, w.down_w, w.down_b, lock=lock, residual=x,
                                                  norm_weight=next_norm, sumsq=sums)
             new_state.append(s)
-        head = self.model.lm_head.weight
-        logits = decode.skinny_linear(x if xn is None else xn, head, None, lock=lock, rms=sq, eps=self.eps)
-        return self._logits(logits), new_state
+        logits = decode.skinny_linear(x if xn is None else xn, self.model.lm_head.weight, None, lock=lock, rms=sq,
+                                      eps=self.eps, logits=True, logit_cap=self.logit_cap)
+        return logits.unsqueeze(1), new_state
 
     def _cell(self, y, w, s, lock):
         """The gate caps + mLSTM step + head norm x sigmoid(o) (one launch) on the input GEMM's y."""

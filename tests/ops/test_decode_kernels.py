@@ -171,6 +171,21 @@ def test_skinny_linear_carries_a_residual_add_and_rms_norm_to_the_next_gemm(dtyp
     assert not lock.any()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16] + ([torch.bfloat16] if CUDA else []))
+@pytest.mark.parametrize("cap", [30.0, 3.0, None])
+def test_skinny_linear_ends_the_lm_head_as_the_model(dtype, cap):
+    """logits: float32, the GEMM rounded to the weights' dtype then soft-capped in float32."""
+    from fastxlstm.layers.common import soft_cap
+
+    x, w = rnd(3, 72, dtype=dtype, scale=3.0), rnd(90, 72, dtype=dtype, scale=72 ** -0.5)
+    y = decode.skinny_linear(x, w, logits=True, logit_cap=cap)
+    assert y.dtype == torch.float32 and y.shape == (3, 90)
+    ref = soft_cap((x.double() @ w.double().T).to(dtype).double(), cap)
+    assert_close("soft_cap(x w^T)", ref, y, dtype)
+    if cap:
+        assert y.abs().max() <= cap
+
+
 def test_skinny_linear_refuses_bad_input():
     x, w = torch.zeros(17, 8, device=DEVICE), torch.zeros(4, 8, device=DEVICE)
     with pytest.raises(ValueError, match="1 to 16 rows"):
@@ -189,6 +204,8 @@ def test_skinny_linear_refuses_bad_input():
         decode.skinny_linear(x[:2], w, norm_weight=w[0, :4])
     with pytest.raises(ValueError, match="sumsq must be float32"):
         decode.skinny_linear(x[:2], w, norm_weight=w[0, :4], sumsq=torch.zeros(4, device=DEVICE))
+    with pytest.raises(ValueError, match="logits takes no glu"):
+        decode.skinny_linear(x[:2], w, residual=torch.zeros(2, 4, device=DEVICE), logits=True)
     with pytest.raises(ValueError, match="rms must be"):
         decode.skinny_linear(x[:2], w, rms=torch.zeros(1, 8, device=DEVICE))
 

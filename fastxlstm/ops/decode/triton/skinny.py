@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ...rowwise.triton import _pdl_enter, use_pdl
+from ...rowwise.triton import _pdl_enter, _tanh, use_pdl
 
 # BN weight rows x BK of K per loop step, W warps, S pipeline stages; K is split so that the
 # programs fill ``ctas`` slots per SM in as few rounds as possible; shapes: overrides per "NxK"
@@ -24,7 +24,7 @@ from ...rowwise.triton import _pdl_enter, use_pdl
 # 32 weight copies in one CUDA graph, against cuBLAS in the same process): out_proj 10.8 vs 13.1 us,
 # in 28.7 vs 29.5, gate|up 47.8 vs 47.9, down (BK 256) 24.8 vs 28.7, LM head (ctas 2) 100.8 vs
 # 124.5; batch 1 alike. 8 warps, BN 128 or 32, deeper pipelines or more splits were slower.
-CONFIG = dict(BN=64, BK=128, W=4, S=4, ctas=1, pdl=True,
+CONFIG = dict(BN=64, BK=128, W=4, S=4, ctas=1, pdl=True, glu_BN=64,
               shapes={"4096x10944": dict(BK=256), "50304x4096": dict(ctas=2)})
 _BM = 16
 SKINNY_ROWS = _BM                                           # the most rows of x it takes
@@ -32,9 +32,9 @@ SKINNY_ROWS = _BM                                           # the most rows of x
 
 @triton.jit
 def _skinny_kernel(x_ptr, w_ptr, b_ptr, y_ptr, ws_ptr, lock_ptr, r_ptr, g_ptr, yg_ptr, sq_ptr, rms_ptr,
-                   M, N, K, K_PER, RMS_TILES, eps,
-                   HAS_B: tl.constexpr, GLU: tl.constexpr, RES: tl.constexpr, NORM: tl.constexpr,
-                   RMS: tl.constexpr, SPLITS: tl.constexpr, BM: tl.constexpr,
+                   M, N, K, K_PER, RMS_TILES, eps, cap,
+                   HAS_B: tl.constexpr, CAP: tl.constexpr, GLU: tl.constexpr, RES: tl.constexpr, NORM: tl.constexpr,
+                   RMS: tl.constexpr, RMS_T: tl.constexpr, SPLITS: tl.constexpr, BM: tl.constexpr,
                    BN: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr, PDL: tl.constexpr):
     """N output columns; GLU: w holds N gate rows over N up rows, and a program takes the BN gate
     rows of its tile and the same BN up rows (two dots a step). The epilogue options (RES, NORM,
@@ -81,10 +81,12 @@ def _skinny_kernel(x_ptr, w_ptr, b_ptr, y_ptr, ws_ptr, lock_ptr, r_ptr, g_ptr, y
                     acc2 += tl.load(part + BN * BM + tile, cache_modifier=".cg")
             tl.store(lock_ptr + t, 0)                       # ready for the next launch
             _skinny_out(acc, acc2, b_ptr, y_ptr, r_ptr, g_ptr, yg_ptr, sq_ptr, rms_ptr, t, rn, rm, mn, mm,
-                        N, K, RMS_TILES, eps, HAS_B, GLU, RES, NORM, RMS, BM)
+                        N, K, RMS_TILES, eps, cap, w_ptr.dtype.element_ty, HAS_B, CAP, GLU, RES, NORM, RMS,
+                        RMS_T, BM)
     else:
         _skinny_out(acc, acc2, b_ptr, y_ptr, r_ptr, g_ptr, yg_ptr, sq_ptr, rms_ptr, t, rn, rm, mn, mm,
-                    N, K, RMS_TILES, eps, HAS_B, GLU, RES, NORM, RMS, BM)
+                    N, K, RMS_TILES, eps, cap, w_ptr.dtype.element_ty, HAS_B, CAP, GLU, RES, NORM, RMS,
+                        RMS_T, BM)
 
 
 @triton.jit
@@ -95,13 +97,13 @@ def _rnd(x, dtype: tl.constexpr):
 
 @triton.jit
 def _skinny_out(acc, acc2, b_ptr, y_ptr, r_ptr, g_ptr, yg_ptr, sq_ptr, rms_ptr, t, rn, rm, mn, mm,
-                N, K, RMS_TILES, eps, HAS_B: tl.constexpr, GLU: tl.constexpr, RES: tl.constexpr,
-                NORM: tl.constexpr, RMS: tl.constexpr, BM: tl.constexpr):
-    dt: tl.constexpr = y_ptr.dtype.element_ty
+                N, K, RMS_TILES, eps, cap, dt: tl.constexpr, HAS_B: tl.constexpr, CAP: tl.constexpr, GLU: tl.constexpr,
+                RES: tl.constexpr,
+                NORM: tl.constexpr, RMS: tl.constexpr, RMS_T: tl.constexpr, BM: tl.constexpr):
     if RMS:                                                 # x's rows were RMS-normalised: scale by rsqrt(mean x^2)
-        ss = tl.zeros([BM], dtype=tl.float32)
-        for j in range(0, RMS_TILES):                       # in tile order: deterministic
-            ss += tl.load(rms_ptr + j * BM + rm, mask=mm, other=0.0)
+        j = tl.arange(0, RMS_T)                             # all tiles' sums in one load (a loop of
+        ss = tl.sum(tl.load(rms_ptr + j[:, None] * BM + rm[None, :],   # loads would wait on each)
+                            mask=(j < RMS_TILES)[:, None] & mm[None, :], other=0.0), 0)
         r = 1.0 / tl.sqrt(ss / K + eps)
         acc = acc * r[None, :]
         if GLU:
@@ -118,7 +120,10 @@ def _skinny_out(acc, acc2, b_ptr, y_ptr, r_ptr, g_ptr, yg_ptr, sq_ptr, rms_ptr, 
     y = acc.to(dt)
     if RES:                                                 # the residual add, rounded as the model's
         y = (tl.load(r_ptr + out, mask=ok, other=0.0).to(tl.float32) + y.to(tl.float32)).to(dt)
-    tl.store(y_ptr + out, y, mask=ok)
+    if CAP:                                                 # logits: float32, soft-capped there
+        tl.store(y_ptr + out, cap * _tanh(y.to(tl.float32) / cap), mask=ok)
+    else:
+        tl.store(y_ptr + out, y.to(y_ptr.dtype.element_ty), mask=ok)
     if NORM:                                                # y * norm weight, and this tile's sums of y^2
         yf = y.to(tl.float32)
         tl.store(yg_ptr + out, (yf * tl.load(g_ptr + rn, mask=mn, other=0.0).to(tl.float32)[:, None]).to(dt),
@@ -127,12 +132,12 @@ def _skinny_out(acc, acc2, b_ptr, y_ptr, r_ptr, g_ptr, yg_ptr, sq_ptr, rms_ptr, 
 
 
 def _plan(N: int, K: int, device: torch.device, glu: bool = False) -> dict:
-    """N: output columns (GLU: half the weight's rows). A GLU tile reads BN // 2 gate and as many
-    up rows, so its weight bytes per step are those of a plain tile."""
-    cfg = {k: v for k, v in CONFIG.items() if k != "shapes"}
+    """N: output columns (GLU: half the weight's rows). A GLU tile reads glu_BN gate and as many
+    up rows."""
+    cfg = {k: v for k, v in CONFIG.items() if k not in ("shapes", "glu_BN")}
     cfg.update(CONFIG["shapes"].get(f"{2 * N if glu else N}x{K}", {}))
     if glu:
-        cfg["BN"] = max(16, cfg["BN"] // 2)
+        cfg["BN"] = CONFIG["glu_BN"]
     BK = cfg["BK"] = max(16, min(cfg["BK"], triton.next_power_of_2(K)))
     tiles = triton.cdiv(N, cfg["BN"])
     sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
@@ -155,7 +160,8 @@ def skinny_lock_size(N: int, K: int, device: torch.device | str = "cuda") -> int
 def skinny_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None, *, glu: bool = False,
                   lock: torch.Tensor | None = None, residual: torch.Tensor | None = None,
                   norm_weight: torch.Tensor | None = None, sumsq: torch.Tensor | None = None,
-                  rms: torch.Tensor | None = None, eps: float = 1e-6):
+                  rms: torch.Tensor | None = None, eps: float = 1e-6, logits: bool = False,
+                  logit_cap: float | None = None):
     """x (M, K) with M <= 16, w (N, K) row-major (nn.Linear), b (N,): x w^T + b in w's dtype,
     summed in float32. glu: w is the gate rows over the up rows (2F, K) and the result
     silu(gate) * up (M, F), rounded where the model's F.linear, silu and product round.
@@ -168,8 +174,10 @@ def skinny_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = Non
     y * norm_weight and the sums of y^2 over each tile's columns: ``(y, y * norm_weight, sums)``.
     rms (the sums from such a call, over x's K columns): x is taken as rows that still need
     RMSNorm's scale, x w^T becomes rsqrt(mean(row^2) + eps) * x w^T before the bias (and the glu).
-    So ``skinny_linear(yg, w2, rms=sums)`` is ``skinny_linear(rms_norm(y) , w2)`` up to where the
-    rounding falls."""
+    So ``skinny_linear(yg, w2, rms=sums)`` is ``skinny_linear(rms_norm(y), w2)`` up to where the
+    rounding falls.
+    logits: the LM head's end as the model computes it, in float32: the result rounded to w's
+    dtype, then cap * tanh(y / cap) with logit_cap (none when 0 or None)."""
     if x.dim() != 2 or w.dim() != 2 or x.shape[1] != w.shape[1]:
         raise ValueError(f"x (M, K) and w (N, K) must agree in K, got {tuple(x.shape)} and {tuple(w.shape)}")
     if not 1 <= x.shape[0] <= SKINNY_ROWS:
@@ -201,8 +209,10 @@ def skinny_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = Non
                             or not K <= rms.shape[0] * CONFIG["BN"] < K + CONFIG["BN"]):
         raise ValueError(f"rms must be the (tiles, {_BM}) float32 sums of a skinny_linear with norm_weight "
                          f"over {K} columns, got {tuple(rms.shape)} {rms.dtype}")
-    y = torch.empty(M, N, device=x.device, dtype=w.dtype)
-    yg = torch.empty_like(y) if norm_weight is not None else y
+    if logits and (glu or residual is not None or norm_weight is not None):
+        raise ValueError("logits takes no glu, residual or norm_weight")
+    y = torch.empty(M, N, device=x.device, dtype=torch.float32 if logits else w.dtype)
+    yg = torch.empty(M, N, device=x.device, dtype=w.dtype) if norm_weight is not None else y
     ws = torch.empty(p["tiles"] * p["splits"] * p["BN"] * _BM * (2 if glu else 1) if p["splits"] > 1 else 1,
                      device=x.device, dtype=torch.float32)
     kw = dict(num_warps=p["W"], num_stages=p["S"])
@@ -212,7 +222,8 @@ def skinny_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = Non
         x, w, b if b is not None else w, y, ws, lock, residual if residual is not None else y,
         norm_weight if norm_weight is not None else w, yg, sumsq if sumsq is not None else ws,
         rms if rms is not None else ws, M, N, K, p["k_per"], rms.shape[0] if rms is not None else 0, eps,
-        HAS_B=b is not None, GLU=glu, RES=residual is not None, NORM=norm_weight is not None, RMS=rms is not None,
-        SPLITS=p["splits"], BM=_BM, BN=p["BN"], BK=p["BK"], PREC="ieee" if w.dtype == torch.float32 else "tf32",
+        float(logit_cap or 1.0), HAS_B=b is not None, CAP=logits and bool(logit_cap and logit_cap > 0), GLU=glu,
+        RES=residual is not None, NORM=norm_weight is not None, RMS=rms is not None,
+        RMS_T=triton.next_power_of_2(rms.shape[0]) if rms is not None else 1, SPLITS=p["splits"], BM=_BM, BN=p["BN"], BK=p["BK"], PREC="ieee" if w.dtype == torch.float32 else "tf32",
         PDL="launch_pdl" in kw, **kw)
     return (y, yg, sumsq) if norm_weight is not None else y
