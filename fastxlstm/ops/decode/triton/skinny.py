@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ...rowwise.triton import _tanh, gdc_launch_dependents, gdc_wait, use_pdl
+from ...rowwise.triton import _pdl_enter, _tanh, use_pdl
 
 # BN weight rows x BK of K per loop step, W warps, S pipeline stages; K is split so that the
 # programs fill ``ctas`` slots per SM in as few rounds as possible; shapes: overrides per "NxK"
@@ -24,7 +24,7 @@ from ...rowwise.triton import _tanh, gdc_launch_dependents, gdc_wait, use_pdl
 # 32 weight copies in one CUDA graph, against cuBLAS in the same process): out_proj 10.8 vs 13.1 us,
 # in 28.7 vs 29.5, gate|up 47.8 vs 47.9, down (BK 256) 24.8 vs 28.7, LM head (ctas 2) 100.8 vs
 # 124.5; batch 1 alike. 8 warps, BN 128 or 32, deeper pipelines or more splits were slower.
-CONFIG = dict(BN=64, BK=128, W=4, S=3, ctas=1, pdl=True, late=False, prefetch=0, glu=dict(BN=64),
+CONFIG = dict(BN=64, BK=128, W=4, S=3, ctas=1, pdl=True, glu=dict(BN=64),
               shapes={"4096x10944": dict(BK=256), "50304x4096": dict(ctas=2)})
 _BM = 16
 SKINNY_ROWS = _BM                                           # the most rows of x it takes
@@ -35,8 +35,7 @@ def _skinny_kernel(x_ptr, w_ptr, b_ptr, y_ptr, ws_ptr, lock_ptr, r_ptr, g_ptr, y
                    M, N, K, K_PER, RMS_TILES, eps, cap,
                    HAS_B: tl.constexpr, CAP: tl.constexpr, GLU: tl.constexpr, RES: tl.constexpr, NORM: tl.constexpr,
                    RMS: tl.constexpr, RMS_T: tl.constexpr, SPLITS: tl.constexpr, BM: tl.constexpr,
-                   BN: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr, PDL: tl.constexpr,
-                   LATE: tl.constexpr, PF: tl.constexpr):
+                   BN: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr, PDL: tl.constexpr):
     """N output columns; GLU: w holds N gate rows over N up rows, and a program takes the BN gate
     rows of its tile and the same BN up rows (two dots a step). The epilogue options (RES, NORM,
     RMS) are described at skinny_linear."""
@@ -51,15 +50,7 @@ def _skinny_kernel(x_ptr, w_ptr, b_ptr, y_ptr, ws_ptr, lock_ptr, r_ptr, g_ptr, y
     k1 = tl.minimum(k0 + K_PER, K)
     wrow = w_ptr + rn.to(tl.int64)[:, None] * K
     urow = w_ptr + (rn + N).to(tl.int64)[:, None] * K      # GLU: the up rows of the same columns
-    for i in tl.static_range(PF):                           # weights do not depend on the previous launch
-        pk = k0 + i * BK + tl.arange(0, BK // 64) * 64      # one 128-byte line per row per 64 columns
-        _prefetch_l2(wrow + pk[None, :], mn[:, None] & (pk < k1)[None, :])
-        if GLU:
-            _prefetch_l2(urow + pk[None, :], mn[:, None] & (pk < k1)[None, :])
-    if PDL:
-        gdc_wait()                                          # the previous launch is done, its writes visible
-        if not LATE:
-            gdc_launch_dependents()
+    _pdl_enter(PDL)
     acc = tl.zeros([BN, BM], dtype=tl.float32)
     acc2 = tl.zeros([BN, BM], dtype=tl.float32)
     for kk in range(k0, k1, BK):
@@ -72,8 +63,6 @@ def _skinny_kernel(x_ptr, w_ptr, b_ptr, y_ptr, ws_ptr, lock_ptr, r_ptr, g_ptr, y
         acc += tl.dot(w, x, input_precision=PREC)
         if GLU:
             acc2 += tl.dot(tl.load(urow + ok[None, :], mask=wm, other=0.0), x, input_precision=PREC)
-    if PDL and LATE:                                        # the next launch may start once the weights are read
-        gdc_launch_dependents()
     if SPLITS > 1:
         P: tl.constexpr = (2 if GLU else 1) * BN * BM
         tile = tl.arange(0, BN)[:, None] * BM + tl.arange(0, BM)[None, :]
@@ -98,13 +87,6 @@ def _skinny_kernel(x_ptr, w_ptr, b_ptr, y_ptr, ws_ptr, lock_ptr, r_ptr, g_ptr, y
         _skinny_out(acc, acc2, b_ptr, y_ptr, r_ptr, g_ptr, yg_ptr, sq_ptr, rms_ptr, t, rn, rm, mn, mm,
                     N, K, RMS_TILES, eps, cap, w_ptr.dtype.element_ty, HAS_B, CAP, GLU, RES, NORM, RMS,
                         RMS_T, BM)
-
-
-@triton.jit
-def _prefetch_l2(ptrs, mask):
-    """prefetch.global.L2 of each address where mask holds."""
-    tl.inline_asm_elementwise("{ .reg .pred p; setp.ne.b32 p, $2, 0; @p prefetch.global.L2 [$1]; mov.u32 $0, 0; }",
-                              "=r,l,r", [ptrs, mask.to(tl.int32)], dtype=tl.int32, is_pure=False, pack=1)
 
 
 @triton.jit
@@ -243,5 +225,5 @@ def skinny_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = Non
         float(logit_cap or 1.0), HAS_B=b is not None, CAP=logits and bool(logit_cap and logit_cap > 0), GLU=glu,
         RES=residual is not None, NORM=norm_weight is not None, RMS=rms is not None,
         RMS_T=triton.next_power_of_2(rms.shape[0]) if rms is not None else 1, SPLITS=p["splits"], BM=_BM, BN=p["BN"], BK=p["BK"], PREC="ieee" if w.dtype == torch.float32 else "tf32",
-        PDL="launch_pdl" in kw, LATE=p["late"], PF=p["prefetch"] if "launch_pdl" in kw else 0, **kw)
+        PDL="launch_pdl" in kw, **kw)
     return (y, yg, sumsq) if norm_weight is not None else y
