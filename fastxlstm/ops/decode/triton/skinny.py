@@ -17,11 +17,7 @@ import triton
 import triton.language as tl
 
 from ...rowwise.triton import _pdl_enter, _tanh, use_pdl
-try:  # host-side TMA descriptors: triton >= 3.4
-    from triton.tools.tensor_descriptor import TensorDescriptor
-    _HAS_TMA = True
-except ImportError:
-    TensorDescriptor, _HAS_TMA = None, False
+
 
 # BN weight rows x BK of K per loop step, W warps, S pipeline stages; K is split so that the
 # programs fill ``ctas`` slots per SM in as few rounds as possible; shapes: overrides per "NxK"
@@ -29,19 +25,19 @@ except ImportError:
 # 32 weight copies in one CUDA graph, against cuBLAS in the same process): out_proj 10.8 vs 13.1 us,
 # in 28.7 vs 29.5, gate|up 47.8 vs 47.9, down (BK 256) 24.8 vs 28.7, LM head (ctas 2) 100.8 vs
 # 124.5; batch 1 alike. 8 warps, BN 128 or 32, deeper pipelines or more splits were slower.
-CONFIG = dict(BN=64, BK=128, W=4, S=3, ctas=1, pdl=True, tma=False, glu=dict(BN=64),
+CONFIG = dict(BN=64, BK=128, W=4, S=3, ctas=1, pdl=True, glu=dict(BN=64),
               shapes={"4096x10944": dict(BK=256), "50304x4096": dict(ctas=2)})
 _BM = 16
 SKINNY_ROWS = _BM                                           # the most rows of x it takes
 
 
 @triton.jit
-def _skinny_kernel(x_ptr, w_ptr, wd, b_ptr, y_ptr, ws_ptr, lock_ptr, r_ptr, g_ptr, yg_ptr, sq_ptr, rms_ptr,
+def _skinny_kernel(x_ptr, w_ptr, b_ptr, y_ptr, ws_ptr, lock_ptr, r_ptr, g_ptr, yg_ptr, sq_ptr, rms_ptr,
                    M, N, K, K_PER, RMS_TILES, eps, cap,
                    HAS_B: tl.constexpr, CAP: tl.constexpr, GLU: tl.constexpr, RES: tl.constexpr, NORM: tl.constexpr,
                    RMS: tl.constexpr, RMS_T: tl.constexpr, SPLITS: tl.constexpr, BM: tl.constexpr,
                    BN: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr, PDL: tl.constexpr,
-                   TMA: tl.constexpr):
+                   PF: tl.constexpr, LINE: tl.constexpr):
     """N output columns; GLU: w holds N gate rows over N up rows, and a program takes the BN gate
     rows of its tile and the same BN up rows (two dots a step). The epilogue options (RES, NORM,
     RMS) are described at skinny_linear."""
@@ -56,6 +52,12 @@ def _skinny_kernel(x_ptr, w_ptr, wd, b_ptr, y_ptr, ws_ptr, lock_ptr, r_ptr, g_pt
     k1 = tl.minimum(k0 + K_PER, K)
     wrow = w_ptr + rn.to(tl.int64)[:, None] * K
     urow = w_ptr + (rn + N).to(tl.int64)[:, None] * K      # GLU: the up rows of the same columns
+    if PF:                                                  # the weights do not depend on the previous launch:
+        for kk in range(k0, k1, BK):                        # fetch this program's into L2 while it runs
+            pk = kk + tl.arange(0, BK // LINE) * LINE       # one 128-byte line per row per step of LINE
+            _prefetch_l2(wrow + pk[None, :], mn[:, None] & (pk < k1)[None, :])
+            if GLU:
+                _prefetch_l2(urow + pk[None, :], mn[:, None] & (pk < k1)[None, :])
     _pdl_enter(PDL)
     acc = tl.zeros([BN, BM], dtype=tl.float32)
     acc2 = tl.zeros([BN, BM], dtype=tl.float32)
@@ -63,19 +65,12 @@ def _skinny_kernel(x_ptr, w_ptr, wd, b_ptr, y_ptr, ws_ptr, lock_ptr, r_ptr, g_pt
         ok = kk + tl.arange(0, BK)
         mk = ok < k1
         wm = mn[:, None] & mk[None, :]
-        if TMA:                                             # wd: a (rows, K) descriptor of BN x BK blocks
-            w = wd.load([t * BN, kk])                       # past the rows or K: zeros
-        else:
-            w = tl.load(wrow + ok[None, :], mask=wm, other=0.0)
+        w = tl.load(wrow + ok[None, :], mask=wm, other=0.0)
         x = tl.trans(tl.load(x_ptr + rm[:, None] * K + ok[None, :], mask=mm[:, None] & mk[None, :],
                              other=0.0).to(w.dtype))
         acc += tl.dot(w, x, input_precision=PREC)
         if GLU:
-            if TMA:
-                u = wd.load([N + t * BN, kk])
-            else:
-                u = tl.load(urow + ok[None, :], mask=wm, other=0.0)
-            acc2 += tl.dot(u, x, input_precision=PREC)
+            acc2 += tl.dot(tl.load(urow + ok[None, :], mask=wm, other=0.0), x, input_precision=PREC)
     if SPLITS > 1:
         P: tl.constexpr = (2 if GLU else 1) * BN * BM
         tile = tl.arange(0, BN)[:, None] * BM + tl.arange(0, BM)[None, :]
@@ -100,6 +95,13 @@ def _skinny_kernel(x_ptr, w_ptr, wd, b_ptr, y_ptr, ws_ptr, lock_ptr, r_ptr, g_pt
         _skinny_out(acc, acc2, b_ptr, y_ptr, r_ptr, g_ptr, yg_ptr, sq_ptr, rms_ptr, t, rn, rm, mn, mm,
                     N, K, RMS_TILES, eps, cap, w_ptr.dtype.element_ty, HAS_B, CAP, GLU, RES, NORM, RMS,
                         RMS_T, BM)
+
+
+@triton.jit
+def _prefetch_l2(ptrs, mask):
+    """prefetch.global.L2 of each address where mask holds."""
+    tl.inline_asm_elementwise("{ .reg .pred p; setp.ne.b32 p, $2, 0; @p prefetch.global.L2 [$1]; mov.u32 $0, 0; }",
+                              "=r,l,r", [ptrs, mask.to(tl.int32)], dtype=tl.int32, is_pure=False, pack=1)
 
 
 @triton.jit
@@ -174,7 +176,7 @@ def skinny_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = Non
                   lock: torch.Tensor | None = None, residual: torch.Tensor | None = None,
                   norm_weight: torch.Tensor | None = None, sumsq: torch.Tensor | None = None,
                   rms: torch.Tensor | None = None, eps: float = 1e-6, logits: bool = False,
-                  logit_cap: float | None = None):
+                  logit_cap: float | None = None, prefetch: bool = False):
     """x (M, K) with M <= 16, w (N, K) row-major (nn.Linear), b (N,): x w^T + b in w's dtype,
     summed in float32. glu: w is the gate rows over the up rows (2F, K) and the result
     silu(gate) * up (M, F), rounded where the model's F.linear, silu and product round.
@@ -190,7 +192,10 @@ def skinny_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = Non
     So ``skinny_linear(yg, w2, rms=sums)`` is ``skinny_linear(rms_norm(y), w2)`` up to where the
     rounding falls.
     logits: the LM head's end as the model computes it, in float32: the result rounded to w's
-    dtype, then cap * tanh(y / cap) with logit_cap (none when 0 or None)."""
+    dtype, then cap * tanh(y / cap) with logit_cap (none when 0 or None).
+    prefetch (with PDL on sm_90+): each program first asks L2 for all its weight rows, then waits for
+    the previous launch: for a GEMM behind a short, latency-bound launch (the decode step kernel at
+    a small batch) that leaves the memory bus idle."""
     if x.dim() != 2 or w.dim() != 2 or x.shape[1] != w.shape[1]:
         raise ValueError(f"x (M, K) and w (N, K) must agree in K, got {tuple(x.shape)} and {tuple(w.shape)}")
     if not 1 <= x.shape[0] <= SKINNY_ROWS:
@@ -231,14 +236,12 @@ def skinny_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = Non
     kw = dict(num_warps=p["W"], num_stages=p["S"])
     if use_pdl(x, p["pdl"]):
         kw["launch_pdl"] = True
-    tma = p["tma"] and _HAS_TMA and (x.device.type == "cpu" or torch.cuda.get_device_capability(x.device)[0] >= 9)
-    wd = TensorDescriptor.from_tensor(w, [p["BN"], p["BK"]]) if tma else w
     _skinny_kernel[(p["tiles"] * p["splits"],)](
-        x, w, wd, b if b is not None else w, y, ws, lock, residual if residual is not None else y,
+        x, w, b if b is not None else w, y, ws, lock, residual if residual is not None else y,
         norm_weight if norm_weight is not None else w, yg, sumsq if sumsq is not None else ws,
         rms if rms is not None else ws, M, N, K, p["k_per"], rms.shape[0] if rms is not None else 0, eps,
         float(logit_cap or 1.0), HAS_B=b is not None, CAP=logits and bool(logit_cap and logit_cap > 0), GLU=glu,
         RES=residual is not None, NORM=norm_weight is not None, RMS=rms is not None,
         RMS_T=triton.next_power_of_2(rms.shape[0]) if rms is not None else 1, SPLITS=p["splits"], BM=_BM, BN=p["BN"], BK=p["BK"], PREC="ieee" if w.dtype == torch.float32 else "tf32",
-        PDL="launch_pdl" in kw, TMA=tma, **kw)
+        PDL="launch_pdl" in kw, PF=prefetch and "launch_pdl" in kw, LINE=128 // w.element_size(), **kw)
     return (y, yg, sumsq) if norm_weight is not None else y
