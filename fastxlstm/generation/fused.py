@@ -78,9 +78,6 @@ class FusedStep:
     # the hybrid against the compiled pieces, 7B shape on the H200 (run 24, chained steps in one CUDA
     # graph): 2,697 vs 2,592 tokens/s at batch 16, 6,612 vs 6,859 at batch 64
     max_hybrid_batch = 32
-    # out_proj's weights fetched into L2 while the step kernel runs (at a small batch it is short
-    # and latency-bound, the memory bus idle) up to this many rows
-    prefetch_out_batch = 16
 
     def __init__(self, model, *, compile: bool | None = None, hybrid: bool | None = None,
                  inplace_state: bool = False):
@@ -208,7 +205,6 @@ class FusedStep:
         from ..ops import decode
 
         sums = self._sums
-        prefetch = input_ids.shape[0] <= self.prefetch_out_batch
         x, xn = add_rms_norm(self.model.embedding(input_ids[:, 0]), None, self.blocks[0].norm_w, None,
                              self.eps, self.f32)
         sq, new_state = None, []
@@ -217,7 +213,7 @@ class FusedStep:
             y = decode.skinny_linear(xn, w.w_in, b_in, lock=lock, rms=sq, eps=self.eps)
             hn, s = self._cell(y, w, s, lock)
             x, xn, sq = decode.skinny_linear(hn, w.out_w, w.out_b, lock=lock, residual=x,
-                                             norm_weight=w.ffn_norm_w, sumsq=sums, prefetch=prefetch)
+                                             norm_weight=w.ffn_norm_w, sumsq=sums)
             act = decode.skinny_linear(xn, w.w_up, w.b_up, glu=True, lock=lock, rms=sq, eps=self.eps)
             if next_norm is None:
                 x, xn, sq = decode.skinny_linear(act, w.down_w, w.down_b, lock=lock, residual=x), None, None

@@ -18,7 +18,6 @@ import triton.language as tl
 
 from ...rowwise.triton import _pdl_enter, _tanh, use_pdl
 
-
 # BN weight rows x BK of K per loop step, W warps, S pipeline stages; K is split so that the
 # programs fill ``ctas`` slots per SM in as few rounds as possible; shapes: overrides per "NxK"
 # (``splits`` fixes the split). The best of the H200 sweep at the 7B's shapes, batch 16 (run 53,
@@ -36,8 +35,7 @@ def _skinny_kernel(x_ptr, w_ptr, b_ptr, y_ptr, ws_ptr, lock_ptr, r_ptr, g_ptr, y
                    M, N, K, K_PER, RMS_TILES, eps, cap,
                    HAS_B: tl.constexpr, CAP: tl.constexpr, GLU: tl.constexpr, RES: tl.constexpr, NORM: tl.constexpr,
                    RMS: tl.constexpr, RMS_T: tl.constexpr, SPLITS: tl.constexpr, BM: tl.constexpr,
-                   BN: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr, PDL: tl.constexpr,
-                   PF: tl.constexpr, LINE: tl.constexpr):
+                   BN: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr, PDL: tl.constexpr):
     """N output columns; GLU: w holds N gate rows over N up rows, and a program takes the BN gate
     rows of its tile and the same BN up rows (two dots a step). The epilogue options (RES, NORM,
     RMS) are described at skinny_linear."""
@@ -52,12 +50,6 @@ def _skinny_kernel(x_ptr, w_ptr, b_ptr, y_ptr, ws_ptr, lock_ptr, r_ptr, g_ptr, y
     k1 = tl.minimum(k0 + K_PER, K)
     wrow = w_ptr + rn.to(tl.int64)[:, None] * K
     urow = w_ptr + (rn + N).to(tl.int64)[:, None] * K      # GLU: the up rows of the same columns
-    if PF:                                                  # the weights do not depend on the previous launch:
-        for kk in range(k0, k1, BK):                        # fetch this program's into L2 while it runs
-            pk = kk + tl.arange(0, BK // LINE) * LINE       # one 128-byte line per row per step of LINE
-            _prefetch_l2(wrow + pk[None, :], mn[:, None] & (pk < k1)[None, :])
-            if GLU:
-                _prefetch_l2(urow + pk[None, :], mn[:, None] & (pk < k1)[None, :])
     _pdl_enter(PDL)
     acc = tl.zeros([BN, BM], dtype=tl.float32)
     acc2 = tl.zeros([BN, BM], dtype=tl.float32)
@@ -95,13 +87,6 @@ def _skinny_kernel(x_ptr, w_ptr, b_ptr, y_ptr, ws_ptr, lock_ptr, r_ptr, g_ptr, y
         _skinny_out(acc, acc2, b_ptr, y_ptr, r_ptr, g_ptr, yg_ptr, sq_ptr, rms_ptr, t, rn, rm, mn, mm,
                     N, K, RMS_TILES, eps, cap, w_ptr.dtype.element_ty, HAS_B, CAP, GLU, RES, NORM, RMS,
                         RMS_T, BM)
-
-
-@triton.jit
-def _prefetch_l2(ptrs, mask):
-    """prefetch.global.L2 of each address where mask holds."""
-    tl.inline_asm_elementwise("{ .reg .pred p; setp.ne.b32 p, $2, 0; @p prefetch.global.L2 [$1]; mov.u32 $0, 0; }",
-                              "=r,l,r", [ptrs, mask.to(tl.int32)], dtype=tl.int32, is_pure=False, pack=1)
 
 
 @triton.jit
@@ -176,7 +161,7 @@ def skinny_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = Non
                   lock: torch.Tensor | None = None, residual: torch.Tensor | None = None,
                   norm_weight: torch.Tensor | None = None, sumsq: torch.Tensor | None = None,
                   rms: torch.Tensor | None = None, eps: float = 1e-6, logits: bool = False,
-                  logit_cap: float | None = None, prefetch: bool = False):
+                  logit_cap: float | None = None):
     """x (M, K) with M <= 16, w (N, K) row-major (nn.Linear), b (N,): x w^T + b in w's dtype,
     summed in float32. glu: w is the gate rows over the up rows (2F, K) and the result
     silu(gate) * up (M, F), rounded where the model's F.linear, silu and product round.
@@ -192,10 +177,7 @@ def skinny_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = Non
     So ``skinny_linear(yg, w2, rms=sums)`` is ``skinny_linear(rms_norm(y), w2)`` up to where the
     rounding falls.
     logits: the LM head's end as the model computes it, in float32: the result rounded to w's
-    dtype, then cap * tanh(y / cap) with logit_cap (none when 0 or None).
-    prefetch (with PDL on sm_90+): each program first asks L2 for all its weight rows, then waits for
-    the previous launch: for a GEMM behind a short, latency-bound launch (the decode step kernel at
-    a small batch) that leaves the memory bus idle."""
+    dtype, then cap * tanh(y / cap) with logit_cap (none when 0 or None)."""
     if x.dim() != 2 or w.dim() != 2 or x.shape[1] != w.shape[1]:
         raise ValueError(f"x (M, K) and w (N, K) must agree in K, got {tuple(x.shape)} and {tuple(w.shape)}")
     if not 1 <= x.shape[0] <= SKINNY_ROWS:
@@ -243,5 +225,5 @@ def skinny_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = Non
         float(logit_cap or 1.0), HAS_B=b is not None, CAP=logits and bool(logit_cap and logit_cap > 0), GLU=glu,
         RES=residual is not None, NORM=norm_weight is not None, RMS=rms is not None,
         RMS_T=triton.next_power_of_2(rms.shape[0]) if rms is not None else 1, SPLITS=p["splits"], BM=_BM, BN=p["BN"], BK=p["BK"], PREC="ieee" if w.dtype == torch.float32 else "tf32",
-        PDL="launch_pdl" in kw, PF=prefetch and "launch_pdl" in kw, LINE=128 // w.element_size(), **kw)
+        PDL="launch_pdl" in kw, **kw)
     return (y, yg, sumsq) if norm_weight is not None else y
