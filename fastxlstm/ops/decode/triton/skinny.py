@@ -25,7 +25,7 @@ from ...rowwise.triton import _pdl_enter, _tanh, use_pdl
 # in 28.7 vs 29.5, gate|up 47.8 vs 47.9, down (BK 256) 24.8 vs 28.7, LM head (ctas 2) 100.8 vs
 # 124.5; batch 1 alike. 8 warps, BN 128 or 32, deeper pipelines or more splits were slower.
 CONFIG = dict(BN=64, BK=128, W=4, S=3, ctas=1, pdl=True, glu=dict(BN=64),
-              shapes={"4096x10944": dict(BK=256), "50304x4096": dict(ctas=2)})
+              shapes={"4096x4096": dict(BK=256), "4096x10944": dict(BK=256, S=4), "50304x4096": dict(ctas=2)})
 _BM = 16
 SKINNY_ROWS = _BM                                           # the most rows of x it takes
 
