@@ -108,6 +108,7 @@ class FusedStep:
         self._hybrid_fits = (self.device.type == "cuda" and ops.triton_available()
                              and model.embedding.weight.dtype in (torch.float32, torch.bfloat16, torch.float16))
         self._lock = None
+        self._skinny_tiles = None                                    # skinny_linear's counters, on first use
         with torch.no_grad():
             self._in_bias = [w.b_in if w.b_in.any() else None for w in self.blocks]   # no all-zero bias add
 
@@ -208,8 +209,10 @@ class FusedStep:
         the kernels themselves, one buffer for every launch (they run one after another)."""
         from ..ops import decode
 
-        weights = [self.model.lm_head.weight] + [w for b in self.blocks[:1] for w in (b.w_in, b.out_w, b.w_up, b.down_w)]
-        need = max([batch * self.num_heads] + [decode.skinny_lock_size(*w.shape, self.device) for w in weights])
+        if self._skinny_tiles is None:                               # the same for every batch: once
+            weights = [self.model.lm_head.weight] + [w for b in self.blocks[:1] for w in (b.w_in, b.out_w, b.w_up, b.down_w)]
+            self._skinny_tiles = max(decode.skinny_lock_size(*w.shape, self.device) for w in weights)
+        need = max(batch * self.num_heads, self._skinny_tiles)
         if self._lock is None or self._lock.numel() < need:
             self._lock = torch.zeros(need, dtype=torch.int32, device=self.device)
         return self._lock
