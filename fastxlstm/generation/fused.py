@@ -20,14 +20,22 @@ bf16 = 9.0 GB while decoding, on top of the model's 13.7 GB. Every other weight 
 The formulas mirror layers/common.py and layers/mlstm.py; tests/test_fused_decode.py holds them to
 the model's forward.
 
-The hybrid path (CUDA, the default up to ``max_hybrid_batch`` rows): one GEMM per projection
-(``ops.decode.skinny_linear`` up to 16 rows, a split-K kernel that streams the weights faster than
-cuBLAS's small-batch kernels; cuBLAS above) with one launch each between them for the residual add
-+ RMSNorm and silu x up (ops/rowwise) and for the gate caps + mLSTM step + head norm x sigmoid(o)
-(ops.decode.mlstm_head_step): eight launches a block. 7B on the H200, chained steps in one CUDA
-graph, one process (run 53): batch 1 246.7 tokens/s against 220.5 for the GEMV kernels that ran a
-block in five launches (removed since) and 232.5 on cuBLAS; batch 16 3,012 against 2,887 on cuBLAS.
-Above ``max_hybrid_batch``, the compiled pieces.
+The hybrid path (CUDA, the default up to ``max_hybrid_batch`` rows): one GEMM per projection with
+single launches between them. Up to 16 rows (``ops.decode.skinny_linear``, a split-K kernel that
+streams the weights faster than cuBLAS's small-batch kernels) a block is five launches:
+
+    input GEMM [x rsqrt(mean x^2)]  step kernel  out_proj [+ residual, x norm weight, sums of x^2]
+    gate|up GEMM [x rsqrt(mean x^2), silu(gate) x up]  proj_down [+ residual, x next norm weight, sums]
+
+each RMSNorm split between the GEMM that makes its input (the epilogue adds the residual and
+writes x * weight with each tile's sum of x^2) and the GEMM that reads it (which scales its rows by
+rsqrt(mean x^2 + eps)); the LM head's epilogue soft-caps the logits in float32. The step kernel
+(ops.decode.mlstm_head_step) does the gate caps, the mLSTM step and head norm x sigmoid(o).
+7B on the H200, chained steps in one CUDA graph, one process (run 60): batch 1 252.4 against 247.8
+tokens/s for the eight launches of row kernels between the GEMMs, batch 16 3,057 against 3,005.
+Norms with a bias or reduced in the model's dtype stay row kernels (seven launches); above 16 rows
+the GEMMs are cuBLAS's with the row kernels and silu x up between (eight); above
+``max_hybrid_batch``, the compiled pieces.
 """
 
 from __future__ import annotations
@@ -113,7 +121,10 @@ class FusedStep:
         norms = [(b.norm_w, b.norm_b) for b in self.blocks] + [(b.ffn_norm_w, b.ffn_norm_b) for b in self.blocks]
         self._norms_fold = self.f32 and all(w is not None and b is None for w, b in norms) and (
             self.out_norm is None or self.out_norm[1] is None)
-        self._sums = torch.empty(16 * ((cfg.embedding_dim + 63) // 64), device=self.device, dtype=torch.float32)
+        # the sums of x^2 that skinny_linear hands from a norm's producer to its consumer (16 rows
+        # per weight tile; E tiles bounds any tiling)
+        self._sums = torch.empty(16 * cfg.embedding_dim, device=self.device, dtype=torch.float32)
+        self._skinny_tiles = None                                    # skinny_linear's counters, on first use
         with torch.no_grad():
             self._in_bias = [w.b_in if w.b_in.any() else None for w in self.blocks]   # no all-zero bias add
 
@@ -167,10 +178,11 @@ class FusedStep:
         return logits.unsqueeze(1), new_state
 
     def _hybrid_step(self, input_ids, state):
-        """One GEMM per projection (skinny_linear up to ops.decode.SKINNY_ROWS rows, cuBLAS above);
-        between them one launch each for the residual add + RMSNorm and the gate caps + mLSTM step +
-        head norm x sigmoid(o); silu x up is the gate|up GEMM's epilogue (skinny_linear) or one more
-        launch (cuBLAS). The FFN's residual add is the next block's (or the head's)."""
+        """Up to ops.decode.SKINNY_ROWS rows with weight-only float32 norms: _skinny_step. Otherwise
+        one GEMM per projection (skinny_linear up to SKINNY_ROWS rows, cuBLAS above); between them
+        one launch each for the residual add + RMSNorm and the gate caps + mLSTM step + head norm x
+        sigmoid(o); silu x up is the gate|up GEMM's epilogue (skinny_linear) or one more launch
+        (cuBLAS). The FFN's residual add is the next block's (or the head's)."""
         from ..ops import decode
 
         B = input_ids.shape[0]
@@ -254,8 +266,10 @@ class FusedStep:
         the kernels themselves, one buffer for every launch (they run one after another)."""
         from ..ops import decode
 
-        weights = [self.model.lm_head.weight] + [w for b in self.blocks[:1] for w in (b.w_in, b.out_w, b.w_up, b.down_w)]
-        need = max([batch * self.num_heads] + [decode.skinny_lock_size(*w.shape, self.device) for w in weights])
+        if self._skinny_tiles is None:                               # the same for every batch: once
+            weights = [self.model.lm_head.weight] + [w for b in self.blocks[:1] for w in (b.w_in, b.out_w, b.w_up, b.down_w)]
+            self._skinny_tiles = max(decode.skinny_lock_size(*w.shape, self.device) for w in weights)
+        need = max(batch * self.num_heads, self._skinny_tiles)
         if self._lock is None or self._lock.numel() < need:
             self._lock = torch.zeros(need, dtype=torch.int32, device=self.device)
         return self._lock

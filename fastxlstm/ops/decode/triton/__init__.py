@@ -3,8 +3,8 @@
 At small batch a decode step reads every weight and the whole recurrent state once and does little
 else, so its speed is the memory stream's, and what costs is each launch's gap, ramp and tail.
 generation/fused.py's hybrid step runs a block of XLSTMLarge as one GEMM per projection
-(``skinny_linear`` of skinny.py up to 16 rows, cuBLAS above) with single launches between: the
-residual add + RMSNorm and silu x up (ops/rowwise), and this module's step kernel:
+(``skinny_linear`` of skinny.py up to 16 rows, with the norms and silu x up in its epilogues;
+cuBLAS above, with row kernels between) and this module's step kernel:
 
     mlstm_head_step   gate soft caps -> the mLSTM step -> per-head LayerNorm -> x sigmoid(o)
 

@@ -2,13 +2,21 @@
 
 At batch 1..16 a decode GEMM reads all of W for a handful of rows, so it should run at the
 copy rate; cuBLAS's small-M kernels reach 2.4 TB/s on the 7B's 4096 x 4096 out_proj and
-3.1-3.8 on the larger weights of the H200 (runs 52, 53). This kernel cuts W into BN-row tiles and each
-tile's K into SPLITS equal ranges, one program per (tile, range), and leaves the loop free of
+3.1-3.8 on the larger weights of the H200 (runs 52, 53). This kernel cuts W into BN-row tiles and
+each tile's K into SPLITS equal ranges, one program per (tile, range), and leaves the loop free of
 branches so that the compiler issues the coming iterations' weight loads ahead (num_stages of
-them, held in registers on sm_90); the batch is the dot's N side (padded to 16). A tile cut into several ranges stores fp32 partial sums, and the last
-of its programs to finish (a per-tile counter) adds them in range order and writes the tile:
-deterministic, one launch, and the counter is left at zero for the next launch.
-"""
+them, held in registers on sm_90); the batch is the dot's N side (padded to 16). A tile cut into
+several ranges stores fp32 partial sums, and the last of its programs to finish (a per-tile
+counter) adds them in range order and writes the tile: deterministic, one launch, and the counter
+is left at zero for the next launch.
+
+The work between a decode block's GEMMs rides in their epilogues (so a block is five launches,
+generation/fused.py): silu(gate) x up (glu), the residual add, the RMSNorm split in two (the
+producer writes x * norm weight and each tile's sums of x^2, the consumer scales its rows by
+rsqrt(mean x^2 + eps)), and the LM head's float32 soft cap. Only the finishing program of a tile
+does epilogue work; the loop is the same for every option (extra loads in it stall the weight
+stream: 16-23 % slower when the norms were folded there, run 56).
+""""""
 
 from __future__ import annotations
 
@@ -20,10 +28,14 @@ from ...rowwise.triton import _pdl_enter, _tanh, use_pdl
 
 # BN weight rows x BK of K per loop step, W warps, S pipeline stages; K is split so that the
 # programs fill ``ctas`` slots per SM in as few rounds as possible; shapes: overrides per "NxK"
-# (``splits`` fixes the split). The best of the H200 sweep at the 7B's shapes, batch 16 (run 53,
-# 32 weight copies in one CUDA graph, against cuBLAS in the same process): out_proj 10.8 vs 13.1 us,
-# in 28.7 vs 29.5, gate|up 47.8 vs 47.9, down (BK 256) 24.8 vs 28.7, LM head (ctas 2) 100.8 vs
-# 124.5; batch 1 alike. 8 warps, BN 128 or 32, deeper pipelines or more splits were slower.
+# (``splits`` fixes the split; the gate|up weight's key is its 2F x K), glu: overrides for glu.
+# Run 53 (32 weight copies in one CUDA graph, against cuBLAS in the same process, batch 16):
+# out_proj 10.8 vs 13.1 us, in 28.7 vs 29.5, gate|up 47.8 vs 47.9, down 24.8 vs 28.7, LM head
+# (ctas 2) 100.8 vs 124.5; 8 warps, BN 128 or 32, more splits were slower. Retuned in the five-launch
+# step (runs 64, 66, 70, 72 of session 10, one process each): 3 stages (4: -1.1 % at batch 1), glu
+# tiles of 64 gate + 64 up rows (32: -1.6 %), out_proj BK 256 (+1.3 %), proj_down 4 stages
+# (+0.4 %); TMA weight loads (-2.5 to -10 %), an L2 prefetch before the PDL wait and a late PDL
+# trigger were slower at batch 1.
 CONFIG = dict(BN=64, BK=128, W=4, S=3, ctas=1, pdl=True, glu=dict(BN=64),
               shapes={"4096x4096": dict(BK=256), "4096x10944": dict(BK=256, S=4), "50304x4096": dict(ctas=2)})
 _BM = 16
