@@ -16,7 +16,7 @@ producer writes x * norm weight and each tile's sums of x^2, the consumer scales
 rsqrt(mean x^2 + eps)), and the LM head's float32 soft cap. Only the finishing program of a tile
 does epilogue work; the loop is the same for every option (extra loads in it stall the weight
 stream: 16-23 % slower when the norms were folded there, run 56).
-""""""
+"""
 
 from __future__ import annotations
 
@@ -33,8 +33,8 @@ from ...rowwise.triton import _pdl_enter, _tanh, use_pdl
 # out_proj 10.8 vs 13.1 us, in 28.7 vs 29.5, gate|up 47.8 vs 47.9, down 24.8 vs 28.7, LM head
 # (ctas 2) 100.8 vs 124.5; 8 warps, BN 128 or 32, more splits were slower. Retuned in the five-launch
 # step (runs 64, 66, 70, 72 of session 10, one process each): 3 stages (4: -1.1 % at batch 1), glu
-# tiles of 64 gate + 64 up rows (32: -1.6 %), out_proj BK 256 (+1.3 %), proj_down 4 stages
-# (+0.4 %); TMA weight loads (-2.5 to -10 %), an L2 prefetch before the PDL wait and a late PDL
+# tiles of 64 gate + 64 up rows (32: -1.0 to -1.8 %), out_proj BK 256 (+1.3 %), proj_down 4 stages
+# (+0.4 %); TMA weight loads (-2.3 to -10 %), an L2 prefetch before the PDL wait and a late PDL
 # trigger were slower at batch 1.
 CONFIG = dict(BN=64, BK=128, W=4, S=3, ctas=1, pdl=True, glu=dict(BN=64),
               shapes={"4096x4096": dict(BK=256), "4096x10944": dict(BK=256, S=4), "50304x4096": dict(ctas=2)})
@@ -144,7 +144,7 @@ def _skinny_out(acc, acc2, b_ptr, y_ptr, r_ptr, g_ptr, yg_ptr, sq_ptr, rms_ptr, 
 
 
 def _plan(N: int, K: int, device: torch.device, glu: bool = False) -> dict:
-    """N: output columns (GLU: half the weight's rows). A GLU tile reads CONFIG["glu"]["BN"] gate and as many
+    """N: output columns (GLU: half the weight's rows). A GLU tile reads CONFIG["glu"]["BN"] gate rows and as many
     up rows."""
     cfg = {k: v for k, v in CONFIG.items() if k not in ("shapes", "glu")}
     cfg.update(CONFIG["shapes"].get(f"{2 * N if glu else N}x{K}", {}))
