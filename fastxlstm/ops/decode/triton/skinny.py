@@ -5,7 +5,7 @@ copy rate; cuBLAS's small-M kernels reach 2.4 TB/s on the 7B's 4096 x 4096 out_p
 3.1-3.8 on the larger weights of the H200 (runs 52, 53). This kernel cuts W into BN-row tiles and
 each tile's K into SPLITS equal ranges, one program per (tile, range), and leaves the loop free of
 branches so that the compiler issues the coming iterations' weight loads ahead (num_stages of
-them, held in registers on sm_90); the batch is the dot's N side (padded to 16). A tile cut into
+them, cp.async into shared memory on sm_90); the batch is the dot's N side (padded to 16). A tile cut into
 several ranges stores fp32 partial sums, and the last of its programs to finish (a per-tile
 counter) adds them in range order and writes the tile: deterministic, one launch, and the counter
 is left at zero for the next launch.
@@ -34,8 +34,8 @@ from ...rowwise.triton import _pdl_enter, _tanh, use_pdl
 # (ctas 2) 100.8 vs 124.5; 8 warps, BN 128 or 32, more splits were slower. Retuned in the five-launch
 # step (runs 64, 66, 70, 72 of session 10, one process each): 3 stages (4: -1.1 % at batch 1), glu
 # tiles of 64 gate + 64 up rows (32: -1.0 to -1.8 %), out_proj BK 256 (+1.3 %), proj_down 4 stages
-# (+0.4 %); TMA weight loads (-2.3 to -10 %), an L2 prefetch before the PDL wait and a late PDL
-# trigger were slower at batch 1.
+# (+0.4 %); TMA weight loads (-2.3 to -10 %), the first tiles loaded into registers before the PDL
+# wait (-13 to -23 %), an L2 prefetch before the wait and a late PDL trigger were slower at batch 1.
 CONFIG = dict(BN=64, BK=128, W=4, S=3, ctas=1, pdl=True, glu=dict(BN=64),
               shapes={"4096x4096": dict(BK=256), "4096x10944": dict(BK=256, S=4), "50304x4096": dict(ctas=2)})
 _BM = 16
