@@ -35,7 +35,7 @@ import triton.language as tl
 from ...mlstm.triton.fwd import _logsigmoid
 from ...rowwise.triton import _pdl_enter, _tanh, use_pdl
 from ...state import MLSTMState
-from .skinny import SKINNY_ROWS, skinny_linear, skinny_lock_size
+from .skinny import SKINNY_ROWS, _rnd, skinny_linear, skinny_lock_size
 
 __all__ = ["mlstm_head_step", "skinny_linear", "skinny_lock_size", "SKINNY_ROWS", "CONFIG"]
 
@@ -51,12 +51,6 @@ def _use_pdl(t: torch.Tensor) -> bool:
 
 
 # ------------------------------------------------------------------------------------- helpers
-
-@triton.jit
-def _rnd(x, dtype: tl.constexpr):
-    """x rounded to dtype and back to fp32: where an eager bf16 op of the model rounds."""
-    return x.to(dtype).to(tl.float32)
-
 
 @triton.jit
 def _soft_cap(y, cap, dt: tl.constexpr):

@@ -5,8 +5,8 @@ copy rate; cuBLAS's small-M kernels reach 2.4 TB/s on the 7B's 4096 x 4096 out_p
 3.1-3.8 on the larger weights of the H200 (runs 52, 53). This kernel cuts W into BN-row tiles and
 each tile's K into SPLITS equal ranges, one program per (tile, range), and leaves the loop free of
 branches so that the compiler issues the coming iterations' weight loads ahead (num_stages of
-them, cp.async into shared memory on sm_90); the batch is the dot's N side (padded to 16). A tile cut into
-several ranges stores fp32 partial sums, and the last of its programs to finish (a per-tile
+them, cp.async into shared memory on sm_90); the batch is the dot's N side (padded to 16). A
+tile cut into several ranges stores fp32 partial sums, and the last of its programs to finish (a per-tile
 counter) adds them in range order and writes the tile: deterministic, one launch, and the counter
 is left at zero for the next launch.
 
@@ -45,8 +45,8 @@ SKINNY_ROWS = _BM                                           # the most rows of x
 @triton.jit
 def _skinny_kernel(x_ptr, w_ptr, b_ptr, y_ptr, ws_ptr, lock_ptr, r_ptr, g_ptr, yg_ptr, sq_ptr, rms_ptr,
                    M, N, K, K_PER, RMS_TILES, eps, cap,
-                   HAS_B: tl.constexpr, CAP: tl.constexpr, GLU: tl.constexpr, RES: tl.constexpr, NORM: tl.constexpr,
-                   RMS: tl.constexpr, RMS_T: tl.constexpr, SPLITS: tl.constexpr, BM: tl.constexpr,
+                   HAS_B: tl.constexpr, CAP: tl.constexpr, GLU: tl.constexpr, RES: tl.constexpr,
+                   NORM: tl.constexpr, RMS: tl.constexpr, RMS_T: tl.constexpr, SPLITS: tl.constexpr, BM: tl.constexpr,
                    BN: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr, PDL: tl.constexpr):
     """N output columns; GLU: w holds N gate rows over N up rows, and a program takes the BN gate
     rows of its tile and the same BN up rows (two dots a step). The epilogue options (RES, NORM,
@@ -98,7 +98,7 @@ def _skinny_kernel(x_ptr, w_ptr, b_ptr, y_ptr, ws_ptr, lock_ptr, r_ptr, g_ptr, y
     else:
         _skinny_out(acc, acc2, b_ptr, y_ptr, r_ptr, g_ptr, yg_ptr, sq_ptr, rms_ptr, t, rn, rm, mn, mm,
                     N, K, RMS_TILES, eps, cap, w_ptr.dtype.element_ty, HAS_B, CAP, GLU, RES, NORM, RMS,
-                        RMS_T, BM)
+                    RMS_T, BM)
 
 
 @triton.jit
@@ -109,9 +109,10 @@ def _rnd(x, dtype: tl.constexpr):
 
 @triton.jit
 def _skinny_out(acc, acc2, b_ptr, y_ptr, r_ptr, g_ptr, yg_ptr, sq_ptr, rms_ptr, t, rn, rm, mn, mm,
-                N, K, RMS_TILES, eps, cap, dt: tl.constexpr, HAS_B: tl.constexpr, CAP: tl.constexpr, GLU: tl.constexpr,
-                RES: tl.constexpr,
-                NORM: tl.constexpr, RMS: tl.constexpr, RMS_T: tl.constexpr, BM: tl.constexpr):
+                N, K, RMS_TILES, eps, cap, dt: tl.constexpr, HAS_B: tl.constexpr, CAP: tl.constexpr,
+                GLU: tl.constexpr, RES: tl.constexpr, NORM: tl.constexpr, RMS: tl.constexpr, RMS_T: tl.constexpr,
+                BM: tl.constexpr):
+    """The finishing program's work on its tile (acc: BN columns x BM rows); dt: the weights' dtype."""
     if RMS:                                                 # x's rows were RMS-normalised: scale by rsqrt(mean x^2)
         j = tl.arange(0, RMS_T)                             # all tiles' sums in one load (a loop of
         ss = tl.sum(tl.load(rms_ptr + j[:, None] * BM + rm[None, :],   # loads would wait on each)
@@ -144,8 +145,8 @@ def _skinny_out(acc, acc2, b_ptr, y_ptr, r_ptr, g_ptr, yg_ptr, sq_ptr, rms_ptr, 
 
 
 def _plan(N: int, K: int, device: torch.device, glu: bool = False) -> dict:
-    """N: output columns (GLU: half the weight's rows). A GLU tile reads CONFIG["glu"]["BN"] gate rows and as many
-    up rows."""
+    """N: output columns (GLU: half the weight's rows; a GLU tile reads CONFIG["glu"]["BN"] gate rows
+    and as many up rows)."""
     cfg = {k: v for k, v in CONFIG.items() if k not in ("shapes", "glu")}
     cfg.update(CONFIG["shapes"].get(f"{2 * N if glu else N}x{K}", {}))
     if glu:
@@ -236,6 +237,6 @@ def skinny_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = Non
         rms if rms is not None else ws, M, N, K, p["k_per"], rms.shape[0] if rms is not None else 0, eps,
         float(logit_cap or 1.0), HAS_B=b is not None, CAP=logits and bool(logit_cap and logit_cap > 0), GLU=glu,
         RES=residual is not None, NORM=norm_weight is not None, RMS=rms is not None,
-        RMS_T=triton.next_power_of_2(rms.shape[0]) if rms is not None else 1, SPLITS=p["splits"], BM=_BM, BN=p["BN"], BK=p["BK"], PREC="ieee" if w.dtype == torch.float32 else "tf32",
-        PDL="launch_pdl" in kw, **kw)
+        RMS_T=triton.next_power_of_2(rms.shape[0]) if rms is not None else 1, SPLITS=p["splits"], BM=_BM,
+        BN=p["BN"], BK=p["BK"], PREC="ieee" if w.dtype == torch.float32 else "tf32", PDL="launch_pdl" in kw, **kw)
     return (y, yg, sumsq) if norm_weight is not None else y
