@@ -207,7 +207,7 @@ class FusedStep:
             _, x = add_rms_norm(x, d, *self.out_norm, self.eps, self.f32)
         else:
             x = x + d
-        return self._logits(lin(x, self.model.lm_head.weight, None)), new_state
+        return _capped_logits(lin(x, self.model.lm_head.weight, None), self.logit_cap).unsqueeze(1), new_state
 
     def _skinny_step(self, input_ids, state, lock):
         """Up to SKINNY_ROWS rows, five launches a block: each RMSNorm rides in the GEMMs around it
@@ -248,11 +248,6 @@ class FusedStep:
                                       eps=self.cell_eps, norm_eps=self.eps, gate_cap=self.gate_cap, lock=lock,
                                       early_state=True, inplace=self.inplace_state)
 
-    def _logits(self, logits):
-        if logits.dtype in (torch.float16, torch.bfloat16):
-            logits = logits.float()                                 # as the model: the cap needs the range
-        return soft_cap(logits, self.logit_cap).unsqueeze(1)
-
     def _small_linear(self, batch: int, lock: torch.Tensor):
         """The hybrid's GEMM for this batch: ops.decode.skinny_linear up to its SKINNY_ROWS, else cuBLAS."""
         from ..ops import decode
@@ -267,7 +262,8 @@ class FusedStep:
         from ..ops import decode
 
         if self._skinny_tiles is None:                               # the same for every batch: once
-            weights = [self.model.lm_head.weight] + [w for b in self.blocks[:1] for w in (b.w_in, b.out_w, b.w_up, b.down_w)]
+            b = self.blocks[0]
+            weights = [self.model.lm_head.weight, b.w_in, b.out_w, b.w_up, b.down_w]
             self._skinny_tiles = max(decode.skinny_lock_size(*w.shape, self.device) for w in weights)
         need = max(batch * self.num_heads, self._skinny_tiles)
         if self._lock is None or self._lock.numel() < need:
@@ -301,9 +297,14 @@ def _head(x, d, use_norm: bool, norm_w, norm_b, lm_w, eps: float, f32: bool, cap
     x = x + d
     if use_norm:
         x = rms_norm(x, norm_w, norm_b, eps, f32)
-    logits = F.linear(x, lm_w)
+    return _capped_logits(F.linear(x, lm_w), cap)
+
+
+def _capped_logits(logits, cap):
+    """The LM head's end as the model's: half-precision logits to float32 (the cap needs the
+    range), then the soft cap."""
     if logits.dtype in (torch.float16, torch.bfloat16):
-        logits = logits.float()                                     # as the model: the cap needs the range
+        logits = logits.float()
     return soft_cap(logits, cap)
 
 

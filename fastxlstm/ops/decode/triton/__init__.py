@@ -157,7 +157,7 @@ def mlstm_head_step(y, sizes, state, head_w, head_b=None, *, num_heads: int, eps
     i, f: H; i and f already soft-capped, or capped here with ``gate_cap``); state: MLSTMState
     (c (B, H, Dqk, Dv), n, m), float32.
     Returns sigmoid(o) * head_layer_norm(h) (B, H*Dv) in y's dtype and the new state (new
-    tensors). h is rounded to y's dtype first, as the model's step returns it.
+    tensors unless ``inplace``). h is rounded to y's dtype first, as the model's step returns it.
     early_state: the state was not written by the launch right before this one (the input
     projection's, as in generation/fused.py), so with PDL it is read while that launch drains.
     inplace: the new C and n are written over the state's own (float32, contiguous) tensors, which
