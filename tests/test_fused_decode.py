@@ -95,6 +95,26 @@ def test_hybrid_step_above_the_skinny_rows_equals_the_model_step(name):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="runs the kernels on CPU tensors under the interpreter")
+@pytest.mark.parametrize("name", ["default", "bias, no out norm, tied"])
+def test_greedy_step_writes_the_argmax_of_the_step(name):
+    # the five-launch path (default) takes the argmax in the LM head's epilogue; the other falls back
+    pytest.importorskip("triton")
+    model = random_model(variant(name), dtype=torch.float32, scale=0.3)
+    g = torch.Generator().manual_seed(4)
+    ids = torch.randint(0, model.cfg.vocab_size, (3, 9), generator=g)
+    with torch.inference_mode():
+        _, state = model(ids[:, :8])
+        ref_logits, ref_state = model(ids[:, 8:], state)
+        step = FusedStep(model, compile=False, hybrid=True)
+        assert step._skinny_path(3) == (name == "default")
+        out = torch.full((3, 2), -1, dtype=torch.long)
+        new_state = step.greedy_step(ids[:, 8:], state, out[:, 1])
+    assert torch.equal(out[:, 1], ref_logits[:, -1].argmax(-1)) and (out[:, 0] == -1).all()
+    for r, s_ in zip(ref_state, new_state):
+        assert_close("state.c", r.c, s_.c, torch.float32)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="runs the kernels on CPU tensors under the interpreter")
 def test_hybrid_step_updates_the_state_in_place_when_asked():
     pytest.importorskip("triton")
     model = random_model(dtype=torch.float32, scale=0.3)

@@ -158,8 +158,14 @@ class _Chooser:
 
 
 def _run_steps(model, tok, state, chooser: _Chooser, n: int, out: torch.Tensor):
-    """n decode steps from token ``tok`` (B, 1); tokens written to out[:, :n]. Returns (tok, state)."""
+    """n decode steps from token ``tok`` (B, 1); tokens written to out[:, :n]. Returns (tok, state).
+    Greedy without a repetition penalty on a fused step: the step writes its argmax into out itself."""
+    greedy = chooser.params.greedy and not chooser.params.uses_history and hasattr(model, "greedy_step")
     for j in range(n):
+        if greedy:
+            state = model.greedy_step(tok, state, out[:, j])
+            tok = out[:, j:j + 1]
+            continue
         logits, state = model(tok, state)
         nxt = chooser(logits[:, -1])
         out[:, j] = nxt

@@ -156,10 +156,7 @@ class FusedStep:
                    if t is not None)
 
     def __call__(self, input_ids: torch.Tensor, state: list[MLSTMState]) -> tuple[torch.Tensor, list[MLSTMState]]:
-        if input_ids.dim() != 2 or input_ids.shape[1] != 1:
-            raise ValueError(f"the fused step takes one token per row, (B, 1), got {tuple(input_ids.shape)}")
-        if state is None or len(state) != len(self.blocks):
-            raise ValueError(f"the fused step needs a state of {len(self.blocks)} blocks")
+        self._check(input_ids, state)
         if self.uses_hybrid(input_ids.shape[0]):
             return self._hybrid_step(input_ids, state)
         x = self.model.embedding(input_ids[:, 0])                     # (B, E)
@@ -187,7 +184,7 @@ class FusedStep:
 
         B = input_ids.shape[0]
         lock = self._lock_for(B)
-        if B <= decode.SKINNY_ROWS and self._norms_fold:
+        if self._skinny_path(B):
             return self._skinny_step(input_ids, state, lock)
         x = self.model.embedding(input_ids[:, 0])                     # (B, E)
         d = None
@@ -209,7 +206,32 @@ class FusedStep:
             x = x + d
         return _capped_logits(lin(x, self.model.lm_head.weight, None), self.logit_cap).unsqueeze(1), new_state
 
-    def _skinny_step(self, input_ids, state, lock):
+    def _check(self, input_ids, state):
+        if input_ids.dim() != 2 or input_ids.shape[1] != 1:
+            raise ValueError(f"the fused step takes one token per row, (B, 1), got {tuple(input_ids.shape)}")
+        if state is None or len(state) != len(self.blocks):
+            raise ValueError(f"the fused step needs a state of {len(self.blocks)} blocks")
+        return input_ids
+
+    def greedy_step(self, input_ids: torch.Tensor, state: list[MLSTMState], out: torch.Tensor) -> list[MLSTMState]:
+        """One decode step that writes each row's argmax token into ``out`` (B,) int64 (a view is
+        fine: the engine passes a column of its token buffer) and returns the new state. On the
+        five-launch path the argmax is the LM head GEMM's epilogue (no launch of its own, no copy);
+        elsewhere logits.argmax as the greedy choice does it."""
+        B = input_ids.shape[0]
+        if self._skinny_path(B):
+            _, state = self._skinny_step(self._check(input_ids, state), state, self._lock_for(B), argmax_out=out)
+            return state
+        logits, state = self(input_ids, state)
+        out.copy_(logits[:, -1].float().argmax(-1))
+        return state
+
+    def _skinny_path(self, batch: int) -> bool:
+        from ..ops import decode
+
+        return self.uses_hybrid(batch) and batch <= decode.SKINNY_ROWS and self._norms_fold
+
+    def _skinny_step(self, input_ids, state, lock, argmax_out=None):
         """Up to SKINNY_ROWS rows, five launches a block: each RMSNorm rides in the GEMMs around it
         (the one before adds the residual and writes x * norm weight with the sums of x^2, the one
         after scales its rows by rsqrt(mean x^2 + eps)), silu x up in the gate|up GEMM's epilogue,
@@ -234,7 +256,7 @@ class FusedStep:
                                                  norm_weight=next_norm, sumsq=sums)
             new_state.append(s)
         logits = decode.skinny_linear(x if xn is None else xn, self.model.lm_head.weight, None, lock=lock, rms=sq,
-                                      eps=self.eps, logits=True, logit_cap=self.logit_cap)
+                                      eps=self.eps, logits=True, logit_cap=self.logit_cap, argmax_out=argmax_out)
         return logits.unsqueeze(1), new_state
 
     def _cell(self, y, w, s, lock):
@@ -264,7 +286,8 @@ class FusedStep:
         if self._skinny_tiles is None:                               # the same for every batch: once
             b = self.blocks[0]
             weights = [self.model.lm_head.weight, b.w_in, b.out_w, b.w_up, b.down_w]
-            self._skinny_tiles = max(decode.skinny_lock_size(*w.shape, self.device) for w in weights)
+            self._skinny_tiles = max(decode.skinny_lock_size(*w.shape, self.device, argmax=w is weights[0])
+                                     for w in weights)
         need = max(batch * self.num_heads, self._skinny_tiles)
         if self._lock is None or self._lock.numel() < need:
             self._lock = torch.zeros(need, dtype=torch.int32, device=self.device)

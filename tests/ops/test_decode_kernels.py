@@ -186,6 +186,25 @@ def test_skinny_linear_ends_the_lm_head_as_the_model(dtype, cap):
         assert y.abs().max() <= cap
 
 
+@pytest.mark.parametrize("N,splits,M", [(1000, None, 3), (1000, 3, 16), (70, None, 1)])
+def test_skinny_linear_writes_the_greedy_argmax(N, splits, M, monkeypatch):
+    """argmax_out: each row's first maximum over all tiles (the last tile to finish reduces the
+    tiles' picks), written into a strided column; ties across tiles go to the lowest index, NaN is
+    the largest (as torch.argmax); the counters are left at zero."""
+    monkeypatch.setitem(decode.triton.skinny.CONFIG, "shapes", {f"{N}x96": dict(BK=32, splits=splits)})
+    x, w = rnd(M, 96, dtype=torch.float32, scale=3.0), rnd(N, 96, dtype=torch.float32, scale=0.1)
+    tie = x[0] / x[0].norm() * 4                                        # row 0's maximum, three times
+    w[N // 3] = w[N // 2] = w[N - 1] = tie
+    if M > 1:
+        w[N // 4, 0] = float("nan")                                     # a NaN logit in every row
+    lock = lock_for(decode.skinny_lock_size(N, 96, DEVICE, argmax=True))
+    out = torch.full((M, 4), -1, dtype=torch.int64, device=DEVICE)
+    y = decode.skinny_linear(x, w, logits=True, logit_cap=30.0, lock=lock, argmax_out=out[:, 2])
+    assert torch.equal(out[:, 2], y.argmax(-1))
+    assert out[0, 2] == (N // 4 if M > 1 else N // 3)
+    assert (out[:, [0, 1, 3]] == -1).all() and not lock.any()
+
+
 def test_skinny_linear_refuses_bad_input():
     x, w = torch.zeros(17, 8, device=DEVICE), torch.zeros(4, 8, device=DEVICE)
     with pytest.raises(ValueError, match="1 to 16 rows"):
@@ -206,6 +225,11 @@ def test_skinny_linear_refuses_bad_input():
         decode.skinny_linear(x[:2], w, norm_weight=w[0, :4], sumsq=torch.zeros(4, device=DEVICE))
     with pytest.raises(ValueError, match="logits takes no glu"):
         decode.skinny_linear(x[:2], w, residual=torch.zeros(2, 4, device=DEVICE), logits=True)
+    with pytest.raises(ValueError, match="argmax_out must be"):
+        decode.skinny_linear(x[:2], w, argmax_out=torch.zeros(2, dtype=torch.int64, device=DEVICE))
+    with pytest.raises(ValueError, match="needs a lock of at least"):
+        decode.skinny_linear(x[:2], w, logits=True, argmax_out=torch.zeros(2, dtype=torch.int64, device=DEVICE),
+                             lock=torch.zeros(1, dtype=torch.int32, device=DEVICE))
     with pytest.raises(ValueError, match="rms must be"):
         decode.skinny_linear(x[:2], w, rms=torch.zeros(1, 8, device=DEVICE))
 

@@ -44,10 +44,12 @@ SKINNY_ROWS = _BM                                           # the most rows of x
 
 @triton.jit
 def _skinny_kernel(x_ptr, w_ptr, b_ptr, y_ptr, ws_ptr, lock_ptr, r_ptr, g_ptr, yg_ptr, sq_ptr, rms_ptr,
+                   amv_ptr, ami_ptr, ids_ptr, ids_stride, TILES,
                    M, N, K, K_PER, RMS_TILES, eps, cap,
                    HAS_B: tl.constexpr, CAP: tl.constexpr, GLU: tl.constexpr, RES: tl.constexpr,
                    NORM: tl.constexpr, RMS: tl.constexpr, RMS_T: tl.constexpr, SPLITS: tl.constexpr, BM: tl.constexpr,
-                   BN: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr, PDL: tl.constexpr):
+                   BN: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr, PDL: tl.constexpr,
+                   ARGMAX: tl.constexpr, AM_T: tl.constexpr):
     """N output columns; GLU: w holds N gate rows over N up rows, and a program takes the BN gate
     rows of its tile and the same BN up rows (two dots a step). The epilogue options (RES, NORM,
     RMS) are described at skinny_linear."""
@@ -92,13 +94,18 @@ def _skinny_kernel(x_ptr, w_ptr, b_ptr, y_ptr, ws_ptr, lock_ptr, r_ptr, g_ptr, y
                 if GLU:
                     acc2 += tl.load(part + BN * BM + tile, cache_modifier=".cg")
             tl.store(lock_ptr + t, 0)                       # ready for the next launch
-            _skinny_out(acc, acc2, b_ptr, y_ptr, r_ptr, g_ptr, yg_ptr, sq_ptr, rms_ptr, t, rn, rm, mn, mm,
+            v = _skinny_out(acc, acc2, b_ptr, y_ptr, r_ptr, g_ptr, yg_ptr, sq_ptr, rms_ptr, t, rn, rm, mn, mm,
+                            N, K, RMS_TILES, eps, cap, w_ptr.dtype.element_ty, HAS_B, CAP, GLU, RES, NORM, RMS,
+                            RMS_T, BM)
+            if ARGMAX:
+                _argmax_tiles(v, amv_ptr, ami_ptr, ids_ptr, ids_stride, lock_ptr, t, TILES, rn, rm, mn, mm, N,
+                              BM, AM_T)
+    else:
+        v = _skinny_out(acc, acc2, b_ptr, y_ptr, r_ptr, g_ptr, yg_ptr, sq_ptr, rms_ptr, t, rn, rm, mn, mm,
                         N, K, RMS_TILES, eps, cap, w_ptr.dtype.element_ty, HAS_B, CAP, GLU, RES, NORM, RMS,
                         RMS_T, BM)
-    else:
-        _skinny_out(acc, acc2, b_ptr, y_ptr, r_ptr, g_ptr, yg_ptr, sq_ptr, rms_ptr, t, rn, rm, mn, mm,
-                    N, K, RMS_TILES, eps, cap, w_ptr.dtype.element_ty, HAS_B, CAP, GLU, RES, NORM, RMS,
-                    RMS_T, BM)
+        if ARGMAX:
+            _argmax_tiles(v, amv_ptr, ami_ptr, ids_ptr, ids_stride, lock_ptr, t, TILES, rn, rm, mn, mm, N, BM, AM_T)
 
 
 @triton.jit
@@ -133,8 +140,10 @@ def _skinny_out(acc, acc2, b_ptr, y_ptr, r_ptr, g_ptr, yg_ptr, sq_ptr, rms_ptr, 
     y = acc.to(dt)
     if RES:                                                 # the residual add, rounded as the model's
         y = (tl.load(r_ptr + out, mask=ok, other=0.0).to(tl.float32) + y.to(tl.float32)).to(dt)
+    v = y.to(tl.float32)
     if CAP:                                                 # logits: float32, soft-capped there
-        tl.store(y_ptr + out, cap * _tanh(y.to(tl.float32) / cap), mask=ok)
+        v = cap * _tanh(v / cap)
+        tl.store(y_ptr + out, v, mask=ok)
     else:
         tl.store(y_ptr + out, y.to(y_ptr.dtype.element_ty), mask=ok)
     if NORM:                                                # y * norm weight, and this tile's sums of y^2
@@ -142,6 +151,45 @@ def _skinny_out(acc, acc2, b_ptr, y_ptr, r_ptr, g_ptr, yg_ptr, sq_ptr, rms_ptr, 
         tl.store(yg_ptr + out, (yf * tl.load(g_ptr + rn, mask=mn, other=0.0).to(tl.float32)[:, None]).to(dt),
                  mask=ok)
         tl.store(sq_ptr + t * BM + rm, tl.sum(yf * yf, 0), mask=mm)
+    return v
+
+
+@triton.jit
+def _first_max(v, i, big):
+    """Over axis 0: the largest v and the smallest i holding it (torch.argmax's choice)."""
+    top = tl.max(v, 0)
+    return top, tl.min(tl.where(v == top[None, :], i, big), 0)
+
+
+@triton.jit
+def _argmax_tiles(v, amv_ptr, ami_ptr, ids_ptr, ids_stride, lock_ptr, t, TILES, rn, rm, mn, mm, N,
+                  BM: tl.constexpr, AM_T: tl.constexpr):
+    """Greedy decoding's argmax over the logits v (BN columns x BM rows) of all tiles: each tile
+    stores its rows' first maximum; the last tile to finish (a counter after the per-tile ones)
+    picks each row's first maximum over the tiles and writes the token ids. NaN counts as the
+    largest value, as in torch.argmax."""
+    v = tl.where(v != v, float("inf"), v)
+    v = tl.where(mn[:, None], v, -float("inf"))
+    top, at = _first_max(v, tl.broadcast_to(rn[:, None], v.shape), N)
+    tl.store(amv_ptr + t * BM + rm, top)
+    tl.store(ami_ptr + t * BM + rm, at)
+    tl.debug_barrier()                                      # the tile's pick precedes the release
+    if tl.atomic_add(lock_ptr + TILES, 1, sem="acq_rel") == TILES - 1:
+        CH: tl.constexpr = AM_T if AM_T < 256 else 256       # tiles a load (the chunks' loads are independent)
+        top = tl.full([BM], -float("inf"), tl.float32)
+        best = tl.full([BM], N, tl.int32)
+        for c in tl.static_range(0, AM_T, CH):
+            j = c + tl.arange(0, CH)
+            ok = (j < TILES)[:, None] & (rm >= 0)[None, :]
+            tv = tl.load(amv_ptr + j[:, None] * BM + rm[None, :], mask=ok, other=-float("inf"),
+                         cache_modifier=".cg")
+            ti = tl.load(ami_ptr + j[:, None] * BM + rm[None, :], mask=ok, other=N, cache_modifier=".cg")
+            ctop, cat = _first_max(tv, ti, N)
+            take = (ctop > top) | ((ctop == top) & (cat < best))   # chunks in index order: ties keep the first
+            top = tl.where(take, ctop, top)
+            best = tl.where(take, cat, best)
+        tl.store(ids_ptr + rm * ids_stride, best.to(tl.int64), mask=mm)
+        tl.store(lock_ptr + TILES, 0)                       # ready for the next launch
 
 
 def _plan(N: int, K: int, device: torch.device, glu: bool = False) -> dict:
@@ -165,16 +213,18 @@ def _plan(N: int, K: int, device: torch.device, glu: bool = False) -> dict:
     return cfg
 
 
-def skinny_lock_size(N: int, K: int, device: torch.device | str = "cuda") -> int:
-    """Counters a skinny_linear of this weight shape (N, K) needs, with or without glu (one per tile)."""
-    return max(_plan(N, K, torch.device(device))["tiles"], _plan(N // 2, K, torch.device(device), True)["tiles"])
+def skinny_lock_size(N: int, K: int, device: torch.device | str = "cuda", argmax: bool = False) -> int:
+    """Counters a skinny_linear of this weight shape (N, K) needs, with or without glu (one per
+    tile), and one more with argmax_out."""
+    return max(_plan(N, K, torch.device(device))["tiles"] + argmax,
+               _plan(N // 2, K, torch.device(device), True)["tiles"])
 
 
 def skinny_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None, *, glu: bool = False,
                   lock: torch.Tensor | None = None, residual: torch.Tensor | None = None,
                   norm_weight: torch.Tensor | None = None, sumsq: torch.Tensor | None = None,
                   rms: torch.Tensor | None = None, eps: float = 1e-6, logits: bool = False,
-                  logit_cap: float | None = None):
+                  logit_cap: float | None = None, argmax_out: torch.Tensor | None = None):
     """x (M, K) with M <= 16, w (N, K) row-major (nn.Linear), b (N,): x w^T + b in w's dtype,
     summed in float32. glu: w is the gate rows over the up rows (2F, K) and the result
     silu(gate) * up (M, F), rounded where the model's F.linear, silu and product round.
@@ -190,7 +240,10 @@ def skinny_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = Non
     So ``skinny_linear(yg, w2, rms=sums)`` is ``skinny_linear(rms_norm(y), w2)`` up to where the
     rounding falls.
     logits: the LM head's end as the model computes it, in float32: the result rounded to w's
-    dtype, then cap * tanh(y / cap) with logit_cap (none when 0 or None)."""
+    dtype, then cap * tanh(y / cap) with logit_cap (none when 0 or None).
+    argmax_out (M,) int64, with logits: also writes each row's argmax there (the first of equal
+    maxima, NaN the largest, as torch.argmax), the greedy token, with no launch of its own. The lock
+    then needs one more counter (``skinny_lock_size(..., argmax=True)``)."""
     if x.dim() != 2 or w.dim() != 2 or x.shape[1] != w.shape[1]:
         raise ValueError(f"x (M, K) and w (N, K) must agree in K, got {tuple(x.shape)} and {tuple(w.shape)}")
     if not 1 <= x.shape[0] <= SKINNY_ROWS:
@@ -224,6 +277,12 @@ def skinny_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = Non
                          f"over {K} columns, got {tuple(rms.shape)} {rms.dtype}")
     if logits and (glu or residual is not None or norm_weight is not None):
         raise ValueError("logits takes no glu, residual or norm_weight")
+    if argmax_out is not None:
+        if not logits or argmax_out.dtype != torch.int64 or argmax_out.shape != (M,):
+            raise ValueError(f"argmax_out must be ({M},) int64, with logits=True, got "
+                             f"{tuple(argmax_out.shape)} {argmax_out.dtype}")
+        if lock.numel() < p["tiles"] + 1:
+            raise ValueError(f"argmax_out needs a lock of at least {p['tiles'] + 1} int32 zeros")
     y = torch.empty(M, N, device=x.device, dtype=torch.float32 if logits else w.dtype)
     yg = torch.empty(M, N, device=x.device, dtype=w.dtype) if norm_weight is not None else y
     ws = torch.empty(p["tiles"] * p["splits"] * p["BN"] * _BM * (2 if glu else 1) if p["splits"] > 1 else 1,
@@ -231,12 +290,17 @@ def skinny_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = Non
     kw = dict(num_warps=p["W"], num_stages=p["S"])
     if use_pdl(x, p["pdl"]):
         kw["launch_pdl"] = True
+    am = argmax_out is not None
+    amv = torch.empty(p["tiles"] * _BM if am else 1, device=x.device, dtype=torch.float32)
+    ami = torch.empty(p["tiles"] * _BM if am else 1, device=x.device, dtype=torch.int32)
     _skinny_kernel[(p["tiles"] * p["splits"],)](
         x, w, b if b is not None else w, y, ws, lock, residual if residual is not None else y,
         norm_weight if norm_weight is not None else w, yg, sumsq if sumsq is not None else ws,
-        rms if rms is not None else ws, M, N, K, p["k_per"], rms.shape[0] if rms is not None else 0, eps,
+        rms if rms is not None else ws, amv, ami, argmax_out if am else lock, argmax_out.stride(0) if am else 0,
+        p["tiles"], M, N, K, p["k_per"], rms.shape[0] if rms is not None else 0, eps,
         float(logit_cap or 1.0), HAS_B=b is not None, CAP=logits and bool(logit_cap and logit_cap > 0), GLU=glu,
         RES=residual is not None, NORM=norm_weight is not None, RMS=rms is not None,
         RMS_T=triton.next_power_of_2(rms.shape[0]) if rms is not None else 1, SPLITS=p["splits"], BM=_BM,
-        BN=p["BN"], BK=p["BK"], PREC="ieee" if w.dtype == torch.float32 else "tf32", PDL="launch_pdl" in kw, **kw)
+        BN=p["BN"], BK=p["BK"], PREC="ieee" if w.dtype == torch.float32 else "tf32", PDL="launch_pdl" in kw,
+        ARGMAX=am, AM_T=triton.next_power_of_2(p["tiles"]) if am else 1, **kw)
     return (y, yg, sumsq) if norm_weight is not None else y
