@@ -1,7 +1,8 @@
 """Training data: where tokens come from, and which tokens each rank reads at each step.
 
-Sources (``TrainConfig.data``): the embedded corpus (``fastxlstm/corpus/tales.txt``, the default, so the
-first command works offline), ``stdlib`` (this Python's own standard-library sources), text files or
+Sources (``TrainConfig.data``): by default this Python's own standard-library sources (``stdlib``: every
+``.py`` file under ``sysconfig``'s stdlib path, sorted, found at run time, so the first command works
+offline), ``tales`` (a small corpus shipped in the package, ``fastxlstm/corpus/tales.txt``), text files or
 folders, and token files (``.npy`` or raw ``.bin`` memmaps; a folder holding ``train.bin`` and
 ``val.bin``). Text is byte-level by default (vocabulary 256) or encoded by a ``tokenizers``
 tokenizer.json. Without a separate validation file the last ``val_fraction`` of the tokens is the
@@ -49,11 +50,11 @@ class Dataset:
 def load_data(cfg: TrainConfig) -> Dataset:
     """The dataset TrainConfig names; bad paths and unusable files raise naming the file."""
     tok = _tokenizer(cfg.tokenizer) if cfg.tokenizer else ByteTokenizer()
-    if cfg.data is None:
+    if cfg.data == "tales":
         if not CORPUS.is_file():
-            raise FileNotFoundError(f"the embedded corpus {CORPUS} is missing from this installation")
-        return _from_texts([CORPUS.read_text(encoding="utf-8")], tok, cfg, "embedded corpus (tales.txt)")
-    if cfg.data == "stdlib":
+            raise FileNotFoundError(f"the shipped corpus {CORPUS} is missing from this installation")
+        return _from_texts([CORPUS.read_text(encoding="utf-8")], tok, cfg, "shipped corpus (tales.txt)")
+    if cfg.data is None or cfg.data == "stdlib":
         root = Path(sysconfig.get_paths()["stdlib"])
         files = sorted(p for p in root.rglob("*.py") if not {"site-packages", "dist-packages"} & set(p.parts))
         if not files:

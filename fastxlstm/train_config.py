@@ -34,8 +34,8 @@ class TrainConfig:
     out: str = "runs/tiny"
     """Run directory: metrics.jsonl, loss.png, checkpoints/ and the final model (loadable by fastxlstm.load)."""
     data: str | None = None
-    """Training data: None for the embedded corpus, 'stdlib' for this Python's standard-library sources, a text
-    file or folder, a token file (.npy, or raw .bin with --token-dtype), or a folder with train.bin and val.bin."""
+    """Training data: None or 'stdlib' for this Python's standard-library sources (the default corpus, found
+    at run time), 'tales' for the small corpus shipped in the package, a text file or folder, a token file (.npy, or raw .bin with --token-dtype), or a folder with train.bin and val.bin."""
     tokenizer: str | None = None
     """A Hugging Face tokenizers tokenizer.json for text data (needs the tokenizers package); bytes when unset."""
     token_dtype: Literal["uint16", "uint32"] = "uint16"
@@ -48,7 +48,7 @@ class TrainConfig:
     """Sequences per optimizer step, over all ranks and micro-steps (the global batch)."""
     grad_accum: int = 1
     """Micro-steps per optimizer step; batch_size must divide by world size * grad_accum."""
-    max_steps: int = 800
+    max_steps: int = 2000
     """Optimizer steps in the whole run (a resumed run continues up to this)."""
     stop_at_step: int | None = None
     """Save a checkpoint and stop after this step although the schedule runs to max_steps (to split a run
@@ -86,20 +86,20 @@ class TrainConfig:
     """Token id that ends a document (e.g. the tokenizer's EOS; 10 is a newline for bytes). When set,
     batches are packed documents: the recurrent state restarts after every occurrence, exactly as if
     each document ran alone (xlstm_large, not with stateful)."""
-    eval_every: int = 200
+    eval_every: int = 500
     """Validation loss and bits per byte every this many steps (and at the end); 0: only at the end."""
     eval_batches: int = 8
     """Validation batches of batch_size sequences (fixed windows, the same at every evaluation)."""
     log_every: int = 10
     """Write a metrics.jsonl line every this many steps."""
-    ckpt_every: int = 400
+    ckpt_every: int = 500
     """Save a resumable checkpoint every this many steps (and at the end and on SIGINT/SIGTERM); 0: only those."""
     keep_last: int = 2
     """Resumable checkpoints kept in OUT/checkpoints; older ones are deleted."""
     resume: str | None = field(default=None, metadata={"const": "latest"})
     """Continue from a checkpoint directory, or 'latest' (what a bare --resume means) for the newest in
     OUT/checkpoints. A corrupt or truncated checkpoint is an error, never skipped."""
-    sample_prompt: str = "Tale "
+    sample_prompt: str = "def "
     """Prompt of the sample printed after each evaluation and at the end."""
     sample_tokens: int = 300
     """Tokens to sample at each evaluation and at the end (0: no samples)."""

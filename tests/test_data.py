@@ -1,5 +1,5 @@
-"""Data sources and sampling: the embedded corpus, text and token files, and batches that do not
-depend on how ranks and micro-steps split them."""
+"""Data sources and sampling: the standard-library default and the shipped corpus, text and token
+files, and batches that do not depend on how ranks and micro-steps split them."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ from fastxlstm.data import CORPUS, Batches, eval_windows, load_data
 from fastxlstm.train_config import TrainConfig
 
 
-def test_embedded_corpus_is_shipped_and_split():
+def test_shipped_corpus_is_split():
     assert CORPUS.is_file() and 50_000 < CORPUS.stat().st_size < 500_000
-    d = load_data(TrainConfig())
+    d = load_data(TrainConfig(data="tales"))
     assert d.vocab_size == 256 and d.bytes_per_token == 1.0
     text = CORPUS.read_bytes() + b"\n\n"
     assert bytes(d.train.astype(np.uint8)) + bytes(d.val.astype(np.uint8)) == text
@@ -97,7 +97,11 @@ def test_bad_data_names_the_problem(tmp_path, make, message):
         load_data(TrainConfig(data=str(path)))
 
 
-def test_stdlib_sources():
+def test_stdlib_sources_are_the_default_with_a_fixed_split():
     d = load_data(TrainConfig(data="stdlib"))
-    assert len(d.train) > 1_000_000 and d.vocab_size == 256
+    assert len(d.train) > 1_000_000 and d.vocab_size == 256 and d.bytes_per_token == 1.0
     assert b"def " in bytes(d.val[:100_000].astype(np.uint8))
+    assert len(d.val) == pytest.approx(0.05 * (len(d.train) + len(d.val)), abs=1)
+    again = load_data(TrainConfig())                           # no --data: the same corpus, the same split
+    assert np.array_equal(again.train, d.train) and np.array_equal(again.val, d.val)
+    assert "standard library" in again.describe()

@@ -161,11 +161,12 @@ def test_lr_schedule():
     (["--tokenizer", "/no/such/tokenizer.json"], "tokenizer /no/such/tokenizer.json: no such file"),
     (["--parallel", "ddp"], "needs torchrun"),
     (["--resume"], "resume: no checkpoint in"),
-    (["--seq-len", "100000"], "fewer than seq_len + 1"),
+    (["--data", "{corpus}", "--seq-len", "100000"], "fewer than seq_len + 1"),
     (["--num-heads", "3"], "does not divide into num_heads"),
     (["--vocab-size", "100"], "vocab_size is 100"),
 ])
-def test_bad_input_gives_a_clear_error(tmp_path, capsys, argv, message):
+def test_bad_input_gives_a_clear_error(corpus, tmp_path, capsys, argv, message):
+    argv = [a.format(corpus=corpus) for a in argv]
     assert main(["train", "--out", str(tmp_path / "run"), "--max-steps", "1", "--no-progress", *argv]) == 2
     assert message in capsys.readouterr().err
 
