@@ -43,6 +43,7 @@ from .tokenizer import HFTokenizer
 from .train_config import Parallel, TrainConfig
 
 METRICS = "metrics.jsonl"
+TENSORBOARD = "tensorboard"
 PLOT = "loss.png"
 
 
@@ -153,6 +154,8 @@ class _Run:
         self.carry: list | None = [None] * cfg.grad_accum if cfg.stateful else None
         self.records: list[dict] = []
         self.stop_signal: int | None = None
+        self.tb = None                                   # the writer, from run() on
+        self.tb_writer = _tensorboard_writer() if cfg.tensorboard and env.is_rank0 else None   # fail before training
 
     # -- main loop --
 
@@ -163,6 +166,9 @@ class _Run:
         first_val = None
         if cfg.resume:
             self._resume(Path(cfg.resume))
+        if self.tb_writer is not None:                   # a resumed run drops the events logged after its checkpoint
+            self.tb = self.tb_writer(log_dir=str(self.out / TENSORBOARD),
+                                     purge_step=self.step + 1 if cfg.resume else None)
         n_all = sum(p.numel() for p in self.inner.parameters())
         self._print(f"fastxlstm train: {self.model_cls.__name__}, {n_all:,} parameters "
                     f"({n_all - self.inner.embedding.weight.numel():,} without the embedding) on "
@@ -214,6 +220,8 @@ class _Run:
         finally:
             bar.close()
             self._restore_signal_handlers(handlers)
+            if self.tb is not None:
+                self.tb.close()
         interrupted = signal.Signals(self.stop_signal).name if self.stop_signal is not None else None
         sample = None
         if interrupted:
@@ -445,6 +453,11 @@ class _Run:
         self.records.append(record)
         with open(self.out / METRICS, "a") as f:
             f.write(json.dumps(record) + "\n")
+        if self.tb is not None:
+            for key, value in record.items():
+                if key != "step" and isinstance(value, (int, float)):
+                    self.tb.add_scalar(key, value, record["step"])
+            self.tb.flush()
         if "val_loss" in record:
             bpb = f", {record['val_bpb']:.3f} bits/byte" if "val_bpb" in record else ""
             self._print(f"step {record['step']}: train loss {record['loss']:.4f}, "
@@ -559,6 +572,16 @@ def _read_config_file(path: str) -> dict:
     if not isinstance(data, dict) or unknown:
         raise ValueError(f"config file {path}: top-level keys must be arch, preset, model and train; got {unknown}")
     return data
+
+
+def _tensorboard_writer():
+    """torch's SummaryWriter class, or a clear error when the tensorboard package is missing."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as e:
+        raise RuntimeError("--tensorboard needs the tensorboard package: pip install tensorboard "
+                           f"(or fastxlstm[tensorboard]); {e}") from None
+    return SummaryWriter
 
 
 def _plot(out: Path) -> None:

@@ -107,6 +107,9 @@ class TrainConfig:
     """Sampling temperature (0: greedy)."""
     progress: bool = True
     """Show a progress bar (rank 0 only)."""
+    tensorboard: bool = False
+    """Also write each logged record as TensorBoard scalars in OUT/tensorboard (needs the tensorboard
+    package: pip install fastxlstm[tensorboard]); metrics.jsonl is written either way."""
 
     def __post_init__(self):
         object.__setattr__(self, "parallel", _enum(Parallel, self.parallel, "parallel"))

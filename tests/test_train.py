@@ -60,6 +60,33 @@ def test_cli_few_steps(corpus, tmp_path, capsys):
     assert "validation loss" in printed and "--- sample" in printed
 
 
+def test_tensorboard_events_hold_the_logged_metrics_across_a_resume(corpus, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "run"
+    common = ["--data", corpus, "--out", out, "--max-steps", 6, "--eval-every", 3, "--sample-tokens", 0,
+              "--tensorboard"]
+    assert _train(*common, "--stop-at-step", 4, "--ckpt-every", 2) == 0
+    # from step 2's checkpoint: the events of steps 3 and 4 are dropped, then written again
+    assert _train(*common, "--resume", out / "checkpoints" / "step_0000002") == 0
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    rows = _metrics(out)
+    for key in ("loss", "lr", "grad_norm", "val_loss"):
+        got = sorted((e.step, e.value) for e in events.Scalars(key))
+        want = [(r["step"], r[key]) for r in rows if key in r]
+        assert [s for s, _ in got] == [s for s, _ in want]
+        assert [v for _, v in got] == pytest.approx([v for _, v in want], rel=1e-6)
+    assert [e.step for e in events.Scalars("val_loss")] == [0, 3, 6]
+
+
+def test_tensorboard_without_the_package_is_a_clear_error(corpus, tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)      # as if not installed
+    assert _train("--data", corpus, "--out", tmp_path / "run", "--max-steps", 1, "--tensorboard") == 2
+    assert "--tensorboard needs the tensorboard package" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()                   # refused before anything ran
+
+
 @pytest.mark.parametrize("extra", [[], ["--stateful", "--grad-accum", "2"]], ids=["random", "stateful-accum"])
 def test_resume_is_bit_identical(corpus, tmp_path, extra):
     common = ["--data", corpus, "--max-steps", 8, "--eval-every", 0, "--sample-tokens", 0, "--lr", "1e-2", *extra]
