@@ -154,8 +154,9 @@ class _Run:
         self.carry: list | None = [None] * cfg.grad_accum if cfg.stateful else None
         self.records: list[dict] = []
         self.stop_signal: int | None = None
-        self.tb = None                                   # the writer, from run() on
-        self.tb_writer = _tensorboard_writer() if cfg.tensorboard and env.is_rank0 else None   # fail before training
+        self.tb = None                                   # the TensorBoard writer, from run() on
+        # its class now: a missing package fails before anything runs
+        self.tb_class = _tensorboard_writer_class() if cfg.tensorboard and env.is_rank0 else None
 
     # -- main loop --
 
@@ -166,8 +167,8 @@ class _Run:
         first_val = None
         if cfg.resume:
             self._resume(Path(cfg.resume))
-        if self.tb_writer is not None:                   # a resumed run drops the events logged after its checkpoint
-            self.tb = self.tb_writer(log_dir=str(self.out / TENSORBOARD),
+        if self.tb_class is not None:                    # a resumed run drops the events logged after its checkpoint
+            self.tb = self.tb_class(log_dir=str(self.out / TENSORBOARD),
                                      purge_step=self.step + 1 if cfg.resume else None)
         n_all = sum(p.numel() for p in self.inner.parameters())
         self._print(f"fastxlstm train: {self.model_cls.__name__}, {n_all:,} parameters "
@@ -574,7 +575,7 @@ def _read_config_file(path: str) -> dict:
     return data
 
 
-def _tensorboard_writer():
+def _tensorboard_writer_class():
     """torch's SummaryWriter class, or a clear error when the tensorboard package is missing."""
     try:
         from torch.utils.tensorboard import SummaryWriter
