@@ -211,7 +211,6 @@ class FusedStep:
             raise ValueError(f"the fused step takes one token per row, (B, 1), got {tuple(input_ids.shape)}")
         if state is None or len(state) != len(self.blocks):
             raise ValueError(f"the fused step needs a state of {len(self.blocks)} blocks")
-        return input_ids
 
     def greedy_step(self, input_ids: torch.Tensor, state: list[MLSTMState], out: torch.Tensor) -> list[MLSTMState]:
         """One decode step that writes each row's argmax token into ``out`` (B,) int64 (a view is
@@ -220,7 +219,8 @@ class FusedStep:
         elsewhere logits.argmax as the greedy choice does it."""
         B = input_ids.shape[0]
         if self._skinny_path(B):
-            _, state = self._skinny_step(self._check(input_ids, state), state, self._lock_for(B), argmax_out=out)
+            self._check(input_ids, state)
+            _, state = self._skinny_step(input_ids, state, self._lock_for(B), argmax_out=out)
             return state
         logits, state = self(input_ids, state)
         out.copy_(logits[:, -1].float().argmax(-1))
