@@ -78,6 +78,7 @@ def _skinny_kernel(x_ptr, w_ptr, b_ptr, y_ptr, ws_ptr, lock_ptr, r_ptr, g_ptr, y
         acc += tl.dot(w, x, input_precision=PREC)
         if GLU:
             acc2 += tl.dot(tl.load(urow + ok[None, :], mask=wm, other=0.0), x, input_precision=PREC)
+    finish = True                                           # this program writes the tile
     if SPLITS > 1:
         P: tl.constexpr = (2 if GLU else 1) * BN * BM
         tile = tl.arange(0, BN)[:, None] * BM + tl.arange(0, BM)[None, :]
@@ -86,7 +87,8 @@ def _skinny_kernel(x_ptr, w_ptr, b_ptr, y_ptr, ws_ptr, lock_ptr, r_ptr, g_ptr, y
         if GLU:
             tl.store(slab + BN * BM + tile, acc2)
         tl.debug_barrier()                                  # every thread's partials precede the release
-        if tl.atomic_add(lock_ptr + t, 1, sem="acq_rel") == SPLITS - 1:
+        finish = tl.atomic_add(lock_ptr + t, 1, sem="acq_rel") == SPLITS - 1
+        if finish:                                          # the last of the tile's programs adds them up
             acc = tl.zeros([BN, BM], dtype=tl.float32)
             acc2 = tl.zeros([BN, BM], dtype=tl.float32)
             for j in tl.static_range(SPLITS):               # unrolled: the loads go out together
@@ -95,13 +97,7 @@ def _skinny_kernel(x_ptr, w_ptr, b_ptr, y_ptr, ws_ptr, lock_ptr, r_ptr, g_ptr, y
                 if GLU:
                     acc2 += tl.load(part + BN * BM + tile, cache_modifier=".cg")
             tl.store(lock_ptr + t, 0)                       # ready for the next launch
-            v = _skinny_out(acc, acc2, b_ptr, y_ptr, r_ptr, g_ptr, yg_ptr, sq_ptr, rms_ptr, t, rn, rm, mn, mm,
-                            N, K, RMS_TILES, eps, cap, w_ptr.dtype.element_ty, HAS_B, CAP, GLU, RES, NORM, RMS,
-                            RMS_T, BM)
-            if ARGMAX:
-                _argmax_tiles(v, amv_ptr, ami_ptr, ids_ptr, ids_stride, lock_ptr, t, TILES, rn, rm, mn, mm, N,
-                              BM, AM_T)
-    else:
+    if finish:
         v = _skinny_out(acc, acc2, b_ptr, y_ptr, r_ptr, g_ptr, yg_ptr, sq_ptr, rms_ptr, t, rn, rm, mn, mm,
                         N, K, RMS_TILES, eps, cap, w_ptr.dtype.element_ty, HAS_B, CAP, GLU, RES, NORM, RMS,
                         RMS_T, BM)
