@@ -59,8 +59,8 @@ def _register_train(sub) -> None:
     from .train_config import TrainConfig
 
     p = sub.add_parser(
-        "train", help="train a model (with no flags: a tiny model on this Python's standard-library sources, on the CPU "
-             "in minutes)",
+        "train",
+        help="train a model (with no flags: a tiny model on this Python's standard-library sources, on the CPU in minutes)",
         description="Train an xLSTM language model (xLSTM-Large, or the original stack with --arch). Flags map onto the fields of ModelConfig (override the "
                     "preset) and TrainConfig; under torchrun add --parallel ddp or fsdp. With --resume, the "
                     "checkpoint's own configs are the base and flags given override them.")

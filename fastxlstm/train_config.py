@@ -35,7 +35,8 @@ class TrainConfig:
     """Run directory: metrics.jsonl, loss.png, checkpoints/ and the final model (loadable by fastxlstm.load)."""
     data: str | None = None
     """Training data: None or 'stdlib' for this Python's standard-library sources (the default corpus, found
-    at run time), 'tales' for the small corpus shipped in the package, a text file or folder, a token file (.npy, or raw .bin with --token-dtype), or a folder with train.bin and val.bin."""
+    at run time), 'tales' for the small corpus shipped in the package, a text file or folder, a token file
+    (.npy, or raw .bin with --token-dtype), or a folder with train.bin and val.bin."""
     tokenizer: str | None = None
     """A Hugging Face tokenizers tokenizer.json for text data (needs the tokenizers package); bytes when unset."""
     token_dtype: Literal["uint16", "uint32"] = "uint16"

@@ -4,8 +4,9 @@ The corpus is ours: short village tales assembled from the word lists and senten
 (no outside text), released with the package under its licence. The default corpus is the Python
 standard library's sources; this one is for a quick check that needs no files at all: it is regular
 enough for a tiny byte-level model to learn its spelling and patterns in a minute or two, and varied
-enough that the validation split (its last tales) is not memorised. Run ``python fastxlstm/corpus/make_corpus.py`` to rebuild it;
-the output is byte-identical for a given Python version's ``random`` module.
+enough that the validation split (its last tales) is not memorised. Run
+``python fastxlstm/corpus/make_corpus.py`` to rebuild it; the output is byte-identical for a given
+Python version's ``random`` module.
 """
 
 from __future__ import annotations

@@ -6,9 +6,9 @@ copy rate; cuBLAS's small-M kernels reach 2.4 TB/s on the 7B's 4096 x 4096 out_p
 each tile's K into SPLITS equal ranges, one program per (tile, range), and leaves the loop free of
 branches so that the compiler issues the coming iterations' weight loads ahead (num_stages of
 them, cp.async into shared memory on sm_90); the batch is the dot's N side (padded to 16). A
-tile cut into several ranges stores fp32 partial sums, and the last of its programs to finish (a per-tile
-counter) adds them in range order and writes the tile: deterministic, one launch, and the counter
-is left at zero for the next launch.
+tile cut into several ranges stores fp32 partial sums, and the last of its programs to finish (a
+per-tile counter) adds them in range order and writes the tile: deterministic, one launch, and the
+counter is left at zero for the next launch.
 
 The work between a decode block's GEMMs rides in their epilogues (so a block is five launches,
 generation/fused.py): silu(gate) x up (glu), the residual add, the RMSNorm split in two (the
@@ -36,7 +36,8 @@ from ...rowwise.triton import _pdl_enter, _tanh, use_pdl
 # step (runs 64, 66, 70, 72 of session 10, one process each): 3 stages (4: -1.1 % at batch 1), glu
 # tiles of 64 gate + 64 up rows (32: -1.0 to -1.8 %), out_proj BK 256 (+1.3 %), proj_down 4 stages
 # (+0.4 %); TMA weight loads (-2.3 to -10 %), the first tiles loaded into registers before the PDL
-# wait (-13 to -23 %), an L2 prefetch before the wait and a late PDL trigger were slower at batch 1.
+# wait (-13 to -23 %; the first tile alone, the cp.async stream unchanged: -8 %, run 91), an L2
+# prefetch before the wait and a late PDL trigger were slower at batch 1.
 CONFIG = dict(BN=64, BK=128, W=4, S=3, ctas=1, pdl=True, glu=dict(BN=64),
               shapes={"4096x4096": dict(BK=256), "4096x10944": dict(BK=256, S=4), "50304x4096": dict(ctas=2)})
 _BM = 16
