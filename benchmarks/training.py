@@ -62,7 +62,7 @@ class Stage:
     batch: int
     fused: bool = True            # ours: the chunked LM-head loss instead of the full logits
     ac: bool = False              # activation checkpointing per block
-    compile: bool = False         # torch.compile per block
+    compile: bool = False         # torch.compile, as fastxlstm train --compile in one process
 
     @property
     def name(self) -> str:
@@ -213,14 +213,15 @@ def train_step(model, opt, x, y, device, *, fused: bool, cap: float) -> torch.Te
 
 
 def build_ours(cfg, st: Stage):
-    """As ``fastxlstm train`` builds it: checkpointing, then compile, per block (torchtitan's order)."""
-    from fastxlstm.train import _checkpointed
+    """As a single-process ``fastxlstm train`` builds it: checkpointing per block, then compile
+    (the block stack as one graph)."""
+    from fastxlstm.train import _checkpointed, compile_model
     model = XLSTMLarge(cfg)
     for block in model.backbone.blocks:
         if st.ac:
             block.forward = functools.partial(_checkpointed, block.forward)
-        if st.compile:
-            block.compile()
+    if st.compile:
+        compile_model(model, whole_stack=True)
     return model
 
 

@@ -50,6 +50,17 @@ class Backbone(nn.Module):
                                  force_float32=cfg.norm_reduction_force_float32)
                          if cfg.add_out_norm else nn.Identity())
 
+    def forward(self, x, state: list[MLSTMState] | None = None, *, backend: Backend, cu_seqlens=None
+                ) -> tuple[torch.Tensor, list[MLSTMState]]:
+        """Embeddings (B, T, E) through every block and the out norm; one module, so that
+        torch.compile can take the stack as one graph."""
+        states = state if state is not None else [None] * len(self.blocks)
+        new_states = []
+        for block, s in zip(self.blocks, states):  # cu_seqlens is checked by ops.mlstm
+            x, s = block(x, s, backend=backend, cu_seqlens=cu_seqlens)
+            new_states.append(s)
+        return self.out_norm(x), new_states
+
 
 class XLSTMLarge(nn.Module):
     """The xLSTM-Large language model (the xLSTM-7B architecture) at any size."""
@@ -112,13 +123,7 @@ class XLSTMLarge(nn.Module):
         # one body behind both entry points: FSDP hooks each entry point, and nesting them would hook twice
         self._check_inputs(input_ids, state, batch=None if cu_seqlens is None else len(cu_seqlens) - 1)
         backend = self.backend_for(input_ids.device)
-        x = self.embedding(input_ids)
-        states = state if state is not None else [None] * len(self.backbone.blocks)
-        new_states = []
-        for block, s in zip(self.backbone.blocks, states):  # cu_seqlens is checked by ops.mlstm
-            x, s = block(x, s, backend=backend, cu_seqlens=cu_seqlens)
-            new_states.append(s)
-        return self.backbone.out_norm(x), new_states
+        return self.backbone(self.embedding(input_ids), state, backend=backend, cu_seqlens=cu_seqlens)
 
     def init_state(self, batch_size: int, device=None) -> list[MLSTMState]:
         """Zero states for ``batch_size`` sequences (what ``state=None`` means)."""

@@ -79,7 +79,8 @@ class TrainConfig:
     activation_checkpointing: bool = False
     """Recompute each block's activations in the backward pass (less memory, about a third more compute)."""
     compile: bool = False
-    """torch.compile each block."""
+    """torch.compile the blocks: the whole stack as one graph in a single process, each block alone
+    under ddp and fsdp."""
     stateful: bool = False
     """Carry the recurrent state (detached) from each step to the next: every batch row reads its own
     contiguous stream of the data instead of random windows."""
