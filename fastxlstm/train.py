@@ -489,7 +489,7 @@ def sample(model: torch.nn.Module, tokenizer, prompt: str, max_tokens: int, *, t
     gen = torch.Generator().manual_seed(seed)
     was_training = model.training
     model.eval()
-    with autocast():
+    with _eager(), autocast():
         logits, state = model(torch.tensor([ids], device=device))
         out = []
         for _ in range(max_tokens):
@@ -504,6 +504,13 @@ def sample(model: torch.nn.Module, tokenizer, prompt: str, max_tokens: int, *, t
             logits, state = model(torch.tensor([[nxt]], device=device), state)
     model.train(was_training)
     return prompt + tokenizer.decode(out)
+
+
+def _eager():
+    """A context that runs compiled modules eagerly (torch >= 2.6; a no-op before): a sample's
+    shapes (its prompt, then one token at a time with a state) would each compile the stack anew."""
+    set_stance = getattr(torch.compiler, "set_stance", None)
+    return set_stance("force_eager") if set_stance is not None else nullcontext()
 
 
 def _adamw(model: torch.nn.Module, cfg: TrainConfig, *, fused: bool) -> torch.optim.AdamW:

@@ -337,7 +337,8 @@ def test_compile_model_takes_the_block_stack_as_one_graph():
     assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
 
 
-@pytest.mark.parametrize("extra", [[], ["--activation-checkpointing"]], ids=["plain", "checkpointed"])
+@pytest.mark.parametrize("extra", [[], ["--activation-checkpointing"], ["--document-end-id", "10"]],
+                         ids=["plain", "checkpointed", "packed"])
 def test_compile_changes_nothing_but_rounding(corpus, tmp_path, extra):
     common = ["--data", corpus, "--max-steps", 3, "--eval-every", 0, "--sample-tokens", 0, *extra]
     assert _train(*common, "--out", tmp_path / "plain") == 0
@@ -345,3 +346,20 @@ def test_compile_changes_nothing_but_rounding(corpus, tmp_path, extra):
     # float32 on the CPU: Inductor reorders the reductions, so the losses agree to rounding only
     assert [r["loss"] for r in _metrics(tmp_path / "plain")] == \
         pytest.approx([r["loss"] for r in _metrics(tmp_path / "compiled")], rel=1e-5)
+
+
+@pytest.mark.skipif(not hasattr(torch.compiler, "set_stance"), reason="torch < 2.6 has no eager stance")
+def test_sample_from_a_compiled_model_compiles_nothing():
+    from fastxlstm import XLSTMLarge
+    from fastxlstm.config import PRESETS
+    from fastxlstm.tokenizer import ByteTokenizer
+    from fastxlstm.train import compile_model, sample
+    cfg = dataclasses.replace(PRESETS["tiny"], embedding_dim=32, chunk_size=8)
+    plain = XLSTMLarge(cfg)
+    compiled = XLSTMLarge(cfg)
+    compiled.load_state_dict(plain.state_dict())
+    compile_model(compiled, whole_stack=True)
+    counters = torch._dynamo.utils.counters
+    before = dict(counters["stats"])
+    assert sample(compiled, ByteTokenizer(), "def ", 8) == sample(plain, ByteTokenizer(), "def ", 8)
+    assert dict(counters["stats"]) == before
