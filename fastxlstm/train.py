@@ -22,6 +22,7 @@ import math
 import os
 import shutil
 import signal
+import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -508,9 +509,12 @@ def sample(model: torch.nn.Module, tokenizer, prompt: str, max_tokens: int, *, t
 
 def _eager():
     """A context that runs compiled modules eagerly (torch >= 2.6; a no-op before): a sample's
-    shapes (its prompt, then one token at a time with a state) would each compile the stack anew."""
+    shapes (its prompt, then one token at a time with a state) would each compile the stack anew.
+    Without Dynamo loaded nothing is compiled, and the stance would only load it."""
     set_stance = getattr(torch.compiler, "set_stance", None)
-    return set_stance("force_eager") if set_stance is not None else nullcontext()
+    if set_stance is None or "torch._dynamo" not in sys.modules:
+        return nullcontext()
+    return set_stance("force_eager")
 
 
 def _adamw(model: torch.nn.Module, cfg: TrainConfig, *, fused: bool) -> torch.optim.AdamW:

@@ -122,13 +122,15 @@ def mlstm(q, k, v, i, f, state: MLSTMState | None = None, *, backend: Backend | 
     if cu_seqlens is None:
         check_mlstm_inputs(q, k, v, i, f, state, chunk_size=chunk_size)
         return mlstm_impls.get(backend).mlstm(q, k, v, i, f, state, chunk_size=chunk_size, eps=eps)
-    return _packed_mlstm(q, k, v, i, f, state, backend, chunk_size, eps, cu_seqlens)
+    # Eager even inside compiled code: the document offsets are data (read on the host), and tracing
+    # the per-document work specialises on every new set of them. Inductor failed on them outright
+    # (an AssertionError or a corrupted heap on the CPU, torch 2.13) where eager runs exactly.
+    # (disabled here, not by a decorator: torch.compiler.disable loads Dynamo and with it Triton,
+    # which a plain ``import fastxlstm`` must not)
+    packed = torch.compiler.disable(_packed_mlstm) if torch.compiler.is_compiling() else _packed_mlstm
+    return packed(q, k, v, i, f, state, backend, chunk_size, eps, cu_seqlens)
 
 
-# Eager even inside compiled code: the document offsets are data (read on the host), and tracing
-# the per-document work specialises on every new set of them. Inductor failed on them outright
-# (an AssertionError or a corrupted heap on the CPU, torch 2.13) where eager runs exactly.
-@torch.compiler.disable
 def _packed_mlstm(q, k, v, i, f, state, backend, chunk_size, eps, cu_seqlens):
     check_mlstm_inputs(q, k, v, i, f, None, chunk_size=chunk_size)
     n_docs = check_cu_seqlens(cu_seqlens, q.shape[0], q.shape[1])
