@@ -89,12 +89,17 @@ def wrap(model: nn.Module, parallel: Parallel, *, device: torch.device,
     return model
 
 
-def blocks_of(model: nn.Module) -> nn.ModuleList:
-    """The residual blocks (the units of sharding and activation checkpointing) of either model family."""
+def stack_of(model: nn.Module) -> nn.Module:
+    """The module that runs the residual blocks (``backbone`` or ``stack``) of either model family."""
     for owner in ("backbone", "stack"):
         if hasattr(model, owner):
-            return getattr(model, owner).blocks
+            return getattr(model, owner)
     raise TypeError(f"{type(model).__name__} has no backbone.blocks or stack.blocks to wrap")
+
+
+def blocks_of(model: nn.Module) -> nn.ModuleList:
+    """The residual blocks (the units of sharding and activation checkpointing) of either model family."""
+    return stack_of(model).blocks
 
 
 def unwrap(model: nn.Module) -> nn.Module:

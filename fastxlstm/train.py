@@ -539,11 +539,10 @@ def document_offsets(tokens: torch.Tensor, row_len: int, end_id: int) -> torch.T
 def compile_model(model: torch.nn.Module, *, whole_stack: bool) -> None:
     """torch.compile the blocks: the whole stack of them as one graph (``whole_stack``), or each
     block alone. One graph lets Inductor fuse across the blocks' boundaries (a 1.3b 8x4096 step
-    533.3 -> 525.8-526.9 ms on the H200, benchmarks/RESULTS.md); DDP and FSDP take each block
-    alone, as torchtitan does, since their gradient hooks fire between blocks."""
+    0.4-1.3 % faster on the H200, benchmarks/RESULTS.md); DDP and FSDP take each block alone, as
+    torchtitan does, since their gradient hooks fire between blocks."""
     if whole_stack:
-        dist.blocks_of(model)                            # the same clear error for a model without blocks
-        (model.backbone if hasattr(model, "backbone") else model.stack).compile()
+        dist.stack_of(model).compile()
     else:
         for block in dist.blocks_of(model):
             block.compile()

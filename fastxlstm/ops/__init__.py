@@ -122,11 +122,9 @@ def mlstm(q, k, v, i, f, state: MLSTMState | None = None, *, backend: Backend | 
     if cu_seqlens is None:
         check_mlstm_inputs(q, k, v, i, f, state, chunk_size=chunk_size)
         return mlstm_impls.get(backend).mlstm(q, k, v, i, f, state, chunk_size=chunk_size, eps=eps)
-    # Eager even inside compiled code: the document offsets are data (read on the host), and tracing
-    # the per-document work specialises on every new set of them. Inductor failed on them outright
-    # (an AssertionError or a corrupted heap on the CPU, torch 2.13) where eager runs exactly.
-    # (disabled here, not by a decorator: torch.compiler.disable loads Dynamo and with it Triton,
-    # which a plain ``import fastxlstm`` must not)
+    # Eager even inside compiled code: the document offsets are data read on the host, and Inductor
+    # failed on the per-document work traced from them (an AssertionError or a corrupted heap on the
+    # CPU, torch 2.13). Not a decorator: torch.compiler.disable loads Dynamo, and with it Triton.
     packed = torch.compiler.disable(_packed_mlstm) if torch.compiler.is_compiling() else _packed_mlstm
     return packed(q, k, v, i, f, state, backend, chunk_size, eps, cu_seqlens)
 
