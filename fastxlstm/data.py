@@ -44,7 +44,8 @@ class Dataset:
 
     def describe(self) -> str:
         return (f"{self.source}: {len(self.train):,} train / {len(self.val):,} val tokens, "
-                f"vocabulary {self.vocab_size} ({self.tokenizer!r})")
+                f"vocabulary {self.vocab_size} "
+                f"({'token ids, no tokenizer: no samples' if self.tokenizer is None else repr(self.tokenizer)})")
 
 
 def load_data(cfg: TrainConfig) -> Dataset:
