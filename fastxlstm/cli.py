@@ -8,9 +8,9 @@ import sys
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="fastxlstm", description="Fast xLSTM: train, generate, inspect.")
+    parser = argparse.ArgumentParser(prog="fastxlstm", description="Fast xLSTM: train, generate, score, inspect.")
     sub = parser.add_subparsers(dest="command", required=True)
-    for register in (_register_demo, _register_info, _register_train, _register_generate):
+    for register in (_register_demo, _register_info, _register_train, _register_generate, _register_score):
         register(sub)
     args = parser.parse_args(argv)
     try:
@@ -153,8 +153,7 @@ def _field_docs(cls) -> dict[str, str]:
 
 def _register_generate(sub) -> None:
     p = sub.add_parser("generate", help="generate text from a saved model, streamed as it comes")
-    p.add_argument("--model", default=None, help="model directory, ours or a Hugging Face xLSTM (default: "
-                   "where `fastxlstm train` saves its model with no flags)")
+    _add_model_flags(p)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", help="prompt text")
     src.add_argument("--prompt-file", help="read the prompt text from this file ('-' for stdin)")
@@ -171,21 +170,17 @@ def _register_generate(sub) -> None:
                      "default: the config's eos)")
     eos.add_argument("--ignore-eos", action="store_true", help="never stop at an eos token")
     p.add_argument("--no-bos", action="store_true", help="do not prepend the config's BOS token")
-    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
-    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
-                   help="weight dtype (default: bfloat16 on cuda, float32 on cpu)")
-    p.add_argument("--backend", default=None, help="mLSTM kernels: auto, triton, native, reference")
     p.add_argument("--no-cuda-graph", action="store_true", help="decode eagerly on cuda (for debugging)")
     p.add_argument("--compile", action="store_true", help="run the decode step through torch.compile")
     p.add_argument("--stats", action="store_true", help="print timings to stderr at the end")
     p.set_defaults(run=_run_generate)
 
 
-def _run_generate(args) -> int:
+def _load_for_inference(args):
+    """The model (and its tokenizer) that --model, --device, --dtype and --backend name."""
     import torch
 
     from .checkpoint import load
-    from .generation import GenerationStats, stream
     from .tokenizer import load_tokenizer
 
     if args.model is None:
@@ -202,7 +197,22 @@ def _run_generate(args) -> int:
     dtype_name = args.dtype or ("bfloat16" if torch.device(device).type == "cuda" else "float32")
     overrides = {"backend": args.backend} if args.backend else {}
     model = load(args.model, device=device, dtype=getattr(torch, dtype_name), **overrides)
-    tokenizer = load_tokenizer(args.model, model.cfg.vocab_size)
+    return model, load_tokenizer(args.model, model.cfg.vocab_size)
+
+
+def _add_model_flags(p) -> None:
+    p.add_argument("--model", default=None, help="model directory, ours or a Hugging Face xLSTM (default: "
+                   "where `fastxlstm train` saves its model with no flags)")
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="weight dtype (default: bfloat16 on cuda, float32 on cpu)")
+    p.add_argument("--backend", default=None, help="mLSTM kernels: auto, triton, native, reference")
+
+
+def _run_generate(args) -> int:
+    from .generation import GenerationStats, stream
+
+    model, tokenizer = _load_for_inference(args)
     if args.prompt is not None:
         prompt = args.prompt
     elif args.prompt_file == "-":
@@ -227,6 +237,77 @@ def _run_generate(args) -> int:
         print(f"[{stats.new_tokens} tokens, stopped by {reason}; prompt {stats.prompt_tokens} tokens, "
               f"prefill {stats.prefill_s * 1e3:.1f} ms, first token {stats.first_token_s * 1e3:.1f} ms, "
               f"decode {stats.decode_tokens_per_s:.1f} tokens/s]", file=sys.stderr)
+    return 0
+
+
+# --- score (owned by the generation module) --------------------------------------------------------
+
+def _register_score(sub) -> None:
+    p = sub.add_parser("score", help="log-likelihood and perplexity of a text of any length, in constant memory")
+    _add_model_flags(p)
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--text", help="the text")
+    src.add_argument("--file", help="read the text from this file ('-' for stdin), a piece of lines at a time")
+    p.add_argument("--no-bos", action="store_true", help="do not prepend the config's BOS token")
+    p.add_argument("--piece-tokens", type=int, default=None, help="tokens per forward call (default: the "
+                   "prefill piece); the state is carried between calls")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(run=_run_score)
+
+
+def _text_pieces(path: str, on_piece, piece_chars: int = 1 << 16):
+    """The file's text in pieces of whole lines (about ``piece_chars`` each), never all in memory;
+    ``on_piece`` gets each piece's UTF-8 size as it is read."""
+    f = sys.stdin if path == "-" else open(path, encoding="utf-8")
+    try:
+        buf: list[str] = []
+        size = 0
+        for line in f:
+            buf.append(line)
+            size += len(line)
+            if size >= piece_chars:
+                piece, buf, size = "".join(buf), [], 0
+                on_piece(len(piece.encode()))
+                yield piece
+        if buf:
+            piece = "".join(buf)
+            on_piece(len(piece.encode()))
+            yield piece
+    finally:
+        if f is not sys.stdin:
+            f.close()
+
+
+def _run_score(args) -> int:
+    import math
+    import os
+
+    from tqdm.auto import tqdm
+
+    from .generation import score
+
+    model, tokenizer = _load_for_inference(args)
+    total = os.path.getsize(args.file) if args.file not in (None, "-") else None
+    n_bytes = 0
+    with tqdm(total=total, unit="B", unit_scale=True, desc="scoring", file=sys.stderr,
+              disable=args.no_progress or args.text is not None) as bar:
+        def read(n: int) -> None:
+            nonlocal n_bytes
+            n_bytes += n
+            bar.update(n)
+
+        if args.text is not None:
+            text = args.text
+            read(len(text.encode()))
+        else:
+            text = _text_pieces(args.file, read)
+        result = score(model, text, tokenizer=tokenizer, add_bos=False if args.no_bos else None,
+                       piece_tokens=args.piece_tokens)
+    print(f"{result.tokens:,} tokens predicted, log-likelihood {result.log_likelihood:.4f} nats")
+    print(f"per token: {result.nll:.4f} nats, {result.bits_per_token:.4f} bits, perplexity {result.perplexity:.4f}")
+    if n_bytes:
+        bits = -result.log_likelihood / math.log(2)
+        print(f"per byte of the text ({n_bytes:,} UTF-8 bytes): {bits / n_bytes:.4f} bits")
     return 0
 
 

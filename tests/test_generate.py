@@ -321,6 +321,28 @@ def test_cli_default_model_is_the_trained_default(saved_model, tmp_path, monkeyp
     assert capsys.readouterr().out == generate(load_saved(saved_model), "The cat", max_new_tokens=5) + "\n"
 
 
+def test_cli_scores_a_file_read_in_pieces_as_the_api_scores_the_whole_text(saved_model, tmp_path, capsys,
+                                                                          monkeypatch):
+    import functools
+
+    from fastxlstm import cli
+
+    text = "".join(f"line {i}: the cat sat by the river.\n" for i in range(60))
+    path = tmp_path / "text.txt"
+    path.write_text(text)
+    monkeypatch.setattr(cli, "_text_pieces", functools.partial(cli._text_pieces, piece_chars=300))  # ~7 pieces
+    rc = cli.main(["score", "--model", str(saved_model), "--file", str(path), "--device", "cpu",
+                   "--piece-tokens", "100", "--no-progress"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    expected = score(load_saved(saved_model), text, piece_tokens=100)
+    assert f"{expected.tokens:,} tokens predicted, log-likelihood {expected.log_likelihood:.4f} nats" in out
+    assert f"perplexity {expected.perplexity:.4f}" in out
+    assert f"({len(text.encode()):,} UTF-8 bytes)" in out
+    assert cli.main(["score", "--model", str(saved_model), "--file", str(tmp_path / "missing.txt")]) == 2
+    assert "missing.txt" in capsys.readouterr().err
+
+
 def load_saved(path):
     from fastxlstm.checkpoint import load
 
