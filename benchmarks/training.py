@@ -107,7 +107,8 @@ def main() -> int:
         cfg = dataclasses.replace(cfg, chunk_size=args.chunk_size)
     t0 = time.perf_counter()
     env = {"torch": torch.__version__, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-           "preset": args.preset, "chunk_size": cfg.chunk_size, "seq": args.seq, "world_size": world, "fsdp": bool(args.fsdp)}
+           "preset": args.preset, "chunk_size": cfg.chunk_size, "seq": args.seq, "world_size": world,
+           "fsdp": bool(args.fsdp), "matmul_tflop_s": measured_matmul_tflops(device)}
     rows = []
     say = functools.partial(_say, rank0)
     say({"env": env})
@@ -257,6 +258,23 @@ class _Fp32Gates(torch.nn.Module):
         dt = torch.bfloat16
         with torch.autocast(q.device.type, enabled=False):
             return self.inner(q.to(dt), k.to(dt), v.to(dt), i.float(), f.float(), **kw)
+
+
+def measured_matmul_tflops(device) -> float | None:
+    """This GPU's bf16 rate on an 8192^3 matmul: how fast the machine of the run is, beside the
+    datasheet peak MFU counts against (H200s of one pool ran the same step 512-534 ms)."""
+    if device.type != "cuda":
+        return None
+    a = torch.randn(8192, 8192, dtype=torch.bfloat16, device=device)
+    b = torch.randn_like(a)
+    for _ in range(3):
+        a @ b
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(10):
+        a @ b
+    sync(device)
+    return round(2 * 8192 ** 3 * 10 / (time.perf_counter() - start) / 1e12, 1)
 
 
 def sync(device) -> None:
