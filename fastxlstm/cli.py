@@ -273,6 +273,8 @@ def _text_pieces(path: str, on_piece, piece_chars: int = 1 << 16):
             piece = "".join(buf)
             on_piece(len(piece.encode()))
             yield piece
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{'stdin' if path == '-' else path} is not UTF-8 text ({e})") from None
     finally:
         if f is not sys.stdin:
             f.close()

@@ -341,6 +341,10 @@ def test_cli_scores_a_file_read_in_pieces_as_the_api_scores_the_whole_text(saved
     assert f"({len(text.encode()):,} UTF-8 bytes)" in out
     assert cli.main(["score", "--model", str(saved_model), "--file", str(tmp_path / "missing.txt")]) == 2
     assert "missing.txt" in capsys.readouterr().err
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9\n".encode("latin-1"))
+    assert cli.main(["score", "--model", str(saved_model), "--file", str(tmp_path / "latin1.txt"),
+                     "--no-progress"]) == 2
+    assert "latin1.txt is not UTF-8 text" in capsys.readouterr().err
 
 
 def load_saved(path):
