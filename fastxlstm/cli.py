@@ -215,11 +215,8 @@ def _run_generate(args) -> int:
     model, tokenizer = _load_for_inference(args)
     if args.prompt is not None:
         prompt = args.prompt
-    elif args.prompt_file == "-":
-        prompt = sys.stdin.read()
     else:
-        with open(args.prompt_file, encoding="utf-8") as f:
-            prompt = f.read()
+        prompt = "".join(_text_pieces(args.prompt_file, lambda n: None))
     eos = None if args.ignore_eos else (args.eos_id if args.eos_id else "config")
     stats = GenerationStats()
     events = stream(model, prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
