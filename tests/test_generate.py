@@ -308,6 +308,17 @@ def test_cli_streams_the_generation(saved_model, capsys):
     assert rc == 2 and "top_p" in capsys.readouterr().err
 
 
+def test_cli_prompt_file_reads_as_the_prompt(saved_model, tmp_path, capsys):
+    from fastxlstm.cli import main
+
+    (tmp_path / "prompt.txt").write_text("The cat\nsat on")
+    flags = ["generate", "--model", str(saved_model), "--max-new-tokens", "6", "--device", "cpu"]
+    assert main([*flags, "--prompt-file", str(tmp_path / "prompt.txt")]) == 0
+    from_file = capsys.readouterr().out
+    assert main([*flags, "--prompt", "The cat\nsat on"]) == 0
+    assert from_file == capsys.readouterr().out
+
+
 def test_cli_default_model_is_the_trained_default(saved_model, tmp_path, monkeypatch, capsys):
     import shutil
 
