@@ -1,9 +1,12 @@
 """Training throughput: fastxlstm against the official xlstm 2.0.6 xLSTMLarge, side by side in one run.
 
 The step, the same for every stage: forward under bf16 autocast (float32 master weights), float32
-cross-entropy of the soft-capped logits against shifted random tokens, backward, clip_grad_norm_(1.0),
-AdamW(lr 1e-4, betas (0.9, 0.95), wd 0.1, fused on CUDA), zero_grad; the same batch every step. Both
-models get the same config, batch and optimizer. Ours computes the loss with the chunked LM-head loss
+cross-entropy of the soft-capped logits against shifted random tokens, backward, the gradient clip
+to norm 1.0, AdamW(lr 1e-4, betas (0.9, 0.95), wd 0.1), zero_grad; the same batch every step. Both
+models get the same config, batch and update. The official model's optimizer is torch's fused AdamW
+after clip_grad_norm_; ours is the one ``fastxlstm train`` uses, ``fastxlstm.optim.AdamW``, whose
+``clip_and_step`` folds the clip into its update kernel (the same arithmetic; stage suffix
+``torch-adamw``: torch's, for comparison). Ours computes the loss with the chunked LM-head loss
 (``fastxlstm.loss``, no (B, T, vocab) logits; stage suffix ``fused``) or, for comparison, from the
 full logits as the official model must (``logits``). Optional per stage: activation checkpointing per
 block (``ac``) and torch.compile of each block (``compile``). The official model runs its TFLA kernel
@@ -51,6 +54,7 @@ from fastxlstm import distributed as dist  # noqa: E402
 from fastxlstm.config import PRESETS  # noqa: E402
 from fastxlstm.loss import lm_head_loss  # noqa: E402
 from fastxlstm.model import XLSTMLarge  # noqa: E402
+from fastxlstm.optim import AdamW  # noqa: E402
 from fastxlstm.train_config import Parallel  # noqa: E402
 
 PEAK_FLOPS = 989.5e12
@@ -63,13 +67,14 @@ class Stage:
     fused: bool = True            # ours: the chunked LM-head loss instead of the full logits
     ac: bool = False              # activation checkpointing per block
     compile: bool = False         # torch.compile, as fastxlstm train --compile in one process
+    torch_adamw: bool = False     # ours with torch's fused AdamW and clip_grad_norm_, not fastxlstm.optim's
 
     @property
     def name(self) -> str:
         if self.impl == "official":
             return f"official B{self.batch}"
         return " ".join([f"ours B{self.batch}", "fused" if self.fused else "logits"] +
-                        ["ac"] * self.ac + ["compile"] * self.compile)
+                        ["ac"] * self.ac + ["compile"] * self.compile + ["torch-adamw"] * self.torch_adamw)
 
 
 # most telling first: a run cut short by its budget keeps the comparison and the memory goal
@@ -137,9 +142,11 @@ def parse_stage(name: str) -> Stage:
     if len(words) == 2 and words[0] == "official" and words[1][:1] == "B":
         return Stage("official", int(words[1][1:]))
     if len(words) < 3 or words[0] != "ours" or words[1][:1] != "B" or words[2] not in ("fused", "logits") or \
-            not set(words[3:]) <= {"ac", "compile"}:
-        raise SystemExit(f"bad stage {name!r}: 'official B<n>' or 'ours B<n> fused|logits [ac] [compile]' (or with _)")
-    return Stage("ours", int(words[1][1:]), fused=words[2] == "fused", ac="ac" in words, compile="compile" in words)
+            not set(words[3:]) <= {"ac", "compile", "torch-adamw"}:
+        raise SystemExit(f"bad stage {name!r}: 'official B<n>' or 'ours B<n> fused|logits [ac] [compile] "
+                         f"[torch-adamw]' (or with _)")
+    return Stage("ours", int(words[1][1:]), fused=words[2] == "fused", ac="ac" in words, compile="compile" in words,
+                 torch_adamw="torch-adamw" in words)
 
 
 def run_stage(st: Stage, cfg, args, device, world: int) -> dict:
@@ -158,8 +165,9 @@ def run_stage(st: Stage, cfg, args, device, world: int) -> dict:
         if world > 1:
             model = dist.wrap(model, Parallel.FSDP, device=device,
                               param_dtype=torch.bfloat16 if device.type == "cuda" else None)
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1,
-                                fused=device.type == "cuda")
+        # ours: the optimizer fastxlstm train uses (the clip folded into the update on CUDA)
+        adamw = AdamW if st.impl == "ours" and not st.torch_adamw else torch.optim.AdamW
+        opt = adamw(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=device.type == "cuda")
         rank = int(os.environ.get("RANK", "0"))
         gen = torch.Generator(device=device).manual_seed(1 + rank)       # each rank its own batch
         ids = torch.randint(0, cfg.vocab_size, (st.batch, args.seq + 1), device=device, generator=gen)
@@ -207,8 +215,11 @@ def train_step(model, opt, x, y, device, *, fused: bool, cap: float) -> torch.Te
             logits = out[0] if isinstance(out, tuple) else out
             loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1))
     loss.backward()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-    opt.step()
+    if isinstance(opt, AdamW):
+        opt.clip_and_step(1.0)
+    else:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
     opt.zero_grad(set_to_none=True)
     return loss.detach()
 

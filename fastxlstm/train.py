@@ -1,11 +1,12 @@
 """Training: ``train(model_cfg, train_cfg)`` runs the loop the ``fastxlstm train`` command runs.
 
-AdamW (fused on CUDA) with weight-decay groups, linear warm-up then cosine decay, gradient clipping
-and accumulation, bf16 autocast on CUDA (fp32 master weights) and fp32 on the CPU, optional
-activation checkpointing, torch.compile and carried (stateful) recurrent state; DDP or FSDP2 under
-torchrun. The loss is computed from the final hidden states in row chunks (``loss.lm_head_loss``),
-never holding the (B, T, vocab) logits (under DDP, from the logits of its forward). Validation loss and bits per byte at fixed windows, with a sample. A tqdm bar, metrics as
-JSON lines, a loss-curve PNG at the end.
+AdamW with weight-decay groups (``optim.AdamW``: on CUDA the gradient clip folded into the update),
+linear warm-up then cosine decay, gradient clipping and accumulation, bf16 autocast on CUDA (fp32
+master weights) and fp32 on the CPU, optional activation checkpointing, torch.compile and carried
+(stateful) recurrent state; DDP or FSDP2 under torchrun. The loss is computed from the final hidden
+states in row chunks (``loss.lm_head_loss``), never holding the (B, T, vocab) logits (under DDP,
+from the logits of its forward). Validation loss and bits per byte at fixed windows, with a sample.
+A tqdm bar, metrics as JSON lines, a loss-curve PNG at the end.
 
 Nothing is lost: resumable checkpoints (weights loadable by ``fastxlstm.load``, optimizer,
 scheduler, step, RNG states, data position) are written to a temporary directory and renamed, the
@@ -40,6 +41,7 @@ from .checkpoint import save as save_model
 from .config import PRESETS, ModelConfig
 from .data import Batches, Dataset, eval_windows, load_data, windows
 from .loss import lm_head_loss
+from .optim import AdamW
 from .tokenizer import HFTokenizer
 from .train_config import Parallel, TrainConfig
 
@@ -249,10 +251,9 @@ class _Run:
             if self.carry is not None:
                 self.carry[a] = [type(s)(*(t.detach() for t in s)) for s in state]
             total += loss.detach() / cfg.grad_accum
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or math.inf)
+        grad_norm = self.optimizer.clip_and_step(cfg.grad_clip or math.inf)
         if hasattr(grad_norm, "full_tensor"):
             grad_norm = grad_norm.full_tensor()
-        self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return total, grad_norm
@@ -517,14 +518,15 @@ def _eager():
     return set_stance("force_eager")
 
 
-def _adamw(model: torch.nn.Module, cfg: TrainConfig, *, fused: bool) -> torch.optim.AdamW:
-    """Weight decay on matrices only: not on the embedding, norms or biases."""
+def _adamw(model: torch.nn.Module, cfg: TrainConfig, *, fused: bool) -> AdamW:
+    """Weight decay on matrices only: not on the embedding, norms or biases. fastxlstm's AdamW: the
+    clip folded into the update on CUDA, torch's fused step where that does not serve (FSDP)."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if p.requires_grad:
             (decay if p.ndim >= 2 and "embedding" not in name else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=fused or None)
+    return AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=fused or None)
 
 
 def document_offsets(tokens: torch.Tensor, row_len: int, end_id: int) -> torch.Tensor:

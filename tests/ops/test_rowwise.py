@@ -159,7 +159,7 @@ XENT_DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if torch.cuda.i
 
 
 @pytest.mark.parametrize("dtype", XENT_DTYPES)
-@pytest.mark.parametrize("cap", [30.0, 3.0, None])
+@pytest.mark.parametrize("cap", [30.0, 3.0, 60.0, None])   # 60: past the fixed shift, a running maximum
 @pytest.mark.parametrize("V", [300, 5000])          # one partial block; two blocks of 4096, the second partial
 def test_cross_entropy_rows_against_float64(dtype, cap, V):
     g = torch.Generator().manual_seed(V)
@@ -178,6 +178,11 @@ def test_cross_entropy_rows_against_float64(dtype, cap, V):
     assert (zg[2] == 0).all()                                    # weight 0: no gradient
     # the gradient rounded once to the dtype: relative to the row's largest entry
     step = {torch.float32: 2 ** -20, torch.float16: 2 ** -10, torch.bfloat16: 2 ** -7}[dtype]
+    if dtype == torch.float32 and cap:
+        # float32's rounding of s = cap * tanh(z / cap) is a fraction of the cap, and exp turns it into
+        # a relative error of the gradient: 2^-20 holds to cap 30 and grows with the cap beyond
+        # (at cap 60 both this kernel and session 13's measured 1.07e-6 on the H200)
+        step *= max(1.0, cap / 30)
     err = ((zg.double() - ref_g).abs().amax(1) / ref_g.abs().amax(1).clamp_min(1e-30))
     assert err.max() <= step, f"gradient off by {err.max():.2e} of the row's largest, more than {step:.1e}"
 

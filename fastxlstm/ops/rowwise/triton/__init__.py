@@ -96,9 +96,16 @@ def cross_entropy_rows(z: torch.Tensor, targets: torch.Tensor, row_weight: torch
     n, V = z.shape
     loss = torch.empty(n, device=z.device, dtype=torch.float32)
     BLOCK = min(4096, triton.next_power_of_2(V))
-    _cross_entropy_kernel[(n,)](z, targets, row_weight, loss, V, z.stride(0), float(cap or 1.0),
-                                CAP=bool(cap), GRAD=grad, BLOCK=BLOCK, num_warps=8)
+    cap = float(cap or 0.0)
+    _cross_entropy_kernel[(n,)](z, targets, row_weight, loss, V, z.stride(0), cap or 1.0, 1.0 / (cap or 1.0),
+                                CAP=bool(cap), FIXED_SHIFT=0 < cap <= _MAX_FIXED_SHIFT, GRAD=grad,
+                                FAST=os.environ.get("TRITON_INTERPRET") != "1", BLOCK=BLOCK, num_warps=8)
     return loss
+
+
+# capped logits lie in [-cap, cap]: exp(s - cap) then stays a normal float32 (>= exp(-2 cap) > 2^-126)
+# for any cap up to this, so the row's sum needs no running maximum
+_MAX_FIXED_SHIFT = 40.0
 
 
 @triton.jit
@@ -113,46 +120,83 @@ def _tanh(x):
 
 
 @triton.jit
-def _capped(z, cap, CAP: tl.constexpr):
+def _exp2(x, FAST: tl.constexpr):
+    # the hardware's ex2 without the subnormal fix-ups tl.exp2 wraps it in (flushed to 0 is what
+    # every caller wants); the interpreter runs no PTX
+    if FAST:
+        return tl.inline_asm_elementwise("ex2.approx.ftz.f32 $0, $1;", "=r,r", [x], dtype=tl.float32,
+                                         is_pure=True, pack=1)
+    return tl.exp2(x)
+
+
+@triton.jit
+def _rcp(x, FAST: tl.constexpr):
+    # 1 / x to 1 ulp in one instruction, where `/` expands to a division with range checks
+    if FAST:
+        return tl.inline_asm_elementwise("rcp.approx.ftz.f32 $0, $1;", "=r,r", [x], dtype=tl.float32,
+                                         is_pure=True, pack=1)
+    return 1.0 / x
+
+
+@triton.jit
+def _capped(z, cap, inv_cap, CAP: tl.constexpr, FAST: tl.constexpr):
     """(s, ds/dz): the soft-capped logits cap * tanh(z / cap) and 1 - tanh(z / cap)^2 (z itself
-    without a cap; the slope then unused). The slope as 4 e / (1 + e)^2, e = exp(-2 |z / cap|):
-    1 - t^2 from a rounded t cancels where t nears 1, which is where a small cap puts most logits."""
+    without a cap; the slope then unused). With e = exp(-2 |x|), x = z / cap: tanh = (1 - e) / (1 + e),
+    except near 0 where that cancels and the odd series to x^7 is exact to float32 (|x| < 1/8); the
+    slope as 4 e / (1 + e)^2, since 1 - t^2 from a rounded t cancels where t nears 1, which is where a
+    small cap puts most logits. Two special-function instructions per element: the kernel is bound
+    by them, not by memory."""
     if CAP:
-        x = z / cap
-        e = tl.exp(-2.0 * tl.abs(x))
-        t = _tanh(x)
-        return t * cap, tl.where(tl.abs(x) < 0.125, 1.0 - t * t, 4.0 * e / ((1.0 + e) * (1.0 + e)))
+        x = z * inv_cap
+        a = tl.abs(x)
+        e = _exp2(a * (-2.0 * 1.4426950408889634), FAST)    # exp(-2 |x|)
+        r = _rcp(1.0 + e, FAST)
+        x2 = x * x
+        small = a * (1.0 + x2 * (-1.0 / 3.0 + x2 * (2.0 / 15.0 + x2 * (-17.0 / 315.0))))
+        near0 = a < 0.125
+        t = tl.where(near0, small, (1.0 - e) * r)
+        t = tl.where(x < 0, -t, t)
+        return t * cap, tl.where(near0, 1.0 - t * t, 4.0 * e * r * r)
     return z, z
 
 
 @triton.jit
-def _cross_entropy_kernel(z_ptr, y_ptr, rw_ptr, loss_ptr, V, ld, cap, CAP: tl.constexpr, GRAD: tl.constexpr,
-                          BLOCK: tl.constexpr):
+def _cross_entropy_kernel(z_ptr, y_ptr, rw_ptr, loss_ptr, V, ld, cap, inv_cap, CAP: tl.constexpr,
+                          FIXED_SHIFT: tl.constexpr, GRAD: tl.constexpr, FAST: tl.constexpr, BLOCK: tl.constexpr):
     """One row: loss = (logsumexp(s) - s[y]) * w with s the capped logits, in float32; with GRAD the
-    row is overwritten by dloss/dz = w * (softmax(s) - onehot(y)) * ds/dz, in z's dtype."""
+    row is overwritten by dloss/dz = w * (softmax(s) - onehot(y)) * ds/dz, in z's dtype. FIXED_SHIFT
+    (a cap up to _MAX_FIXED_SHIFT): the sum is of exp(s - cap), no running maximum."""
+    LOG2E: tl.constexpr = 1.4426950408889634
     r = tl.program_id(0).to(tl.int64)
     row = z_ptr + r * ld
     col = tl.arange(0, BLOCK)
-    top = -float("inf")
+    if FIXED_SHIFT:
+        top = cap
+    else:
+        top = -float("inf")
     total = 0.0
-    for lo in range(0, V, BLOCK):                   # online max and sum of exp(s - max)
+    for lo in range(0, V, BLOCK):                   # the sum of exp(s - top), top the (running) shift
         ok = lo + col < V
-        s, _ = _capped(tl.load(row + lo + col, mask=ok, other=0.0).to(tl.float32), cap, CAP)
-        s = tl.where(ok, s, -float("inf"))
-        new_top = tl.maximum(top, tl.max(s, 0))
-        total = total * tl.exp(top - new_top) + tl.sum(tl.exp(s - new_top), 0)
-        top = new_top
+        s, _ = _capped(tl.load(row + lo + col, mask=ok, other=0.0).to(tl.float32), cap, inv_cap, CAP, FAST)
+        if FIXED_SHIFT:
+            total += tl.sum(tl.where(ok, _exp2((s - top) * LOG2E, FAST), 0.0), 0)
+        else:
+            s = tl.where(ok, s, -float("inf"))
+            new_top = tl.maximum(top, tl.max(s, 0))
+            total = total * tl.exp(top - new_top) + tl.sum(tl.exp(s - new_top), 0)
+            top = new_top
     y = tl.load(y_ptr + r)
     w = tl.load(rw_ptr + r)
     inside = (y >= 0) & (y < V)                     # a target outside the vocabulary: NaN, never a stray read
-    picked, _ = _capped(tl.load(row + tl.where(inside, y, 0)).to(tl.float32), cap, CAP)
+    picked, _ = _capped(tl.load(row + tl.where(inside, y, 0)).to(tl.float32), cap, inv_cap, CAP, FAST)
     tl.store(loss_ptr + r, tl.where(inside, (top + tl.log(total) - picked) * w, float("nan")))
     if GRAD:
         scale = w / total
         for lo in range(0, V, BLOCK):
             ok = lo + col < V
-            s, slope = _capped(tl.load(row + lo + col, mask=ok, other=0.0).to(tl.float32), cap, CAP)
-            g = tl.exp(s - top) * scale
+            s, slope = _capped(tl.load(row + lo + col, mask=ok, other=0.0).to(tl.float32), cap, inv_cap, CAP,
+                               FAST)
+            g = _exp2((s - top) * LOG2E, FAST) * scale
             g = tl.where(lo + col == y, g - w, g)
             if CAP:
                 g = g * slope
