@@ -47,7 +47,9 @@ def lm_head_loss(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *
         targets: (...) integer ids in [0, V), or ``ignore_index`` for rows that do not count.
         soft_cap: cap of cap * tanh(z / cap) on the logits; None or 0 for none.
         reduction: 'mean' over the counted rows (NaN when none counts, as F.cross_entropy) or 'sum'.
-        chunk_rows: rows per chunk; default keeps a chunk's float32 logits near 512 MiB.
+        chunk_rows: rows per chunk; default: even chunks whose float32 logits stay under 4 GiB with
+            the row kernel, which works in place on the matmul's logits (under 512 MiB for the
+            eager passes, which make float32 temporaries).
         kernel: the row kernel for the work between the matmuls; None: on CUDA where Triton is
             installed and the matmul dtype is float32, bfloat16 or float16; True: also on CPU tensors
             (under TRITON_INTERPRET=1, for tests); False: never.
@@ -60,21 +62,31 @@ def lm_head_loss(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *
         raise ValueError(f"weight must be (vocab, {h.shape[-1]}), got {tuple(weight.shape)}")
     if reduction not in ("mean", "sum"):
         raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
-    if chunk_rows is None:
-        chunk_rows = max(128, (1 << 27) // weight.shape[0] // 128 * 128)
-    if chunk_rows < 1:
-        raise ValueError(f"chunk_rows must be >= 1, got {chunk_rows}")
     dev = h.device.type
     compute = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else h.dtype
     if compute not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
         compute = h.dtype
-    cap = float(soft_cap) if soft_cap else 0.0
     if kernel is None:
         kernel = h.is_cuda and triton_available()
     kernel = kernel and compute in (torch.float32, torch.bfloat16, torch.float16)
+    if chunk_rows is None:
+        chunk_rows = _default_chunk_rows(targets.numel(), weight.shape[0], kernel)
+    if chunk_rows < 1:
+        raise ValueError(f"chunk_rows must be >= 1, got {chunk_rows}")
+    cap = float(soft_cap) if soft_cap else 0.0
     # needs_input_grad says True under no_grad too: pass the grad mode, so evaluation keeps no gradients
     return _LMHeadLoss.apply(h.reshape(-1, h.shape[-1]), weight, targets.reshape(-1), cap, ignore_index,
                              reduction == "mean", chunk_rows, compute, torch.is_grad_enabled(), kernel)
+
+
+def _default_chunk_rows(rows: int, vocab: int, kernel: bool) -> int:
+    """Rows per chunk: as few chunks as the budget allows, of even size (a multiple of 128). Fewer,
+    larger chunks make larger GEMMs: a 1.3b 8 x 4096 compiled step on the H200 took 516-517 ms in
+    two chunks of 16384 rows against 518-520 in 2560-row chunks, for 2.3 GiB more at the peak
+    (benchmarks/RESULTS.md, fourteenth session)."""
+    budget = (4 << 30) if kernel else (512 << 20)              # bytes of float32 logits a chunk
+    chunks = max(1, -(-rows * vocab * 4 // budget))
+    return max(128, -(-rows // chunks // 128) * 128) if rows > 128 else max(rows, 1)
 
 
 class _LMHeadLoss(torch.autograd.Function):
