@@ -6,6 +6,13 @@ of a pass that rescales every gradient in place. It is a ``torch.optim.AdamW``: 
 hyperparameters, param groups, state (``step``, ``exp_avg``, ``exp_avg_sq``) and state dict, so
 checkpoints move between the two. Where the kernel does not serve (CPU, FSDP's sharded DTensors,
 options such as amsgrad) it clips in place and runs torch's step.
+
+A step whose gradients are not finite (their norm is inf or NaN) is skipped: the weights and
+moments stay as they were, where clip_grad_norm_ + step would write NaN into every weight. The
+kernel skips on the device (a NaN coefficient), so the host never waits for the norm; torch's path
+reads the norm (a sync on CUDA). ``skipped_steps`` and ``skipped_streak`` (the current run of
+skipped steps) are device tensors the training loop reads when it logs. On the kernel's path a
+skipped step still advances the host-side step count of the bias correction.
 """
 
 from __future__ import annotations
@@ -38,6 +45,8 @@ class AdamW(torch.optim.AdamW):
         super().__init__(params, *args, **kwargs)
         self.kernel = kernel
         self._grad_coef: torch.Tensor | None = None       # clip_and_step's, for the step it calls
+        self.skipped_steps: torch.Tensor | None = None     # int64 device scalars, from the first clip_and_step
+        self.skipped_streak: torch.Tensor | None = None
 
     @torch.no_grad()
     def clip_and_step(self, max_norm: float = math.inf) -> torch.Tensor:
@@ -47,13 +56,27 @@ class AdamW(torch.optim.AdamW):
         params = self._params_with_grad()
         if not self._kernel_path(params):
             norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-            self.step()
+            full = norm.full_tensor() if hasattr(norm, "full_tensor") else norm      # FSDP: a DTensor
+            finite = torch.isfinite(full)
+            self._count_skips(finite)
+            if finite:
+                self.step()
             return norm
         norm = grad_norm([p.grad for p in params])
-        # clip_grad_norm_'s coefficient, as a device scalar: no host sync
-        self._grad_coef = (max_norm / (norm + 1e-6)).clamp(max=1.0) if math.isfinite(max_norm) else None
+        finite = torch.isfinite(norm)
+        self._count_skips(finite)
+        # clip_grad_norm_'s coefficient, as a device scalar (no host sync); NaN skips the update
+        coef = (max_norm / (norm + 1e-6)).clamp(max=1.0) if math.isfinite(max_norm) else torch.ones_like(norm)
+        self._grad_coef = torch.where(finite, coef, torch.full_like(coef, math.nan))
         self.step()          # through step(), so LR schedulers and step hooks see it
         return norm
+
+    def _count_skips(self, finite: torch.Tensor) -> None:
+        bad = (~finite).to(torch.int64)
+        if self.skipped_steps is None:
+            self.skipped_steps, self.skipped_streak = torch.zeros_like(bad), torch.zeros_like(bad)
+        self.skipped_steps += bad
+        self.skipped_streak.add_(1).mul_(bad)
 
     def step(self, closure=None):
         coef, self._grad_coef = self._grad_coef, None

@@ -48,6 +48,8 @@ from .train_config import Parallel, TrainConfig
 METRICS = "metrics.jsonl"
 TENSORBOARD = "tensorboard"
 PLOT = "loss.png"
+# consecutive steps with non-finite gradients (each skipped by optim.AdamW) after which training stops
+MAX_SKIPPED_STREAK = 20
 
 
 @dataclass(frozen=True)
@@ -155,6 +157,7 @@ class _Run:
         self.step = 0
         self.carry: list | None = [None] * cfg.grad_accum if cfg.stateful else None
         self.records: list[dict] = []
+        self.skipped_reported = 0                        # steps skipped for non-finite gradients, told so far
         self.stop_signal: int | None = None
         self.tb = None                                   # the TensorBoard writer, from run() on
         # its class now: a missing package fails before anything runs
@@ -205,10 +208,14 @@ class _Run:
                     record = {"step": self.step, "loss": loss, "lr": self.scheduler.get_last_lr()[0],
                               "grad_norm": float(grad_norm), "tokens": self.step * tokens_per_step,
                               "tokens_per_s": tps}
+                    skipped = self._report_skipped_steps()
+                    if skipped:
+                        record["skipped_steps"] = skipped
                     if evaluate:
                         val = self._evaluate()
                         record.update(val)
                     self._log(record)
+                    self._stop_if_diverged()
                     bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tps:,.0f}")
                     if evaluate and not last:
                         self._show_sample()
@@ -257,6 +264,27 @@ class _Run:
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return total, grad_norm
+
+    def _report_skipped_steps(self) -> int:
+        """Steps skipped so far for non-finite gradients (the optimizer counts them on the device;
+        read at a log, where the host waits for the loss anyway), new ones reported."""
+        if self.optimizer.skipped_steps is None:
+            return 0
+        total = int(self.optimizer.skipped_steps)
+        if total > self.skipped_reported:
+            self._print(f"step {self.step}: {total - self.skipped_reported} step(s) since the last log had "
+                        f"non-finite gradients; their updates were skipped, the weights are unchanged by them")
+            self.skipped_reported = total
+        return total
+
+    def _stop_if_diverged(self) -> None:
+        """A run of MAX_SKIPPED_STREAK skipped steps stops training with an error that says what to do."""
+        streak = int(self.optimizer.skipped_streak) if self.optimizer.skipped_streak is not None else 0
+        if streak >= MAX_SKIPPED_STREAK:
+            raise RuntimeError(
+                f"training diverged: the last {streak} steps (to step {self.step}) all had non-finite gradients "
+                f"and were skipped. Lower the learning rate (--lr, now {self.cfg.lr:g}) or check the data; the "
+                f"weights are those of step {self.step - streak}, checkpoints are in {self.out / ckpt.CKPT_DIR}")
 
     def _loss(self, model, x, y, state=None, *, fused: bool, reduction: str = "mean"):
         """Cross-entropy of next tokens ``y`` (float32) and the state after ``x``: from the hidden

@@ -117,6 +117,30 @@ def test_parameters_with_different_step_counts(kernel):
         torch.testing.assert_close(a, b)
 
 
+@pytest.mark.parametrize("kernel", [True, False])
+@pytest.mark.parametrize("bad", [math.nan, math.inf])
+def test_a_step_with_non_finite_gradients_is_skipped(kernel, bad):
+    """One gradient entry NaN or inf: no parameter and no moment changes, the skip is counted, and
+    the next finite step updates as usual (the streak back at 0)."""
+    params = _params(4)
+    opt = AdamW([{"params": params, "weight_decay": 0.1}], lr=1e-2, kernel=kernel)
+    _set_grads(params, 0)
+    opt.clip_and_step(1.0)
+    before = [p.detach().clone() for p in params]
+    moments = [opt.state[p]["exp_avg"].clone() for p in params]
+    _set_grads(params, 1)
+    params[1].grad[7] = bad
+    norm = opt.clip_and_step(1.0)
+    assert not torch.isfinite(norm)
+    for p, b, m in zip(params, before, moments):
+        assert torch.equal(p.detach(), b) and torch.equal(opt.state[p]["exp_avg"], m)
+    assert int(opt.skipped_steps) == 1 and int(opt.skipped_streak) == 1
+    _set_grads(params, 2)
+    opt.clip_and_step(1.0)
+    assert all(torch.isfinite(p).all() and not torch.equal(p.detach(), b) for p, b in zip(params, before))
+    assert int(opt.skipped_steps) == 1 and int(opt.skipped_streak) == 0
+
+
 def test_adamw_op_bad_input():
     p = torch.zeros(4)
     kw = dict(lr=1e-3, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.0)

@@ -104,6 +104,43 @@ def test_resume_is_bit_identical(corpus, tmp_path, extra):
     assert [r["loss"] for r in _metrics(straight)] == [r["loss"] for r in _metrics(split)]
 
 
+def _poison_steps(monkeypatch, steps):
+    """Training losses (not evaluation's) become NaN at these 0-based steps, and so do their gradients."""
+    from fastxlstm import train as train_module
+    real = train_module._Run._loss
+
+    def poisoned(self, model, x, y, state=None, **kw):
+        loss, state = real(self, model, x, y, state, **kw)
+        if torch.is_grad_enabled() and self.step in steps:
+            loss = loss * float("nan")
+        return loss, state
+    monkeypatch.setattr(train_module._Run, "_loss", poisoned)
+
+
+def test_a_step_with_non_finite_gradients_is_skipped_and_reported(corpus, tmp_path, capsys, monkeypatch):
+    _poison_steps(monkeypatch, {2})
+    out = tmp_path / "run"
+    assert _train("--data", corpus, "--out", out, "--max-steps", 5, "--eval-every", 0, "--sample-tokens", 0) == 0
+    rows = _metrics(out)
+    assert math.isnan(rows[3]["loss"]) and math.isnan(rows[3]["grad_norm"])
+    assert [r.get("skipped_steps", 0) for r in rows] == [0, 0, 0, 1, 1, 1]
+    assert "step 3: 1 step(s) since the last log had non-finite gradients" in capsys.readouterr().out
+    weights = load_file(out / "model.safetensors")
+    assert all(torch.isfinite(w).all() for w in weights.values())
+
+
+def test_a_run_of_non_finite_steps_stops_training_with_a_clear_error(corpus, tmp_path, capsys, monkeypatch):
+    from fastxlstm.train import MAX_SKIPPED_STREAK
+    _poison_steps(monkeypatch, set(range(2, 1000)))
+    out = tmp_path / "run"
+    assert _train("--data", corpus, "--out", out, "--max-steps", 100, "--eval-every", 0, "--sample-tokens", 0) == 2
+    err = capsys.readouterr().err
+    assert f"training diverged: the last {MAX_SKIPPED_STREAK} steps (to step {MAX_SKIPPED_STREAK + 2})" in err
+    assert "Lower the learning rate (--lr" in err and "the weights are those of step 2" in err
+    assert _metrics(out)[-1]["step"] == MAX_SKIPPED_STREAK + 2         # the step that stopped it is logged
+    assert _metrics(out)[-1]["skipped_steps"] == MAX_SKIPPED_STREAK
+
+
 def test_corrupt_checkpoint_is_refused_by_name(corpus, tmp_path, capsys):
     out = tmp_path / "run"
     assert _train("--data", corpus, "--out", out, "--max-steps", 2, "--eval-every", 0, "--sample-tokens", 0) == 0

@@ -39,7 +39,8 @@ def adamw_(params: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs: list
            weight_decay: float, grad_coef: torch.Tensor | None = None, kernel: bool | None = None) -> None:
     """AdamW (decoupled weight decay) on each parameter with gradient ``g * grad_coef``; ``step``
     counts this update (1 for the first), the same for all. grad_coef: a float32 scalar tensor on
-    the parameters' device, or None for 1. kernel: None: the Triton kernel where it serves every
+    the parameters' device, or None for 1; NaN: no update (parameters and moments untouched), how
+    a step with non-finite gradients is skipped without the host reading the norm. kernel: None: the Triton kernel where it serves every
     tensor (see kernel_serves); True: also on CPU tensors (under TRITON_INTERPRET=1, for tests);
     False: torch ops."""
     if step < 1:
@@ -62,6 +63,8 @@ def adamw_(params: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs: list
         from . import triton as kernels                # Triton only where it is used
         kernels.adamw_(params, grads, exp_avgs, exp_avg_sqs, grad_coef, decay=1 - lr * weight_decay, beta1=beta1,
                        beta2=beta2, eps=eps, step_size=step_size, bias_correction2_sqrt=bias_correction2_sqrt)
+        return
+    if grad_coef is not None and torch.isnan(grad_coef):          # torch's path reads it (a sync on CUDA)
         return
     for p, g, exp_avg, exp_avg_sq in zip(params, grads, exp_avgs, exp_avg_sqs):
         # torch.optim.AdamW's single-tensor update, in its order of operations

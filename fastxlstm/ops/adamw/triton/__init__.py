@@ -60,7 +60,7 @@ def _adamw_kernel(table, numels, first_block, owner, coef_ptr, decay, beta1, bet
     """torch.optim.AdamW's update of one block of one tensor, in float32: p *= 1 - lr wd;
     m = lerp(m, g, 1 - beta1); v = beta2 v + (1 - beta2) g^2;
     p -= step_size m / (sqrt(v) / sqrt(1 - beta2^t) + eps). The square root and the division
-    round as torch's do (IEEE), not approximately."""
+    round as torch's do (IEEE), not approximately. A NaN gradient coefficient leaves all untouched."""
     pid = tl.program_id(0)
     t = tl.load(owner + pid)
     n = tl.load(numels + t)
@@ -72,12 +72,13 @@ def _adamw_kernel(table, numels, first_block, owner, coef_ptr, decay, beta1, bet
     start = (pid - tl.load(first_block + t)).to(tl.int64) * BLOCK
     offs = start + tl.arange(0, BLOCK)
     coef = tl.load(coef_ptr) if HAS_COEF else 1.0
-    if start + BLOCK <= n:                 # a whole block: no mask, whose bound would stop vector loads
-        _update(p_ptr, g_ptr, m_ptr, v_ptr, offs, offs < n, coef, decay, beta1, beta2, eps, step_size, bc2_sqrt,
-                MASKED=False)
-    else:
-        _update(p_ptr, g_ptr, m_ptr, v_ptr, offs, offs < n, coef, decay, beta1, beta2, eps, step_size, bc2_sqrt,
-                MASKED=True)
+    if coef == coef:                       # a NaN coefficient (non-finite gradients): no update at all
+        if start + BLOCK <= n:             # a whole block: no mask, whose bound would stop vector loads
+            _update(p_ptr, g_ptr, m_ptr, v_ptr, offs, offs < n, coef, decay, beta1, beta2, eps, step_size,
+                    bc2_sqrt, MASKED=False)
+        else:
+            _update(p_ptr, g_ptr, m_ptr, v_ptr, offs, offs < n, coef, decay, beta1, beta2, eps, step_size,
+                    bc2_sqrt, MASKED=True)
 
 
 @triton.jit
