@@ -51,13 +51,14 @@ class AdamW(torch.optim.AdamW):
     @torch.no_grad()
     def clip_and_step(self, max_norm: float = math.inf) -> torch.Tensor:
         """Clip the gradients' total 2-norm to ``max_norm`` (math.inf: no clip) and take a step;
-        returns the norm before clipping. On the kernel's path the gradients are left unscaled
-        (they are zeroed or freed next); on torch's they are scaled in place."""
+        returns the norm before clipping, a plain tensor (FSDP's DTensor norm gathered). On the
+        kernel's path the gradients are left unscaled (they are zeroed or freed next); on torch's
+        they are scaled in place."""
         params = self._params_with_grad()
         if not self._kernel_path(params):
             norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-            full = norm.full_tensor() if hasattr(norm, "full_tensor") else norm      # FSDP: a DTensor
-            finite = torch.isfinite(full)
+            norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm      # FSDP: a DTensor
+            finite = torch.isfinite(norm)
             self._count_skips(finite)
             if finite:
                 self.step()
@@ -80,7 +81,8 @@ class AdamW(torch.optim.AdamW):
 
     def step(self, closure=None):
         coef, self._grad_coef = self._grad_coef, None
-        if not self._kernel_path(self._params_with_grad()):
+        # a coefficient comes from clip_and_step, which has just chosen the kernel's path
+        if coef is None and not self._kernel_path(self._params_with_grad()):
             return super().step(closure)
         loss = None
         if closure is not None:

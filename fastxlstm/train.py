@@ -259,8 +259,6 @@ class _Run:
                 self.carry[a] = [type(s)(*(t.detach() for t in s)) for s in state]
             total += loss.detach() / cfg.grad_accum
         grad_norm = self.optimizer.clip_and_step(cfg.grad_clip or math.inf)
-        if hasattr(grad_norm, "full_tensor"):
-            grad_norm = grad_norm.full_tensor()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return total, grad_norm
