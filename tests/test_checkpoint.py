@@ -170,6 +170,80 @@ def test_bad_config_files_are_named(tmp_path):
         load(tmp_path / "nowhere")
 
 
+def test_bad_headers_and_layouts_are_named(tmp_path):
+    """Each way a directory can fail before or between the weights: a clear error naming it."""
+    path = saved(tmp_path / "ours")
+    raw = json.loads((path / "config.json").read_text())
+    for edit, err, match in (
+            (dict(fastxlstm_format_version=99), ValueError, "format version 99 is not supported"),
+            (dict(architecture="transformer"), ValueError, "unknown architecture 'transformer'"),
+            (dict(config={**raw["config"], "wat": 1}), ValueError, "invalid config: unknown ModelConfig field.*wat")):
+        (path / "config.json").write_text(json.dumps({**raw, **edit}))
+        with pytest.raises(err, match=match):
+            load(path)
+    (path / "config.json").write_text("[1, 2]")
+    with pytest.raises(ValueError, match="must hold a JSON object"):
+        load(path)
+    (path / "config.json").unlink()
+    with pytest.raises(FileNotFoundError, match="config.json not found"):
+        load(path)
+
+    hf = tmp_path / "hf"
+    write_hf_dir(hf, XLSTMLarge(CFG), shards=2)
+    cfg = json.loads((hf / "config.json").read_text())
+    (hf / "config.json").write_text(json.dumps({k: v for k, v in cfg.items() if k not in ("num_heads", "vocab_size")}))
+    with pytest.raises(ValueError, match="missing required field.*vocab_size.*num_heads"):
+        load(hf)
+    (hf / "config.json").write_text(json.dumps({**cfg, "mlstm_round_up_to_multiple_of": 48}))
+    with pytest.raises(ValueError, match="not a multiple of mlstm_round_up_to_multiple_of=48"):
+        load(hf)
+    (hf / "config.json").write_text(json.dumps(cfg))
+    index = json.loads((hf / "model.safetensors.index.json").read_text())
+    (hf / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}}))
+    with pytest.raises(ValueError, match="has no weight_map"):
+        load(hf)
+    (hf / "model.safetensors.index.json").write_text(json.dumps(index))
+    second = hf / "model-00002-of-00002.safetensors"
+    data = second.read_bytes()
+    second.unlink()
+    with pytest.raises(FileNotFoundError, match="model-00002-of-00002.safetensors not found"):
+        load(hf)
+    second.write_bytes(data)
+    load(hf)                                         # restored: loads again
+
+
+def test_a_key_in_two_shards_and_mixed_dtypes_are_refused(tmp_path):
+    from safetensors.torch import load_file
+
+    write_hf_dir(tmp_path, XLSTMLarge(CFG), shards=2)
+    first, second = tmp_path / "model-00001-of-00002.safetensors", tmp_path / "model-00002-of-00002.safetensors"
+    a, b = load_file(first), load_file(second)
+    key = next(iter(a))
+    save_file({**b, key: a[key]}, second)
+    with pytest.raises(ValueError, match=f"key '{key}' appears twice"):
+        load(tmp_path)
+    save_file({**b, **{k: v.to(torch.bfloat16) for k, v in list(b.items())[:1]}}, second)
+    with pytest.raises(ValueError, match="mixes parameter dtypes"):
+        load(tmp_path)
+    assert load(tmp_path, dtype=torch.float32).embedding.weight.dtype == torch.float32   # as the error says
+
+
+def test_save_refuses_an_unknown_model_and_leaves_no_partial_file(tmp_path, monkeypatch):
+    with pytest.raises(TypeError, match="cannot save a Linear: not a registered fastxlstm architecture"):
+        save(torch.nn.Linear(2, 2), tmp_path / "linear")
+    path = saved(tmp_path / "model")
+    before = (path / "model.safetensors").read_bytes()
+
+    def fail(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr("fastxlstm.checkpoint.save_file", fail)
+    with pytest.raises(OSError, match="disk full"):
+        save(XLSTMLarge(CFG), path)
+    assert (path / "model.safetensors").read_bytes() == before     # the old checkpoint is intact
+    assert not list(path.glob("*.tmp")), "temporary files left behind"
+
+
 def test_hf_config_with_unsupported_options_is_refused(tmp_path):
     write_hf_dir(tmp_path, XLSTMLarge(CFG))
     raw = json.loads((tmp_path / "config.json").read_text())
