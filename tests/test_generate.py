@@ -113,6 +113,22 @@ def test_max_new_tokens_and_eos(model):
     assert generate(model, [prompt], max_new_tokens=10, eos_token_id=None)[0] == free
 
 
+def test_rows_of_a_batch_stop_on_their_own(model):
+    """One row reaches eos while the other goes on: the finished row yields nothing more, and the
+    other generates exactly what it generates alone."""
+    p0, p1 = prompts_of([6, 11])
+    free0, free1 = (generate(model, [p], max_new_tokens=12, eos_token_id=None)[0] for p in (p0, p1))
+    eos = next(t for t in free0[1:6] if t not in free1)                 # ends row 0 early, never row 1
+    first = free0.index(eos)
+    assert generate(model, [p0, p1], max_new_tokens=12, eos_token_id=eos) == [free0[:first + 1], free1]
+    events = list(stream(model, [p0, p1], max_new_tokens=12, eos_token_id=eos))
+    rows = [[e for e in events if e.row == r] for r in (0, 1)]
+    assert [e.token_id for e in rows[0]] == free0[:first + 1] and rows[0][-1].finish_reason == "eos"
+    assert [e.token_id for e in rows[1]] == free1 and rows[1][-1].finish_reason == "length"
+    last0 = max(i for i, e in enumerate(events) if e.row == 0)
+    assert [e.row for e in events[last0 + 1:]] == [1] * (12 - first)   # row 1 alone after row 0's eos
+
+
 def test_config_eos_is_the_default(model):
     prompt = prompts_of([6])[0]
     free = generate(model, [prompt], max_new_tokens=10)[0]
