@@ -229,6 +229,45 @@ def test_forked_state_continues_like_the_original(model):
     assert generate(model, [prompt[-1:]], state=state, seed=[7], **kw)[0] == original
 
 
+def test_bad_state_files_and_state_operations_are_named(model, tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    from fastxlstm import save
+    from fastxlstm.generation import concat
+
+    state, _ = prefill(model, prompts_of([5, 7]))
+    path = tmp_path / "s.safetensors"
+    save_state(path, state)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="s.safetensors: corrupt or truncated state file"):
+        load_state(path)
+    save(model, tmp_path / "model")                                     # a model checkpoint is no state file
+    with pytest.raises(ValueError, match="is not a fastxlstm state file"):
+        load_state(tmp_path / "model" / "model.safetensors")
+    path.write_bytes(data)
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+    tensors = load_file(path)
+    tensors.pop("blocks.1.n")
+    save_file(tensors, path, metadata=meta)
+    with pytest.raises(ValueError, match="the state file has no tensor 'blocks.1.n'"):
+        load_state(path)
+    with pytest.raises(TypeError, match="extra tensor 'logits' must be a torch.Tensor"):
+        save_state(path, state, logits=[1.0])
+    with pytest.raises(ValueError, match=r"rows must lie in \[0, 2\), got \[2\]"):
+        select_rows(state, [2])
+    for n in (0, 1.5, True):
+        with pytest.raises(ValueError, match="n must be an int >= 1"):
+            fork(state, n)
+    with pytest.raises(ValueError, match="concat needs at least one state"):
+        concat([])
+    with pytest.raises(ValueError, match="different numbers of blocks"):
+        concat([state, state[:1]])
+    assert concat([state, select_rows(state, [1])])[0].c.shape[0] == 3
+
+
 def test_saved_and_restored_state_continues_exactly(model, tmp_path):
     prompt = prompts_of([15])[0]
     ref = generate(model, [prompt], max_new_tokens=8)[0]

@@ -167,17 +167,20 @@ def load_state(path: str | os.PathLike, *, device=None, model=None):
     With ``model`` given, the state is checked against its shapes (a state of another config is
     an error, never a silent misfit) and placed on the model's device unless ``device`` is set.
     """
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no state file at {path}")
-    with safe_open(path, framework="pt") as f:
-        meta = f.metadata() or {}
-        if meta.get("format") != _FORMAT:
-            raise ValueError(f"{path} is not a fastxlstm state file (format {meta.get('format')!r}, "
-                             f"expected {_FORMAT!r})")
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    try:
+        with safe_open(path, framework="pt") as f:
+            meta = f.metadata() or {}
+            if meta.get("format") != _FORMAT:
+                raise ValueError(f"{path} is not a fastxlstm state file (format {meta.get('format')!r}, "
+                                 f"expected {_FORMAT!r})")
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except SafetensorError as e:
+        raise ValueError(f"{path}: corrupt or truncated state file ({e})") from None
     n = int(meta["num_blocks"])
     if model is not None and device is None:
         device = next(model.parameters()).device
