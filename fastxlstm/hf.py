@@ -68,9 +68,11 @@ class FastXLSTMCache:
         return self.seen_tokens
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> "FastXLSTMCache":
+        """Keep the rows beam_idx (beam search), in place: transformers 5 ignores the return value
+        (returning a reordered copy left every beam on the state of the wrong one)."""
         idx = beam_idx.to(self.state[0].c.device)
-        return FastXLSTMCache([MLSTMState(*(t.index_select(0, idx) for t in s)) for s in self.state],
-                              self.seen_tokens)
+        self.state = [MLSTMState(*(t.index_select(0, idx) for t in s)) for s in self.state]
+        return self
 
 
 @dataclass
@@ -104,6 +106,10 @@ class FastXLSTMForCausalLM(PreTrainedModel, GenerationMixin):
 
     def _init_weights(self, module):            # weights come from the wrapped model or the checkpoint
         pass
+
+    def _reorder_cache(self, cache: FastXLSTMCache, beam_idx: torch.LongTensor) -> FastXLSTMCache:
+        # beam search's hook, tried before the cache's own reorder_cache
+        return cache.reorder_cache(beam_idx)
 
     def get_input_embeddings(self):
         return self.backbone.embeddings

@@ -49,6 +49,46 @@ def test_transformers_generate_equals_ours(model):
         h(torch.ones(2, 3, dtype=torch.long), attention_mask=torch.tensor([[0, 1, 1], [1, 1, 1]]))
 
 
+def test_beam_search_keeps_the_best_beams(model):
+    """transformers' beam search reorders our recurrent state between steps (its own xLSTM refuses
+    beams: its cache cannot be reordered). Reference: beam search by hand over full forwards."""
+    h = to_hf(model)
+    ids = torch.randint(2, 97, (1, 20), generator=torch.Generator().manual_seed(3))
+    beams, new = 3, 6
+    out = h.generate(ids, max_new_tokens=new, num_beams=beams, do_sample=False, length_penalty=1.0)
+    hyps = [(ids[0].tolist(), 0.0)]
+    with torch.no_grad():
+        for _ in range(new):
+            cands = []
+            for seq, score in hyps:
+                lp = torch.log_softmax(model(torch.tensor([seq]))[0][0, -1].float(), -1)
+                v, t = lp.topk(beams)
+                cands += [(seq + [int(j)], score + float(x)) for x, j in zip(v, t)]
+            hyps = sorted(cands, key=lambda c: -c[1])[:beams]
+    assert out[0].tolist() == hyps[0][0]
+    greedy = h.generate(ids, max_new_tokens=new, do_sample=False)
+    assert out.shape == greedy.shape
+
+
+def test_labels_give_the_shifted_loss_and_its_gradient(model):
+    """Fine-tuning through transformers: labels (with -100 ignored) give the next-token loss, and
+    its gradient reaches the wrapped model's weights."""
+    h = to_hf(model)
+    ids = torch.randint(2, 97, (2, 30))
+    labels = ids.clone()
+    labels[0, :7] = -100
+    out = h(ids, labels=labels)
+    logits, _ = model(ids)
+    want = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 97), labels[:, 1:].reshape(-1),
+                                             ignore_index=-100)
+    torch.testing.assert_close(out.loss, want, rtol=1e-6, atol=0)
+    model.zero_grad()
+    out.loss.backward()
+    assert model.lm_head.weight.grad is not None and model.lm_head.weight.grad.abs().sum() > 0
+    assert model.backbone.blocks[0].mlstm_layer.q.weight.grad.abs().sum() > 0
+    model.zero_grad(set_to_none=True)
+
+
 def test_text_generation_pipeline(model, tmp_path):
     from tests.test_tokenizer import write_tokenizer_json
 
