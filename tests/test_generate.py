@@ -313,6 +313,41 @@ def test_scoring_text_pieces_equals_the_text(model):
         score(model, [5])
 
 
+def test_scoring_with_a_bos_model_and_its_inputs(model):
+    """A config with a BOS id (as the 7B's): text is scored after BOS, which is context, not a
+    scored token; token ids are taken as given; tensors and pieces too; bad input is named."""
+    from fastxlstm.tokenizer import ByteTokenizer
+
+    bos_model = random_model(ModelConfig(**{**CFG.to_dict(), "bos_token_id": 0}))
+    text = "the clocks were striking thirteen"
+    ids = ByteTokenizer().encode(text)
+    with_bos = score(bos_model, text, piece_tokens=8)
+    as_ids = score(bos_model, [0] + ids, piece_tokens=8)
+    assert with_bos.tokens == len(ids) == as_ids.tokens
+    assert with_bos.log_likelihood == pytest.approx(as_ids.log_likelihood, abs=1e-12)
+    assert score(bos_model, ids).tokens == len(ids) - 1                 # ids: no BOS unless asked
+    assert score(bos_model, ids, add_bos=True).log_likelihood == pytest.approx(as_ids.log_likelihood, abs=1e-12)
+    t = torch.tensor([ids])
+    assert score(model, t).log_likelihood == pytest.approx(score(model, ids).log_likelihood, abs=1e-12)
+    seen = []
+    score(model, ids, piece_tokens=10, progress=seen.append)
+    assert seen == sorted(seen) and seen[-1] == len(ids) and len(seen) == -(-len(ids) // 10)
+    for bad, match in ((dict(piece_tokens=0), "piece_tokens must be an int >= 1"),
+                       (dict(piece_tokens=2.5), "piece_tokens must be an int >= 1")):
+        with pytest.raises(ValueError, match=match):
+            score(model, ids, **bad)
+    with pytest.raises(ValueError, match="piece 1 must be a string or a list of token ids, got int"):
+        score(model, iter([ids, 7]))
+    with pytest.raises(ValueError, match=r"piece 0 has token id 256 outside \[0, 256\)"):
+        score(model, [1, 256, 3])
+
+
+def test_init_state_is_what_no_state_means(model):
+    x = torch.tensor(prompts_of([9, 9]))
+    assert torch.equal(model(x)[0], model(x, model.init_state(2))[0])
+    assert len(model.init_state(3)) == CFG.num_blocks and model.init_state(3)[0].c.shape[0] == 3
+
+
 # --- streaming, CLI -----------------------------------------------------------------------------
 
 def test_stream_yields_each_token_as_generate_returns_it(model):
