@@ -619,8 +619,11 @@ def _read_config_file(path: str) -> dict:
         raise RuntimeError(f"config file {path}: TOML needs Python >= 3.11 (use JSON)") from None
     except ValueError as e:
         raise ValueError(f"config file {path} cannot be parsed: {e}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"config file {path}: must hold a table/object with the keys arch, preset, model and "
+                         f"train; got a {type(data).__name__}")
     unknown = sorted(set(data) - {"arch", "preset", "model", "train"})
-    if not isinstance(data, dict) or unknown:
+    if unknown:
         raise ValueError(f"config file {path}: top-level keys must be arch, preset, model and train; got {unknown}")
     return data
 
