@@ -79,7 +79,11 @@ def verify_checkpoint(path: Path, *, hashes: bool = True) -> None:
         raise RuntimeError(f"checkpoint {path} is incomplete or corrupt: {MANIFEST} is missing")
     try:
         files = json.loads(manifest.read_text())["files"]
-    except (ValueError, KeyError, UnicodeDecodeError) as e:
+        if not isinstance(files, dict) or not all(
+                isinstance(m, dict) and isinstance(m.get("bytes"), int) and isinstance(m.get("sha256"), str)
+                for m in files.values()):
+            raise ValueError("its 'files' must map names to their bytes and sha256")
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
         raise RuntimeError(f"checkpoint {path} is corrupt: {MANIFEST} is unreadable ({e})") from None
     for name, meta in files.items():
         f = path / name

@@ -155,6 +155,25 @@ def test_corrupt_checkpoint_is_refused_by_name(corpus, tmp_path, capsys):
     assert main(["train", "--out", str(out), "--resume", "--max-steps", "4"]) == 2
     err = capsys.readouterr().err
     assert str(ckpt) in err and "model.safetensors" in err and "truncated" in err
+    weights.write_bytes(good)
+    manifest = json.loads((ckpt / "manifest.json").read_text())
+    for bad in ("{not json", json.dumps({"files": [1]}), json.dumps({"files": {"model.safetensors": {}}}),
+                json.dumps({"step": 2})):
+        (ckpt / "manifest.json").write_text(bad)
+        assert main(["train", "--out", str(out), "--resume", str(ckpt)]) == 2
+        assert f"checkpoint {ckpt} is corrupt: manifest.json is unreadable" in capsys.readouterr().err
+    (ckpt / "manifest.json").write_text(json.dumps(manifest))
+    other = next(n for n in manifest["files"] if n != "model.safetensors")
+    kept = (ckpt / other).read_bytes()
+    (ckpt / other).unlink()                                 # a file the manifest lists is gone
+    assert main(["train", "--out", str(out), "--resume", str(ckpt)]) == 2
+    assert f"checkpoint {ckpt} is incomplete: {other} is missing" in capsys.readouterr().err
+    (ckpt / other).write_bytes(kept)
+    assert main(["train", "--out", str(out), "--resume", str(ckpt), "--max-steps", "3", "--no-progress",
+                 "--eval-every", "0", "--sample-tokens", "0"]) == 0      # whole again: it resumes
+    capsys.readouterr()
+    assert main(["train", "--out", str(out), "--resume", str(tmp_path / "nowhere")]) == 2
+    assert "does not exist" in capsys.readouterr().err
     (ckpt / "manifest.json").unlink()                       # a directory without its manifest
     assert main(["train", "--out", str(out), "--resume", str(ckpt)]) == 2
     assert "manifest.json is missing" in capsys.readouterr().err
