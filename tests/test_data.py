@@ -74,6 +74,15 @@ def test_token_files(tmp_path):
     assert len(d.train) + len(d.val) == 4000
 
 
+def test_token_ids_past_the_tokenizer_are_refused(tmp_path):
+    from tests.test_tokenizer import write_tokenizer_json
+
+    write_tokenizer_json(tmp_path / "tokenizer.json")
+    np.arange(1000, dtype=np.uint16).tofile(tmp_path / "train.bin")
+    with pytest.raises(ValueError, match="holds token id 999, outside the tokenizer's vocabulary of"):
+        load_data(TrainConfig(data=str(tmp_path / "train.bin"), tokenizer=str(tmp_path / "tokenizer.json")))
+
+
 def test_text_folder(tmp_path):
     (tmp_path / "a.txt").write_text("alpha " * 200)
     (tmp_path / "sub").mkdir()
@@ -90,6 +99,8 @@ def test_text_folder(tmp_path):
     (lambda p: (p / "tiny.txt").write_text("ab") and p / "tiny.txt", "too few to split"),
     (lambda p: (p / "empty").mkdir() or p / "empty", "no UTF-8 text files found"),
     (lambda p: (p / "x.npy").write_bytes(b"not numpy") and p / "x.npy", "not a readable .npy file"),
+    (lambda p: np.save(p / "m.npy", np.zeros((20, 20), np.uint16)) or p / "m.npy", "1-D integer array, got 2-D uint16"),
+    (lambda p: np.save(p / "f.npy", np.zeros(400, np.float32)) or p / "f.npy", "1-D integer array, got 1-D float32"),
 ])
 def test_bad_data_names_the_problem(tmp_path, make, message):
     path = make(tmp_path)
