@@ -97,6 +97,30 @@ def load(directory: str | os.PathLike, *, device: torch.device | str | None = No
     return model
 
 
+def describe(directory: str | os.PathLike) -> dict:
+    """What a model directory holds, without reading the weights: its layout ("fastxlstm" or
+    "hugging face"), the model class and config, the parameter counts, and the weight files with
+    their tensors' dtypes and total size (a file that is missing or not safetensors is an error)."""
+    directory = Path(directory)
+    model = load(directory, device="meta")
+    raw = _read_json(directory / CONFIG)
+    files = _weight_files(directory)
+    dtypes: set[str] = set()
+    for path in files:
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                dtypes.update(str(f.get_slice(k).get_dtype()) for k in f.keys())
+        except SafetensorError as e:
+            raise ValueError(f"{path}: corrupt or truncated safetensors file ({e})") from None
+    n = model.num_params()
+    n_emb = model.embedding.weight.numel() if hasattr(model, "embedding") else 0
+    return {"layout": "fastxlstm" if "fastxlstm_format_version" in raw else "hugging face",
+            "model": type(model).__name__, "config": model.cfg, "parameters": n,
+            "non_embedding_parameters": n - n_emb, "files": [p.name for p in files],
+            "bytes": sum(p.stat().st_size for p in files), "dtypes": sorted(dtypes),
+            "tokenizer": "tokenizer.json" if (directory / "tokenizer.json").is_file() else None}
+
+
 def config_from_hf(raw: dict) -> ModelConfig:
     """ModelConfig from a Hugging Face xLSTM config.json (the published xLSTM-7B's included).
 

@@ -44,11 +44,20 @@ def _register_info(sub) -> None:
 
 
 def _run_info(args) -> int:
-    from .checkpoint import load
+    import dataclasses
 
-    model = load(args.model, device="meta")
-    print(model.cfg)
-    print(f"parameters: {model.num_params():,}")
+    from .checkpoint import describe
+
+    d = describe(args.model)
+    print(f"{args.model}: {d['model']} ({d['layout']} layout)")
+    print(f"  parameters   {d['parameters']:,} ({d['non_embedding_parameters']:,} without the embedding)")
+    print(f"  weights      {len(d['files'])} file(s), {d['bytes'] / 2**20:,.1f} MiB, {', '.join(d['dtypes'])}")
+    vocab = getattr(d["config"], "vocab_size", None)
+    print(f"  tokenizer    {d['tokenizer'] or ('byte-level (built in)' if vocab == 256 else 'none: token ids only')}")
+    print("  config")
+    for f in dataclasses.fields(d["config"]):
+        value = getattr(d["config"], f.name)
+        print(f"    {f.name:<30} {getattr(value, 'value', value)}")
     return 0
 
 

@@ -244,6 +244,28 @@ def test_save_refuses_an_unknown_model_and_leaves_no_partial_file(tmp_path, monk
     assert not list(path.glob("*.tmp")), "temporary files left behind"
 
 
+def test_info_describes_a_directory_without_reading_the_weights(tmp_path, capsys):
+    from fastxlstm.checkpoint import describe
+    from fastxlstm.cli import main
+
+    write_hf_dir(tmp_path / "hf", XLSTMLarge(CFG), dtype=torch.bfloat16, shards=3)
+    d = describe(tmp_path / "hf")
+    assert d["layout"] == "hugging face" and d["model"] == "XLSTMLarge" and d["dtypes"] == ["BF16"]
+    assert len(d["files"]) == 3 and d["tokenizer"] is None
+    assert d["parameters"] == XLSTMLarge(CFG).num_params()
+    assert d["non_embedding_parameters"] == d["parameters"] - 256 * 64
+    assert main(["info", str(tmp_path / "hf")]) == 0
+    out = capsys.readouterr().out
+    assert "XLSTMLarge (hugging face layout)" in out and "3 file(s)" in out and "BF16" in out
+    assert "byte-level (built in)" in out and "num_blocks                     2" in out
+    path = saved(tmp_path / "ours")
+    assert describe(path)["layout"] == "fastxlstm" and describe(path)["dtypes"] == ["F32"]
+    data = (path / "model.safetensors").read_bytes()
+    (path / "model.safetensors").write_bytes(data[:7])
+    assert main(["info", str(path)]) == 2
+    assert "model.safetensors: corrupt or truncated" in capsys.readouterr().err
+
+
 def test_hf_config_with_unsupported_options_is_refused(tmp_path):
     write_hf_dir(tmp_path, XLSTMLarge(CFG))
     raw = json.loads((tmp_path / "config.json").read_text())
