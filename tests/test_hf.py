@@ -89,6 +89,23 @@ def test_labels_give_the_shifted_loss_and_its_gradient(model):
     model.zero_grad(set_to_none=True)
 
 
+def test_what_the_bridge_cannot_take_is_named(model):
+    import dataclasses
+
+    from fastxlstm import StackConfig, XLSTMStackLM
+
+    with pytest.raises(TypeError, match="to_hf needs an XLSTMLarge, got XLSTMStackLM"):
+        to_hf(XLSTMStackLM(StackConfig(vocab_size=97, embedding_dim=32, num_blocks=2, slstm_at=(1,))))
+    with pytest.raises(ValueError, match="add_out_norm=False cannot be expressed"):
+        to_hf(XLSTMLarge(dataclasses.replace(CFG, add_out_norm=False)))
+    h = to_hf(model)
+    with pytest.raises(ValueError, match="inputs_embeds is not supported"):
+        h(inputs_embeds=torch.zeros(1, 3, 128))
+    with pytest.raises(ValueError, match="input_ids is required"):
+        h()
+    assert h.get_input_embeddings() is model.embedding and h.get_output_embeddings() is model.lm_head
+
+
 def test_text_generation_pipeline(model, tmp_path):
     from tests.test_tokenizer import write_tokenizer_json
 
