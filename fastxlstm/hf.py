@@ -107,9 +107,9 @@ class FastXLSTMForCausalLM(PreTrainedModel, GenerationMixin):
     def _init_weights(self, module):            # weights come from the wrapped model or the checkpoint
         pass
 
-    def _reorder_cache(self, cache: FastXLSTMCache, beam_idx: torch.LongTensor) -> FastXLSTMCache:
-        # beam search's hook, tried before the cache's own reorder_cache
-        return cache.reorder_cache(beam_idx)
+    def _reorder_cache(self, cache: FastXLSTMCache | None, beam_idx: torch.LongTensor) -> FastXLSTMCache | None:
+        # beam search's hook, tried before the cache's own reorder_cache (None: use_cache=False)
+        return cache.reorder_cache(beam_idx) if cache is not None else None
 
     def get_input_embeddings(self):
         return self.backbone.embeddings

@@ -70,6 +70,21 @@ def test_beam_search_keeps_the_best_beams(model):
     assert out.shape == greedy.shape
 
 
+@pytest.mark.parametrize("kw", [dict(do_sample=False), dict(num_beams=3, num_return_sequences=2, do_sample=False),
+                                dict(do_sample=True, num_return_sequences=3, top_k=10),
+                                dict(do_sample=True, num_beams=2, top_k=10)])
+def test_the_recurrent_cache_decodes_as_full_forwards_do(model, kw):
+    """Every decoding mode of transformers' generate() gives with our state carried (and reordered
+    between beams) what it gives recomputing full forwards (use_cache=False)."""
+    h = to_hf(model)
+    ids = torch.randint(2, 97, (2, 20), generator=torch.Generator().manual_seed(3))
+    runs = []
+    for use_cache in (True, False):
+        torch.manual_seed(1)
+        runs.append(h.generate(ids, max_new_tokens=8, use_cache=use_cache, **kw))
+    assert torch.equal(*runs)
+
+
 def test_labels_give_the_shifted_loss_and_its_gradient(model):
     """Fine-tuning through transformers: labels (with -100 ignored) give the next-token loss, and
     its gradient reaches the wrapped model's weights."""
