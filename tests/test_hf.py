@@ -66,8 +66,6 @@ def test_beam_search_keeps_the_best_beams(model):
                 cands += [(seq + [int(j)], score + float(x)) for x, j in zip(v, t)]
             hyps = sorted(cands, key=lambda c: -c[1])[:beams]
     assert out[0].tolist() == hyps[0][0]
-    greedy = h.generate(ids, max_new_tokens=new, do_sample=False)
-    assert out.shape == greedy.shape
 
 
 @pytest.mark.parametrize("kw", [dict(do_sample=False), dict(num_beams=3, num_return_sequences=2, do_sample=False),
