@@ -115,39 +115,6 @@ def test_greedy_step_writes_the_argmax_of_the_step(name):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="runs the kernels on CPU tensors under the interpreter")
-@pytest.mark.parametrize("mode", ["fused", "all"])
-def test_packed_weights_step_bit_for_bit_as_row_major(mode, monkeypatch):
-    """pack=True lays the skinny path's weights out in skinny_linear's tiles (the concatenated
-    copies, or every decode weight) and drops the row-major copies: the same logits and state bit
-    for bit, less or no more memory, and a clear error for a batch the packed step cannot serve."""
-    pytest.importorskip("triton")
-    from fastxlstm.ops import decode
-
-    monkeypatch.setattr(FusedStep, "pack_weights", mode)
-    model = random_model(dtype=torch.float32, scale=0.3)
-    ids = torch.randint(0, model.cfg.vocab_size, (3, 6), generator=torch.Generator().manual_seed(4))
-    with torch.inference_mode():
-        _, state = model(ids[:, :5])
-        plain_step = FusedStep(model, compile=False, hybrid=True)
-        plain = plain_step(ids[:, 5:], state)
-        packed_step = FusedStep(model, compile=False, hybrid=True, pack=True)
-        before = packed_step.extra_bytes
-        packed = packed_step(ids[:, 5:], state)
-        again = packed_step(ids[:, 5:], state)                       # packed once, reused
-    assert torch.equal(plain[0], packed[0]) and torch.equal(packed[0], again[0])
-    for a, b in zip(plain[1], packed[1]):
-        assert all(torch.equal(x, y) for x, y in zip(a, b))
-    assert all(b.w_in is None and b.w_up is None for b in packed_step.blocks)
-    # "fused" holds what it held, up to the zero padding of whole tiles; "all" adds packed copies of
-    # out_proj, proj_down and the LM head
-    assert packed_step.extra_bytes < 1.25 * before if mode == "fused" else packed_step.extra_bytes > 1.5 * before
-    with pytest.raises(RuntimeError, match="packed its weights for batches of up to 16 rows"):
-        with torch.inference_mode():
-            packed_step(torch.zeros(decode.SKINNY_ROWS + 1, 1, dtype=torch.long),
-                        model.init_state(decode.SKINNY_ROWS + 1))
-
-
-@pytest.mark.skipif(torch.cuda.is_available(), reason="runs the kernels on CPU tensors under the interpreter")
 def test_hybrid_step_updates_the_state_in_place_when_asked():
     pytest.importorskip("triton")
     model = random_model(dtype=torch.float32, scale=0.3)

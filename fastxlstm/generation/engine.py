@@ -321,7 +321,7 @@ def decode_steps(model, state: list, last_logits: torch.Tensor, params: Sampling
     if fused:                                # built only now: a one-token generation needs no step
         # the decoders own the state (it is consumed), so the step kernels may update it in place
         model = FusedStep(getattr(model, "_orig_mod", model), compile=True if compile else None,
-                          inplace_state=True, pack=True)
+                          inplace_state=True)
     elif compile:
         model = torch.compile(model, dynamic=False)
     tok = first[:, None]

@@ -80,9 +80,6 @@ class FusedStep:
     inplace_state: the hybrid's step kernel writes the new C and n over the state it is given,
     which the caller gives up (the engine's decoders own theirs): no state copy at a CUDA graph's
     end. Off by default: states are values.
-    pack: on the first step of up to 16 rows, lay the weights out for skinny_linear
-    (``pack_weights``) and drop the row-major concatenated copies: the step then serves only
-    batches of up to 16 rows (the engine builds one step per batch). Off by default.
     The weights are read from the model when this is built: rebuild after changing them.
     """
 
@@ -90,13 +87,8 @@ class FusedStep:
     # graph): 2,697 vs 2,592 tokens/s at batch 16, 6,612 vs 6,859 at batch 64
     max_hybrid_batch = 32
 
-    # pack=True: what the up-to-16-row path packs into skinny_linear's tile-contiguous layout (see
-    # ops.decode.pack_weight): "fused" the step's own concatenated copies (no extra memory), "all"
-    # also out_proj, proj_down and the LM head (extra copies), "none" nothing
-    pack_weights = "fused"
-
     def __init__(self, model, *, compile: bool | None = None, hybrid: bool | None = None,
-                 inplace_state: bool = False, pack: bool = False):
+                 inplace_state: bool = False):
         from ..model import XLSTMLarge
 
         if not isinstance(model, XLSTMLarge):
@@ -133,8 +125,6 @@ class FusedStep:
         # per weight tile; E tiles bounds any tiling)
         self._sums = torch.empty(16 * cfg.embedding_dim, device=self.device, dtype=torch.float32)
         self._skinny_tiles = None                                    # skinny_linear's counters, on first use
-        self.pack = pack
-        self._packed = None                                          # the skinny path's weights, on first use
         with torch.no_grad():
             self._in_bias = [w.b_in if w.b_in.any() else None for w in self.blocks]   # no all-zero bias add
 
@@ -161,20 +151,13 @@ class FusedStep:
 
     @property
     def extra_bytes(self) -> int:
-        """Bytes of the fused weight copies this step holds (row-major or packed)."""
-        rows = [t for b in self.blocks for t in (b.w_in, b.b_in, b.w_up, b.b_up) if t is not None]
-        if self._packed is not None:
-            blocks, head = self._packed
-            rows += [w.data for w in [*(w for ws in blocks for w in ws), head] if not isinstance(w, torch.Tensor)]
-        return sum(t.numel() * t.element_size() for t in rows)
+        """Bytes of the fused weight copies this step holds."""
+        return sum(t.numel() * t.element_size() for b in self.blocks for t in (b.w_in, b.b_in, b.w_up, b.b_up)
+                   if t is not None)
 
     def __call__(self, input_ids: torch.Tensor, state: list[MLSTMState]) -> tuple[torch.Tensor, list[MLSTMState]]:
         self._check(input_ids, state)
-        B = input_ids.shape[0]
-        if self.blocks[0].w_in is None and not self._skinny_path(B):
-            raise RuntimeError(f"this FusedStep packed its weights for batches of up to 16 rows (pack=True); "
-                               f"build another for a batch of {B}")
-        if self.uses_hybrid(B):
+        if self.uses_hybrid(input_ids.shape[0]):
             return self._hybrid_step(input_ids, state)
         x = self.model.embedding(input_ids[:, 0])                     # (B, E)
         d = None
@@ -260,45 +243,21 @@ class FusedStep:
                              self.eps, self.f32)
         sq, new_state = None, []
         norms_after = [b.norm_w for b in self.blocks[1:]] + [self.out_norm[0] if self.out_norm else None]
-        weights, head = self._skinny_weights()
-        for w, (w_in, w_up, out_w, down_w), b_in, s, next_norm in zip(self.blocks, weights, self._in_bias, state,
-                                                                     norms_after):
-            y = decode.skinny_linear(xn, w_in, b_in, lock=lock, rms=sq, eps=self.eps)
+        for w, b_in, s, next_norm in zip(self.blocks, self._in_bias, state, norms_after):
+            y = decode.skinny_linear(xn, w.w_in, b_in, lock=lock, rms=sq, eps=self.eps)
             hn, s = self._cell(y, w, s, lock)
-            x, xn, sq = decode.skinny_linear(hn, out_w, w.out_b, lock=lock, residual=x,
+            x, xn, sq = decode.skinny_linear(hn, w.out_w, w.out_b, lock=lock, residual=x,
                                              norm_weight=w.ffn_norm_w, sumsq=sums)
-            act = decode.skinny_linear(xn, w_up, w.b_up, glu=True, lock=lock, rms=sq, eps=self.eps)
+            act = decode.skinny_linear(xn, w.w_up, w.b_up, glu=True, lock=lock, rms=sq, eps=self.eps)
             if next_norm is None:
-                x, xn, sq = decode.skinny_linear(act, down_w, w.down_b, lock=lock, residual=x), None, None
+                x, xn, sq = decode.skinny_linear(act, w.down_w, w.down_b, lock=lock, residual=x), None, None
             else:
-                x, xn, sq = decode.skinny_linear(act, down_w, w.down_b, lock=lock, residual=x,
+                x, xn, sq = decode.skinny_linear(act, w.down_w, w.down_b, lock=lock, residual=x,
                                                  norm_weight=next_norm, sumsq=sums)
             new_state.append(s)
-        logits = decode.skinny_linear(x if xn is None else xn, head, None, lock=lock, rms=sq,
+        logits = decode.skinny_linear(x if xn is None else xn, self.model.lm_head.weight, None, lock=lock, rms=sq,
                                       eps=self.eps, logits=True, logit_cap=self.logit_cap, argmax_out=argmax_out)
         return logits.unsqueeze(1), new_state
-
-    def _skinny_weights(self):
-        """Per block (w_in, w_up, out_w, down_w) and the LM head's weight for skinny_linear: packed
-        on the first call with ``pack`` (the row-major concatenated copies are dropped then)."""
-        from ..ops import decode
-
-        if self._packed is None:
-            mode = self.pack_weights if self.pack else "none"
-            if mode not in ("none", "fused", "all"):
-                raise ValueError(f"FusedStep.pack_weights must be 'none', 'fused' or 'all', got {mode!r}")
-            blocks = []
-            for i, b in enumerate(self.blocks):
-                if mode == "none":
-                    blocks.append((b.w_in, b.w_up, b.out_w, b.down_w))
-                    continue
-                shared = ((decode.pack_weight(b.out_w), decode.pack_weight(b.down_w)) if mode == "all"
-                          else (b.out_w, b.down_w))
-                blocks.append((decode.pack_weight(b.w_in), decode.pack_weight(b.w_up, glu=True)) + shared)
-                self.blocks[i] = b._replace(w_in=None, w_up=None)          # one copy at a time
-            head = self.model.lm_head.weight
-            self._packed = (blocks, decode.pack_weight(head) if mode == "all" else head)
-        return self._packed
 
     def _cell(self, y, w, s, lock):
         """The gate caps + mLSTM step + head norm x sigmoid(o) (one launch) on the input GEMM's y."""

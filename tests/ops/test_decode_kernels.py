@@ -205,43 +205,6 @@ def test_skinny_linear_writes_the_greedy_argmax(N, splits, M, monkeypatch):
     assert (out[:, [0, 1, 3]] == -1).all() and not lock.any()
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16] + ([torch.bfloat16] if CUDA else []))
-@pytest.mark.parametrize("M", [1, 5])
-@pytest.mark.parametrize("splits", [None, 3])
-def test_packed_weights_give_the_same_numbers(dtype, M, splits, monkeypatch):
-    """pack_weight's tile-contiguous layout (zero-padded blocks) reads the same weights: bit for bit
-    the row-major results, plain, glu, with the residual and norm epilogue, and as the LM head with
-    the argmax. N, F and K not multiples of the tiles."""
-    E, K, F_, V = 150, 200, 70, 90
-    monkeypatch.setitem(decode.triton.skinny.CONFIG, "shapes", {f"{E}x{K}": dict(BK=32, splits=splits),
-                                                               f"{2 * F_}x{E}": dict(BK=64, splits=splits),
-                                                               f"{V}x{E}": dict(BK=32, splits=splits)})
-    x, r = rnd(M, K, dtype=dtype), rnd(M, E, dtype=dtype)
-    w1, g = rnd(E, K, dtype=dtype, scale=K ** -0.5), rnd(E, dtype=dtype, scale=0.2, shift=1.0)
-    w2, w3 = rnd(2 * F_, E, dtype=dtype, scale=E ** -0.5), rnd(V, E, dtype=dtype, scale=E ** -0.5)
-    lock = lock_for(4096)
-    sums = torch.empty(4096, device=DEVICE)
-    results = []
-    for pack in (False, True):
-        p1, p2, p3 = (decode.pack_weight(w1), decode.pack_weight(w2, glu=True), decode.pack_weight(w3)) if pack \
-            else (w1, w2, w3)
-        h, hg, sq = decode.skinny_linear(x, p1, lock=lock, residual=r, norm_weight=g, sumsq=sums)
-        sq = sq.clone()
-        act = decode.skinny_linear(hg, p2, glu=True, lock=lock, rms=sq)
-        ids = torch.full((M,), -1, dtype=torch.int64, device=DEVICE)
-        logits = decode.skinny_linear(hg, p3, lock=lock, logits=True, logit_cap=30.0, argmax_out=ids)
-        results.append((h, hg, act, logits, ids))
-    for name, a, b in zip(("h", "h * g", "silu(gate) * up", "logits", "argmax"), *results):
-        assert torch.equal(a, b), name
-    assert not lock.any()
-    with pytest.raises(ValueError, match="packed with glu=True, called with glu=False"):
-        decode.skinny_linear(x[:, :E], decode.pack_weight(w2, glu=True))
-    packed = decode.pack_weight(w1)
-    monkeypatch.setitem(decode.triton.skinny.CONFIG, "shapes", {f"{E}x{K}": dict(BK=64)})
-    with pytest.raises(ValueError, match="packed for 64 x 32 tiles"):
-        decode.skinny_linear(x, packed)
-
-
 def test_skinny_linear_refuses_bad_input():
     x, w = torch.zeros(17, 8, device=DEVICE), torch.zeros(4, 8, device=DEVICE)
     with pytest.raises(ValueError, match="1 to 16 rows"):

@@ -2,8 +2,6 @@
 norm x sigmoid(o)) and a split-K GEMM for up to 16 rows (Triton kernels in triton/, which says
 what each does and what was measured). No autograd: decoding only."""
 
-from .triton import (CONFIG, SKINNY_ROWS, PackedWeight, mlstm_head_step, pack_weight, skinny_linear,
-                     skinny_lock_size)
+from .triton import CONFIG, SKINNY_ROWS, mlstm_head_step, skinny_linear, skinny_lock_size
 
-__all__ = ["mlstm_head_step", "skinny_linear", "skinny_lock_size", "pack_weight", "PackedWeight", "SKINNY_ROWS",
-           "CONFIG"]
+__all__ = ["mlstm_head_step", "skinny_linear", "skinny_lock_size", "SKINNY_ROWS", "CONFIG"]

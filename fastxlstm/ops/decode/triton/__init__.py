@@ -35,10 +35,9 @@ import triton.language as tl
 from ...mlstm.triton.fwd import _logsigmoid
 from ...rowwise.triton import _pdl_enter, _tanh, use_pdl
 from ...state import MLSTMState
-from .skinny import SKINNY_ROWS, PackedWeight, _rnd, pack_weight, skinny_linear, skinny_lock_size
+from .skinny import SKINNY_ROWS, _rnd, skinny_linear, skinny_lock_size
 
-__all__ = ["mlstm_head_step", "skinny_linear", "skinny_lock_size", "pack_weight", "PackedWeight", "SKINNY_ROWS",
-           "CONFIG"]
+__all__ = ["mlstm_head_step", "skinny_linear", "skinny_lock_size", "SKINNY_ROWS", "CONFIG"]
 
 # step: BK rows of Dqk per program (a program holds BK x Dv of C), W warps: 4 warps stream the 7B's
 # batch-16 state at 3.31-3.40 TB/s against 2.97-3.01 for 8 (runs 31-33; a persistent walk with the

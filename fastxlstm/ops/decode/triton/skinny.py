@@ -21,8 +21,6 @@ stream: 16-23 % slower when the norms were folded there, run 56).
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import torch
 import triton
 import triton.language as tl
@@ -53,7 +51,7 @@ def _skinny_kernel(x_ptr, w_ptr, b_ptr, y_ptr, ws_ptr, lock_ptr, r_ptr, g_ptr, y
                    HAS_B: tl.constexpr, CAP: tl.constexpr, GLU: tl.constexpr, RES: tl.constexpr,
                    NORM: tl.constexpr, RMS: tl.constexpr, RMS_T: tl.constexpr, SPLITS: tl.constexpr, BM: tl.constexpr,
                    BN: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr, PDL: tl.constexpr,
-                   ARGMAX: tl.constexpr, AM_T: tl.constexpr, PACKED: tl.constexpr = False, NKB=1):
+                   ARGMAX: tl.constexpr, AM_T: tl.constexpr):
     """N output columns; GLU: w holds N gate rows over N up rows, and a program takes the BN gate
     rows of its tile and the same BN up rows (two dots a step). The epilogue options (RES, NORM,
     RMS) are described at skinny_linear."""
@@ -68,11 +66,6 @@ def _skinny_kernel(x_ptr, w_ptr, b_ptr, y_ptr, ws_ptr, lock_ptr, r_ptr, g_ptr, y
     k1 = tl.minimum(k0 + K_PER, K)
     wrow = w_ptr + rn.to(tl.int64)[:, None] * K
     urow = w_ptr + (rn + N).to(tl.int64)[:, None] * K      # GLU: the up rows of the same columns
-    # PACKED (pack_weight): each BN x BK block of W lies contiguous, zero-padded, tile-major; the
-    # up half (GLU) follows the gate half
-    tblk = w_ptr + t.to(tl.int64) * NKB * (BN * BK)
-    ublk = w_ptr + (TILES + t).to(tl.int64) * NKB * (BN * BK)
-    inner = tl.arange(0, BN)[:, None] * BK + tl.arange(0, BK)[None, :]
     _pdl_enter(PDL)
     acc = tl.zeros([BN, BM], dtype=tl.float32)
     acc2 = tl.zeros([BN, BM], dtype=tl.float32)
@@ -80,19 +73,12 @@ def _skinny_kernel(x_ptr, w_ptr, b_ptr, y_ptr, ws_ptr, lock_ptr, r_ptr, g_ptr, y
         ok = kk + tl.arange(0, BK)
         mk = ok < k1
         wm = mn[:, None] & mk[None, :]
-        if PACKED:
-            w = tl.load(tblk + (kk // BK) * (BN * BK) + inner)
-        else:
-            w = tl.load(wrow + ok[None, :], mask=wm, other=0.0)
+        w = tl.load(wrow + ok[None, :], mask=wm, other=0.0)
         x = tl.trans(tl.load(x_ptr + rm[:, None] * K + ok[None, :], mask=mm[:, None] & mk[None, :],
                              other=0.0).to(w.dtype))
         acc += tl.dot(w, x, input_precision=PREC)
         if GLU:
-            if PACKED:
-                u = tl.load(ublk + (kk // BK) * (BN * BK) + inner)
-            else:
-                u = tl.load(urow + ok[None, :], mask=wm, other=0.0)
-            acc2 += tl.dot(u, x, input_precision=PREC)
+            acc2 += tl.dot(tl.load(urow + ok[None, :], mask=wm, other=0.0), x, input_precision=PREC)
     finish = True                                           # this program writes the tile
     if SPLITS > 1:
         P: tl.constexpr = (2 if GLU else 1) * BN * BM
@@ -225,46 +211,6 @@ def _plan(N: int, K: int, device: torch.device, glu: bool = False) -> dict:
     return cfg
 
 
-class PackedWeight(NamedTuple):
-    """A weight laid out for skinny_linear (pack_weight): data (halves, tiles, K blocks, BN, BK)."""
-    data: torch.Tensor
-    N: int                        # output columns (GLU: of each half)
-    K: int
-    BN: int
-    BK: int
-    glu: bool
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.data.dtype
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        """The row-major weight's shape."""
-        return ((2 if self.glu else 1) * self.N, self.K)
-
-
-def pack_weight(w: torch.Tensor, *, glu: bool = False) -> PackedWeight:
-    """w (N, K) (glu: gate rows over up rows) as skinny_linear's tiles see it: each BN x BK block
-    contiguous, zero-padded to whole blocks. A plain Triton read of the 7B's decode weights streamed
-    3-8 % faster in such blocks than row-major (run 31). The copy is new; w is untouched."""
-    if w.dim() != 2 or (glu and w.shape[0] % 2):
-        raise ValueError(f"pack_weight takes a 2-D weight (an even number of rows with glu), got {tuple(w.shape)}")
-    N = w.shape[0] // 2 if glu else w.shape[0]
-    K = w.shape[1]
-    p = _plan(N, K, w.device, glu)
-    BN, BK, T = p["BN"], p["BK"], p["tiles"]
-    nkb = triton.cdiv(K, BK)
-    halves = (w[:N], w[N:]) if glu else (w,)
-    out = torch.empty(len(halves), T, nkb, BN, BK, device=w.device, dtype=w.dtype)
-    for h, src in enumerate(halves):
-        pad = torch.zeros(T * BN, nkb * BK, device=w.device, dtype=w.dtype)
-        pad[:N, :K] = src
-        out[h] = pad.view(T, BN, nkb, BK).transpose(1, 2)
-        del pad
-    return PackedWeight(out, N, K, BN, BK, glu)
-
-
 def skinny_lock_size(N: int, K: int, device: torch.device | str = "cuda", argmax: bool = False) -> int:
     """Counters a skinny_linear of this weight shape (N, K) needs, with or without glu (one per
     tile), and one more with argmax_out."""
@@ -296,10 +242,7 @@ def skinny_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = Non
     argmax_out (M,) int64, with logits: also writes each row's argmax there (the first of equal
     maxima, NaN the largest, as torch.argmax), the greedy token, with no launch of its own. The lock
     then needs one more counter (``skinny_lock_size(..., argmax=True)``)."""
-    packed = w if isinstance(w, PackedWeight) else None
-    if packed is not None and packed.glu != glu:
-        raise ValueError(f"w was packed with glu={packed.glu}, called with glu={glu}")
-    if x.dim() != 2 or len(w.shape) != 2 or x.shape[1] != w.shape[1]:
+    if x.dim() != 2 or w.dim() != 2 or x.shape[1] != w.shape[1]:
         raise ValueError(f"x (M, K) and w (N, K) must agree in K, got {tuple(x.shape)} and {tuple(w.shape)}")
     if not 1 <= x.shape[0] <= SKINNY_ROWS:
         raise ValueError(f"skinny_linear takes 1 to {SKINNY_ROWS} rows, got {x.shape[0]}")
@@ -309,12 +252,8 @@ def skinny_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = Non
         raise ValueError(f"glu needs an even number of weight rows (gate over up), got {w.shape[0]}")
     M, K = x.shape
     N = w.shape[0] // 2 if glu else w.shape[0]
-    x = x.contiguous()
-    w = packed.data if packed is not None else w.contiguous()
+    x, w = x.contiguous(), w.contiguous()
     p = _plan(N, K, x.device, glu)
-    if packed is not None and (packed.BN, packed.BK) != (p["BN"], p["BK"]):
-        raise ValueError(f"w was packed for {packed.BN} x {packed.BK} tiles, this shape now takes "
-                         f"{p['BN']} x {p['BK']}: pack it again")
     if lock is None:
         lock = torch.zeros(p["tiles"], device=x.device, dtype=torch.int32)
     elif lock.numel() < p["tiles"] or lock.dtype != torch.int32:
@@ -361,6 +300,5 @@ def skinny_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = Non
         RES=residual is not None, NORM=norm_weight is not None, RMS=rms is not None,
         RMS_T=triton.next_power_of_2(rms.shape[0]) if rms is not None else 1, SPLITS=p["splits"], BM=_BM,
         BN=p["BN"], BK=p["BK"], PREC="ieee" if w.dtype == torch.float32 else "tf32", PDL="launch_pdl" in kw,
-        ARGMAX=am, AM_T=triton.next_power_of_2(p["tiles"]) if am else 1, PACKED=packed is not None,
-        NKB=triton.cdiv(K, p["BK"]), **kw)
+        ARGMAX=am, AM_T=triton.next_power_of_2(p["tiles"]) if am else 1, **kw)
     return (y, yg, sumsq) if norm_weight is not None else y
