@@ -4,12 +4,14 @@ fixed-length pieces and the recurrent state is carried from one piece to the nex
 from __future__ import annotations
 
 import math
+import re
+import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
 
-from ..tokenizer import check_tokenizer, load_tokenizer
+from ..tokenizer import ByteTokenizer, check_tokenizer, load_tokenizer
 from .engine import check_model, config_id, model_device, prefill_piece
 
 __all__ = ["score", "ScoreResult"]
@@ -41,6 +43,57 @@ class ScoreResult:
         return self.nll / math.log(2)
 
 
+# a cut right after a newline between two non-blank characters is a boundary of the GPT-2 style
+# (byte-level, regex) pre-tokenizers: text on either side tokenizes as it does in the whole
+_SAFE_CUT = re.compile(r"(?<=\S)\n(?=\S)")
+_MAX_CARRY = 1 << 20                                    # characters held back at most (one huge line)
+
+
+class _TextJoiner:
+    """Tokenizes a text given in string pieces as the whole text would be. A subword tokenizer can
+    merge across the place where one piece ends and the next begins (a piece of lines ending in
+    blank lines, a word cut in two), so each piece's tail after its last safe boundary is held back
+    and prepended to the next. A boundary counts as safe only where the tokenizer gives the same
+    tokens for the text around it whole and cut in two. The byte tokenizer needs none of this."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.exact = isinstance(tokenizer, ByteTokenizer)
+        self.carry = ""
+        self.warned = False
+
+    def encode(self, piece: str) -> list[int]:
+        if self.exact:
+            return self.tokenizer.encode(piece)
+        text = self.carry + piece
+        cut = self._last_safe_cut(text)
+        if cut is None and len(text) > _MAX_CARRY:
+            cut = len(text)
+            if not self.warned:
+                warnings.warn("scoring text pieces: no place to join them exactly was found within "
+                              f"{_MAX_CARRY:,} characters; tokens at the cut may differ from the whole "
+                              "text's", stacklevel=3)
+                self.warned = True
+        if cut is None:
+            self.carry = text
+            return []
+        self.carry = text[cut:]
+        return self.tokenizer.encode(text[:cut])
+
+    def flush(self) -> list[int]:
+        text, self.carry = self.carry, ""
+        return self.tokenizer.encode(text) if text else []
+
+    def _last_safe_cut(self, text: str) -> int | None:
+        cuts = [m.end() for m in _SAFE_CUT.finditer(text)]
+        enc = self.tokenizer.encode
+        for cut in reversed(cuts[-4:]):                 # the last few candidates, newest first
+            left, right = text[max(0, cut - 200):cut], text[cut:cut + 200]
+            if enc(left + right) == enc(left) + enc(right):
+                return cut
+        return None
+
+
 @torch.inference_mode()
 def score(model, text, *, tokenizer=None, add_bos: bool | None = None, piece_tokens: int | None = None,
           progress=None) -> ScoreResult:
@@ -54,7 +107,10 @@ def score(model, text, *, tokenizer=None, add_bos: bool | None = None, piece_tok
         piece_tokens: tokens per forward call (default: the prefill piece); the state is carried
             between calls, so memory does not depend on the length. The pieces are cut at fixed
             offsets whatever the input's own split, so the result does not depend on how the input
-            was split into pieces.
+            was split into pieces. String pieces are tokenized as their joined text would be: a
+            subword tokenizer's tokens can span the place where two pieces meet, so each piece's
+            tail after its last line break between non-blank characters (where the tokenizer cuts
+            the same) waits for the next piece.
         progress: called with the number of tokens consumed so far after each forward call.
     """
     check_model(model)
@@ -90,15 +146,20 @@ def score(model, text, *, tokenizer=None, add_bos: bool | None = None, piece_tok
         if progress is not None:
             progress(fed)
 
+    joiner = None
     for i, piece in enumerate(pieces):
         if isinstance(piece, str):
             if tokenizer is None:
                 tokenizer = load_tokenizer(None, cfg.vocab_size)
-            check_tokenizer(tokenizer, cfg.vocab_size)
-            ids = tokenizer.encode(piece)
+            if joiner is None:
+                check_tokenizer(tokenizer, cfg.vocab_size)
+                joiner = _TextJoiner(tokenizer)
+            ids = joiner.encode(piece)
             is_text = True
         elif isinstance(piece, (list, tuple)):
             ids, is_text = list(piece), False
+            if joiner is not None:                          # text held back comes first
+                ids = joiner.flush() + ids
         else:
             raise ValueError(f"piece {i} must be a string or a list of token ids, got {type(piece).__name__}")
         if first:
@@ -115,6 +176,11 @@ def score(model, text, *, tokenizer=None, add_bos: bool | None = None, piece_tok
         while len(buf) >= P:
             feed(buf[:P])
             del buf[:P]
+    if joiner is not None:
+        buf.extend(joiner.flush())                          # the last piece's held-back tail
+    while len(buf) >= P:
+        feed(buf[:P])
+        del buf[:P]
     if buf:
         feed(buf)
     if n == 0:
