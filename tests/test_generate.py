@@ -368,6 +368,11 @@ def test_text_pieces_score_as_the_joined_text_with_a_subword_tokenizer(tmp_path)
     naive = sum(len(hf.encode(p)) for p in by_lines)
     assert naive != len(hf.encode(text))                                           # the problem is real here
     mid_word = [text[i:i + 97] for i in range(0, len(text), 97)]                   # cut anywhere
+    crlf = text.replace("\n", "\r\n")                                             # no safe line breaks
+    crlf_whole = score(m, crlf, tokenizer=hf, piece_tokens=64)
+    crlf_got = score(m, [crlf[i:i + 97] for i in range(0, len(crlf), 97)], tokenizer=hf, piece_tokens=64)
+    assert crlf_got.tokens == crlf_whole.tokens
+    assert crlf_got.log_likelihood == pytest.approx(crlf_whole.log_likelihood, abs=1e-9)
     for pieces in (by_lines, mid_word, iter(mid_word)):
         got = score(m, pieces, tokenizer=hf, piece_tokens=64)
         assert got.tokens == whole.tokens

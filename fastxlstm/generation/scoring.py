@@ -43,9 +43,10 @@ class ScoreResult:
         return self.nll / math.log(2)
 
 
-# a cut right after a newline between two non-blank characters is a boundary of the GPT-2 style
-# (byte-level, regex) pre-tokenizers: text on either side tokenizes as it does in the whole
-_SAFE_CUT = re.compile(r"(?<=\S)\n(?=\S)")
+# candidates for a cut: right after a newline between two non-blank characters, or between a
+# non-blank character and " word" (boundaries of GPT-2 style byte-level pre-tokenizers: the text
+# on either side tokenizes as it does in the whole; each cut is checked with the tokenizer itself)
+_SAFE_CUT = re.compile(r"(?<=\S)\n(?=\S)|(?<=\S)(?= \S)")
 _MAX_CARRY = 1 << 20                                    # characters held back at most (one huge line)
 
 
@@ -109,8 +110,8 @@ def score(model, text, *, tokenizer=None, add_bos: bool | None = None, piece_tok
             offsets whatever the input's own split, so the result does not depend on how the input
             was split into pieces. String pieces are tokenized as their joined text would be: a
             subword tokenizer's tokens can span the place where two pieces meet, so each piece's
-            tail after its last line break between non-blank characters (where the tokenizer cuts
-            the same) waits for the next piece.
+            tail after its last place where the tokenizer cuts the same (a line break or a space
+            between words, checked) waits for the next piece.
         progress: called with the number of tokens consumed so far after each forward call.
     """
     check_model(model)
