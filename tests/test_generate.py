@@ -379,6 +379,30 @@ def test_text_pieces_score_as_the_joined_text_with_a_subword_tokenizer(tmp_path)
         assert got.log_likelihood == pytest.approx(whole.log_likelihood, abs=1e-9)
 
 
+def test_text_pieces_with_no_place_to_join_are_held_back_then_cut_with_a_warning(tmp_path, monkeypatch):
+    """Text with no line break or space gives no candidate cut: the pieces are held back (exact) up
+    to a bound, then cut with a warning that the tokens there may differ."""
+    tokenizers = pytest.importorskip("tokenizers")
+    from fastxlstm.generation import scoring
+    from fastxlstm.tokenizer import HFTokenizer
+
+    text = "".join(f"{i}-cat-sat-on-the-mat;" for i in range(60))
+    tok = tokenizers.Tokenizer(tokenizers.models.BPE())
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.train_from_iterator([text], tokenizers.trainers.BpeTrainer(
+        vocab_size=300, initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet()))
+    tok.save(str(tmp_path / "tokenizer.json"))
+    hf = HFTokenizer(str(tmp_path / "tokenizer.json"))
+    m = random_model(ModelConfig(**{**CFG.to_dict(), "vocab_size": 300}))
+    pieces = [text[i:i + 37] for i in range(0, len(text), 37)]
+    whole = score(m, text, tokenizer=hf)
+    held = score(m, pieces, tokenizer=hf)
+    assert held.tokens == whole.tokens and held.log_likelihood == pytest.approx(whole.log_likelihood, abs=1e-9)
+    monkeypatch.setattr(scoring, "_MAX_CARRY", 300)
+    with pytest.warns(UserWarning, match="no place to join them exactly was found within 300 characters"):
+        score(m, pieces, tokenizer=hf)
+
+
 def test_init_state_is_what_no_state_means(model):
     x = torch.tensor(prompts_of([9, 9]))
     assert torch.equal(model(x)[0], model(x, model.init_state(2))[0])
