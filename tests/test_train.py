@@ -141,6 +141,20 @@ def test_a_run_of_non_finite_steps_stops_training_with_a_clear_error(corpus, tmp
     assert _metrics(out)[-1]["skipped_steps"] == MAX_SKIPPED_STREAK
 
 
+def test_resuming_with_another_model_is_refused_by_name(corpus, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert _train("--data", corpus, "--out", out, "--max-steps", 2, "--eval-every", 0, "--sample-tokens", 0) == 0
+    capsys.readouterr()
+    resume = ["train", "--out", str(out), "--resume", "--max-steps", "4", "--no-progress"]
+    assert main([*resume, "--num-blocks", "3"]) == 2
+    assert "holds another model: num_blocks 2 there, 3 here" in capsys.readouterr().err
+    assert main([*resume, "--arch", "xlstm_stack"]) == 2
+    assert "holds an xlstm_large model, not xlstm_stack" in capsys.readouterr().err
+    assert main([*resume, "--stateful"]) == 2                          # saved without carried states
+    assert "has no carried state for rank 0 (saved with stateful off" in capsys.readouterr().err
+    assert main([*resume, "--eval-every", "0", "--sample-tokens", "0"]) == 0   # the same model resumes
+
+
 def test_corrupt_checkpoint_is_refused_by_name(corpus, tmp_path, capsys):
     out = tmp_path / "run"
     assert _train("--data", corpus, "--out", out, "--max-steps", 2, "--eval-every", 0, "--sample-tokens", 0) == 0
