@@ -105,6 +105,25 @@ def test_longer_than_official_context_runs():
 def test_bad_config_and_state_dict_raise():
     with pytest.raises(ValueError, match="unknown keys"):
         stack_config_from_official(official_config(not_a_field=1))
+
+    def slstm(**over):
+        cfg = official_config()
+        cfg["slstm_block"]["slstm"].update(over)
+        return cfg
+
+    def ffn(**over):
+        cfg = official_config()
+        cfg["slstm_block"]["feedforward"].update(over)
+        return cfg
+
+    for cfg, match in ((official_config(slstm_block=None), r"slstm_at=\[0, 3, 5\] needs a slstm_block"),
+                       (slstm(function="lstm"), "function must be 'slstm' with 4 gates"),
+                       (slstm(forward_clipval=1.0), "clipping options .* are not supported"),
+                       (ffn(act_fn="swish-ish"), "act_fn must be one of"),
+                       (ffn(proj_factor=1.1, round_proj_up_to_multiple_of=8), "not a multiple of 64"),
+                       (official_config(mlstm_block=[1]), "mlstm_block must be a dict, got list")):
+        with pytest.raises(ValueError, match=match):
+            stack_config_from_official(cfg)
     with pytest.raises(ValueError, match="backend"):
         cfg = official_config()
         cfg["slstm_block"]["slstm"]["backend"] = "triton"
