@@ -25,7 +25,7 @@ try:
     from transformers import GenerationMixin, PreTrainedModel, xLSTMConfig
     from transformers.utils import ModelOutput
 except ImportError as e:  # an optional extra: say how to get it
-    raise ImportError("fastxlstm.hf needs transformers >= 4.48 with xLSTM: pip install 'fastxlstm[hf]'") from e
+    raise ImportError("fastxlstm.hf needs transformers >= 5.0 (with xLSTM): pip install 'fastxlstm[hf]'") from e
 
 from .checkpoint import config_from_hf
 from .config import ModelConfig
