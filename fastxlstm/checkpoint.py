@@ -113,7 +113,7 @@ def describe(directory: str | os.PathLike) -> dict:
         except SafetensorError as e:
             raise ValueError(f"{path}: corrupt or truncated safetensors file ({e})") from None
     n = model.num_params()
-    n_emb = model.embedding.weight.numel() if hasattr(model, "embedding") else 0
+    n_emb = model.embedding.weight.numel()                 # both architectures have one
     return {"layout": "fastxlstm" if "fastxlstm_format_version" in raw else "hugging face",
             "model": type(model).__name__, "config": model.cfg, "parameters": n,
             "non_embedding_parameters": n - n_emb, "files": [p.name for p in files],

@@ -179,11 +179,8 @@ def score(model, text, *, tokenizer=None, add_bos: bool | None = None, piece_tok
             del buf[:P]
     if joiner is not None:
         buf.extend(joiner.flush())                          # the last piece's held-back tail
-    while len(buf) >= P:
-        feed(buf[:P])
-        del buf[:P]
-    if buf:
-        feed(buf)
+    for j in range(0, len(buf), P):                         # what is left: whole pieces, then the rest
+        feed(buf[j:j + P])
     if n == 0:
         raise ValueError("nothing to score: the text must have at least 2 tokens (BOS included)")
     return ScoreResult(ll, n, state)
