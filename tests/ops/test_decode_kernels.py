@@ -141,25 +141,27 @@ def test_skinny_linear_silu_gate_times_up(dtype, M, F_, K, splits, bias, monkeyp
 @pytest.mark.parametrize("M", [1, 5])
 @pytest.mark.parametrize("splits", [None, 3])
 @pytest.mark.parametrize("glu", [False, True])
-def test_skinny_linear_carries_a_residual_add_and_rms_norm_to_the_next_gemm(dtype, M, splits, glu, monkeypatch):
+@pytest.mark.parametrize("bn", [64, 32])
+def test_skinny_linear_carries_a_residual_add_and_rms_norm_to_the_next_gemm(dtype, M, splits, glu, bn, monkeypatch):
     """h = r + x w1^T + b1 in the first GEMM's epilogue, with h * g and each tile's sums of h^2;
     the next GEMM scales its rows by rsqrt(mean(h^2) + eps): together rms_norm(h) w2^T + b2 (with
-    or without the glu), no launch between. E = 150: three tiles, the last one short."""
+    or without the glu), no launch between. E = 150: three tiles of 64 (or five of 32, as the 7B's
+    out_proj and proj_down make them for 64-row consumers), the last one short."""
     import torch.nn.functional as F
 
     E, K, N2, eps = 150, 96, 40, 1e-5
-    monkeypatch.setitem(decode.triton.skinny.CONFIG, "shapes", {f"{E}x{K}": dict(BK=32, splits=splits),
+    monkeypatch.setitem(decode.triton.skinny.CONFIG, "shapes", {f"{E}x{K}": dict(BN=bn, BK=32, splits=splits),
                                                                f"{N2}x{E}": dict(BK=32, splits=splits)})
     x, r = rnd(M, K, dtype=dtype), rnd(M, E, dtype=dtype)
     w1, b1 = rnd(E, K, dtype=dtype, scale=K ** -0.5), rnd(E, dtype=dtype)
     g = rnd(E, dtype=dtype, scale=0.2, shift=1.0)
     w2, b2 = rnd(N2, E, dtype=dtype, scale=E ** -0.5), rnd(N2, dtype=dtype)
     lock = lock_for(decode.skinny_lock_size(E, K, DEVICE), decode.skinny_lock_size(N2, E, DEVICE))
-    sums = torch.full((64,), float("nan"), device=DEVICE)
+    sums = torch.full((128,), float("nan"), device=DEVICE)
     h, hg, sq = decode.skinny_linear(x, w1, b1, lock=lock, residual=r, norm_weight=g, sumsq=sums)
     y = decode.skinny_linear(hg, w2, b2, glu=glu, lock=lock, rms=sq, eps=eps)
     h_ref = r.double() + x.double() @ w1.double().T + b1.double()
-    assert h.dtype == dtype and sq.shape == (3, 16)
+    assert h.dtype == dtype and sq.shape == (-(-E // bn), 16)
     assert_close("r + x w1^T + b1", h_ref, h, dtype)
     assert_close("h * g", h_ref * g.double(), hg, dtype)
     assert_close("sums of h^2", h_ref.pow(2).sum(-1), sq[:, :M].sum(0), dtype)

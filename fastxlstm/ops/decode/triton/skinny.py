@@ -32,14 +32,24 @@ from ...rowwise.triton import _pdl_enter, _tanh, use_pdl
 # (``splits`` fixes the split; the gate|up weight's key is its 2F x K), glu: overrides for glu.
 # Run 53 (32 weight copies in one CUDA graph, against cuBLAS in the same process, batch 16):
 # out_proj 10.8 vs 13.1 us, in 28.7 vs 29.5, gate|up 47.8 vs 47.9, down 24.8 vs 28.7, LM head
-# (ctas 2) 100.8 vs 124.5; 8 warps, BN 128 or 32, more splits were slower. Retuned in the five-launch
-# step (runs 64, 66, 70, 72 of session 10, one process each): 3 stages (4: -1.1 % at batch 1), glu
-# tiles of 64 gate + 64 up rows (32: -1.0 to -1.8 %), out_proj BK 256 (+1.3 %), proj_down 4 stages
-# (+0.4 %); TMA weight loads (-2.3 to -10 %), the first tiles loaded into registers before the PDL
+# (ctas 2) 100.8 vs 124.5. Retuned in the five-launch step (runs 64, 66, 70, 72 of session 10, one
+# process each): 3 stages (4: -1.1 % at batch 1), glu tiles of 64 gate + 64 up rows (32: -1.0 to
+# -1.8 %); TMA weight loads (-2.3 to -10 %), the first tiles loaded into registers before the PDL
 # wait (-13 to -23 %; the first tile alone, the cp.async stream unchanged: -8 %, run 91), an L2
 # prefetch before the wait and a late PDL trigger were slower at batch 1.
+# Session 16 timed every program (%globaltimer, run 115): the last program of a split tile spends
+# ~1.9 us after its loop (partials stored, the counter's round trip, the partials loaded, the
+# epilogue), on the critical path of every launch. out_proj, proj_down and the input GEMM at 32-row
+# tiles, unsplit (no counter, no partials), with 6 stages to keep as many bytes in flight: batch 1
+# 261.6 -> 266.4 tokens/s, batch 16 3,134 -> 3,159 (runs 118-122, one process, interleaved); 1 warp
+# for the input GEMM's 385 programs (3 an SM), 4 for the others' 128. Unsplit at 5 or 7 stages,
+# 8 warps, gate|up or the LM head at 32 rows, the epilogue's inputs loaded before the counter, and
+# stream-K (equal step ranges, two tiles a program) were slower (runs 116-123).
 CONFIG = dict(BN=64, BK=128, W=4, S=3, ctas=1, pdl=True, glu=dict(BN=64),
-              shapes={"4096x4096": dict(BK=256), "4096x10944": dict(BK=256, S=4), "50304x4096": dict(ctas=2)})
+              shapes={"4096x4096": dict(BN=32, BK=256, S=6, splits=1),
+                      "4096x10944": dict(BN=32, BK=256, S=6, splits=1),
+                      "12304x4096": dict(BN=32, W=1, S=6, splits=1),
+                      "50304x4096": dict(ctas=2)})
 _BM = 16
 SKINNY_ROWS = _BM                                           # the most rows of x it takes
 
@@ -270,9 +280,9 @@ def skinny_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = Non
             raise ValueError(f"sumsq must be float32 of at least {p['tiles'] * _BM} elements")
         sumsq = sumsq.view(-1)[:p["tiles"] * _BM].view(p["tiles"], _BM)
     if rms is not None and (rms.dtype != torch.float32 or rms.dim() != 2 or rms.shape[1] != _BM
-                            or not K <= rms.shape[0] * CONFIG["BN"] < K + CONFIG["BN"]):
+                            or rms.shape[0] not in {triton.cdiv(K, bn) for bn in (16, 32, 64, 128, 256)}):
         raise ValueError(f"rms must be the (tiles, {_BM}) float32 sums of a skinny_linear with norm_weight "
-                         f"over {K} columns, got {tuple(rms.shape)} {rms.dtype}")
+                         f"over {K} columns (tiles: {K} / its tile rows), got {tuple(rms.shape)} {rms.dtype}")
     if logits and (glu or residual is not None or norm_weight is not None):
         raise ValueError("logits takes no glu, residual or norm_weight")
     if argmax_out is not None:
