@@ -109,13 +109,18 @@ _MAX_FIXED_SHIFT = 40.0
 
 
 @triton.jit
+def _tanh_near0(a):
+    # tanh(a) for 0 <= a < 1/8 by its odd series to a^7, exact to fp32 there, where (1 - e) / (1 + e)
+    # with e = exp(-2a) cancels
+    a2 = a * a
+    return a * (1.0 + a2 * (-1.0 / 3.0 + a2 * (2.0 / 15.0 + a2 * (-17.0 / 315.0))))
+
+
+@triton.jit
 def _tanh(x):
-    # 1 - 2 / (exp(2|x|) + 1) cancels near 0; there the odd series to x^7 is exact to fp32 (|x| < 1/8)
     a = tl.abs(x)
     e = tl.exp(-2.0 * a)
-    x2 = x * x
-    small = a * (1.0 + x2 * (-1.0 / 3.0 + x2 * (2.0 / 15.0 + x2 * (-17.0 / 315.0))))
-    t = tl.where(a < 0.125, small, (1.0 - e) / (1.0 + e))
+    t = tl.where(a < 0.125, _tanh_near0(a), (1.0 - e) / (1.0 + e))
     return tl.where(x < 0, -t, t)
 
 
@@ -142,19 +147,16 @@ def _rcp(x, FAST: tl.constexpr):
 def _capped(z, cap, inv_cap, CAP: tl.constexpr, FAST: tl.constexpr):
     """(s, ds/dz): the soft-capped logits cap * tanh(z / cap) and 1 - tanh(z / cap)^2 (z itself
     without a cap; the slope then unused). With e = exp(-2 |x|), x = z / cap: tanh = (1 - e) / (1 + e),
-    except near 0 where that cancels and the odd series to x^7 is exact to float32 (|x| < 1/8); the
-    slope as 4 e / (1 + e)^2, since 1 - t^2 from a rounded t cancels where t nears 1, which is where a
-    small cap puts most logits. Two special-function instructions per element: the kernel is bound
+    except near 0 where that cancels (there _tanh_near0, as in _tanh); the slope as 4 e / (1 + e)^2,
+    since 1 - t^2 from a rounded t cancels where t nears 1, which is where a small cap puts most logits. Two special-function instructions per element: the kernel is bound
     by them, not by memory."""
     if CAP:
         x = z * inv_cap
         a = tl.abs(x)
         e = _exp2(a * (-2.0 * 1.4426950408889634), FAST)    # exp(-2 |x|)
         r = _rcp(1.0 + e, FAST)
-        x2 = x * x
-        small = a * (1.0 + x2 * (-1.0 / 3.0 + x2 * (2.0 / 15.0 + x2 * (-17.0 / 315.0))))
         near0 = a < 0.125
-        t = tl.where(near0, small, (1.0 - e) * r)
+        t = tl.where(near0, _tanh_near0(a), (1.0 - e) * r)
         t = tl.where(x < 0, -t, t)
         return t * cap, tl.where(near0, 1.0 - t * t, 4.0 * e * r * r)
     return z, z
